@@ -1,0 +1,70 @@
+"""tomesd: Token Merging for Stable Diffusion.
+
+    import tomesd
+    tomesd.apply_patch(pipe, ratio=0.5)   # merge 50% of tokens before self-attention
+    tomesd.remove_patch(pipe)             # back to the exact original model
+"""
+from __future__ import annotations
+
+from .config import RatioSpec, ToMeConfig, max_ratio
+from .matching import MergePlan
+from .patch import attach, detach, find_host, patched_state
+
+__version__ = "0.2.0"
+
+__all__ = ["apply_patch", "remove_patch", "is_patched", "ToMeConfig", "MergePlan", "max_ratio", "__version__"]
+
+
+def apply_patch(
+    model,
+    ratio: RatioSpec = 0.5,
+    max_downsample=None,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+    seed=None,
+):
+    """Patch `model` so its transformer blocks merge tokens; returns `model`.
+
+    model: a diffusers pipeline (anything with `.unet`), a UNet2DConditionModel, any module holding
+        transformer blocks whose forward takes a [B, C, H, W] latent first, or an LDM-style model
+        with `.model.diffusion_model`.
+    ratio: fraction of a level's N tokens to merge, 0 ≤ ratio ≤ 1 − 1/(sx·sy). A float; a mapping
+        {image side px: ratio}, linearly interpolated in sqrt(H·W) and clamped at the ends; or a
+        callable (height_px, width_px) → ratio, or (height_px, width_px, downsample) → ratio to vary
+        it by UNet level, checked at each call.
+    max_downsample: merge at levels whose downsample factor is ≤ this (1, 2, 4 or 8). None: the
+        model's highest-resolution transformer level (SD 1.x/2.x: 1; SDXL: 2).
+    sx, sy: dst cell size; one dst token per sy × sx cell.
+    use_rand: pick each cell's dst at random (a pure function of seed, block and timestep); False
+        takes each cell's first token. A batch of odd size uses the deterministic choice.
+    merge_attn, merge_crossattn, merge_mlp: merge before self-attention / cross-attention / MLP.
+    seed: makes the random choice reproducible across pipeline calls and processes; None draws one
+        from torch's default generator now.
+
+    Applying to a patched model replaces its settings.
+    """
+    config = ToMeConfig(
+        ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
+        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
+    )
+    host = find_host(model)
+    detach(host.root)
+    attach(host, config)
+    return model
+
+
+def remove_patch(model):
+    """Remove every hook tomesd added; the model computes exactly as before. Returns `model`."""
+    state = patched_state(model)
+    if state is not None:
+        detach(state.host.root)
+    return model
+
+
+def is_patched(model) -> bool:
+    """True if `model` (pipeline, denoiser or LDM-style wrapper) currently merges tokens."""
+    return patched_state(model) is not None

@@ -1,0 +1,150 @@
+"""ToMeConfig: the user's settings, validated once, and the ratio-per-resolution schedule.
+
+Nothing here imports diffusers. A ratio is resolved per denoiser call from the image size in
+pixels (latent size × the VAE's scale factor) and, for a callable that asks for it, the UNet level.
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Optional, Tuple, Union
+
+RatioSpec = Union[float, Mapping[float, float], Callable[..., float]]
+
+ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
+
+
+def max_ratio(sx: int, sy: int) -> float:
+    """Largest ratio the geometry allows: every token but one per sy × sx cell may merge."""
+    return 1.0 - 1.0 / (sx * sy)
+
+
+def _check_ratio_value(value, sx: int, sy: int, where: str) -> float:
+    """Return `value` as a float after checking 0 ≤ value ≤ 1 − 1/(sx·sy); raise naming `where`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where} must be a real number, got {type(value).__name__} ({value!r})")
+    value = float(value)
+    hi = max_ratio(sx, sy)
+    if math.isnan(value) or not (0.0 <= value <= hi + 1e-12):
+        raise ValueError(
+            f"{where} must be in [0, {hi:g}] (0 ≤ ratio ≤ 1 − 1/(sx·sy) with sx={sx}, sy={sy}), got {value!r}"
+        )
+    return min(value, hi)
+
+
+def _check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class RatioSchedule:
+    """Resolves the merge ratio for one denoiser call.
+
+    kind "const": `value`; kind "table": piecewise-linear in the image side sqrt(H·W) px over
+    `sides` → `values`, clamped at both ends; kind "call": `fn(height_px, width_px)` or
+    `fn(height_px, width_px, downsample)`, its result checked at every call.
+    """
+
+    kind: str
+    sx: int
+    sy: int
+    value: float = 0.0
+    sides: Tuple[float, ...] = ()
+    values: Tuple[float, ...] = ()
+    fn: Optional[Callable[..., float]] = None
+    fn_takes_level: bool = False
+
+    @classmethod
+    def parse(cls, ratio: RatioSpec, sx: int, sy: int) -> "RatioSchedule":
+        if isinstance(ratio, Mapping):
+            if not ratio:
+                raise ValueError("ratio mapping {image side px: ratio} must not be empty")
+            items = []
+            for side, value in ratio.items():
+                if isinstance(side, bool) or not isinstance(side, numbers.Real) or not side > 0:
+                    raise ValueError(f"ratio mapping keys must be image sides in pixels > 0, got {side!r}")
+                items.append((float(side), _check_ratio_value(value, sx, sy, f"ratio[{side!r}]")))
+            items.sort()
+            return cls("table", sx, sy, sides=tuple(s for s, _ in items), values=tuple(v for _, v in items))
+        if callable(ratio):
+            return cls("call", sx, sy, fn=ratio, fn_takes_level=_takes_three_args(ratio))
+        return cls("const", sx, sy, value=_check_ratio_value(ratio, sx, sy, "ratio"))
+
+    def resolve(self, height_px: int, width_px: int, downsample: int) -> float:
+        """Ratio for an image of height_px × width_px at UNet level /downsample."""
+        if self.kind == "const":
+            return self.value
+        if self.kind == "table":
+            side = math.sqrt(height_px * width_px)
+            i = bisect_right(self.sides, side)
+            if i == 0:
+                return self.values[0]
+            if i == len(self.sides):
+                return self.values[-1]
+            s0, s1 = self.sides[i - 1], self.sides[i]
+            v0, v1 = self.values[i - 1], self.values[i]
+            return v0 + (v1 - v0) * (side - s0) / (s1 - s0)
+        args = (height_px, width_px, downsample) if self.fn_takes_level else (height_px, width_px)
+        return _check_ratio_value(self.fn(*args), self.sx, self.sy, f"ratio({', '.join(map(str, args))})")
+
+    @property
+    def is_zero(self) -> bool:
+        return (self.kind == "const" and self.value == 0.0) or (self.kind == "table" and max(self.values) == 0.0)
+
+
+def _takes_three_args(fn: Callable) -> bool:
+    """True if `fn` accepts (height_px, width_px, downsample), False if only (height_px, width_px)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return False
+    params = list(sig.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2:
+        raise TypeError(
+            "ratio callable must accept (height_px, width_px) or (height_px, width_px, downsample); "
+            f"{fn!r} takes {len(positional)} positional argument(s)"
+        )
+    required = [p for p in positional if p.default is p.empty]
+    return len(positional) >= 3 and len(required) <= 3
+
+
+@dataclass(frozen=True)
+class ToMeConfig:
+    """Validated settings of one patched model (the arguments of `tomesd.apply_patch`).
+
+    max_downsample: None means the model's own highest-resolution transformer level, resolved when
+    patching (SD 1.x/2.x: 1, SDXL: 2).
+    """
+
+    ratio: RatioSpec = 0.5
+    max_downsample: Optional[int] = None
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = True
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    seed: Optional[int] = None
+    schedule: RatioSchedule = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "sx", _check_positive_int(self.sx, "sx"))
+        object.__setattr__(self, "sy", _check_positive_int(self.sy, "sy"))
+        if self.max_downsample is not None and (
+            isinstance(self.max_downsample, bool) or self.max_downsample not in ALLOWED_DOWNSAMPLE
+        ):
+            raise ValueError(f"max_downsample must be one of {ALLOWED_DOWNSAMPLE} or None, got {self.max_downsample!r}")
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
+            raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))

@@ -1,0 +1,137 @@
+"""Token Merging for SD in plain PyTorch: partition, similarity, MergePlan, merge and unmerge.
+
+Layouts: tokens x are [B, N, C] in raster order of an h × w grid (N = h·w). A MergePlan maps every
+input token n to an output row slot[b, n] in [0, M), M = N − r. merge(x) is the segment mean of x
+over slot ([B, N, C] → [B, M, C]); unmerge(y) is the gather y[b, slot[b, n]] ([B, M, C] → [B, N, C]).
+Output rows are the kept tokens (every dst and every unmerged src) in raster order.
+
+Nothing here imports diffusers; the CUDA ops in csrc/ implement the same contract (see ops.py).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+_MASK32 = 0xFFFFFFFF
+# Element budget of one [B, rows, D] fp32 score tile: 2**26 elements = 256 MiB.
+SCORE_TILE_ELEMS = 1 << 26
+
+
+@dataclass(frozen=True)
+class MergePlan:
+    """Where each token goes, for one transformer block call.
+
+    slot:     [B, N] int64, output row of each input token, in [0, M)
+    counts:   [B, M] int32, number of input tokens averaged into each output row (≥ 1)
+    num_out:  M = N − r
+    """
+
+    slot: Tensor
+    counts: Tensor
+    num_out: int
+
+    @property
+    def num_in(self) -> int:
+        return self.slot.shape[1]
+
+
+def mix32(x: Tensor) -> Tensor:
+    """Integer hash of int64 values in [0, 2**32) (no overflow: every product stays below 2**59)."""
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
+    return (x >> 16) ^ x
+
+
+def dst_offsets(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tensor:
+    """Position of the dst token inside each sy × sx cell: [h//sy, w//sx] int64 in [0, sy·sx).
+
+    key: int64 scalar tensor in [0, 2**32) (a pure function of seed, block and timestep), or None
+    for the deterministic choice (every cell's first token).
+    """
+    hsy, wsx = h // sy, w // sx
+    if key is None:
+        return torch.zeros(hsy, wsx, dtype=torch.int64, device=device)
+    cell = torch.arange(hsy * wsx, dtype=torch.int64, device=device)
+    return (mix32((key.to(device) + cell * 0x9E3779B9) & _MASK32) % (sx * sy)).view(hsy, wsx)
+
+
+def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tuple[Tensor, Tensor]:
+    """Split the h × w grid into dst (one per sy × sx cell of the top-left region) and src.
+
+    Returns (dst_idx [D], src_idx [S]), int64 token indices in raster order, D = (h//sy)·(w//sx),
+    S = h·w − D. Tokens outside the top-left (h//sy·sy) × (w//sx·sx) region are src.
+    """
+    hsy, wsx = h // sy, w // sx
+    off = dst_offsets(h, w, sx, sy, key, device)
+    rows = torch.arange(hsy, device=device)[:, None] * sy + off // sx
+    cols = torch.arange(wsx, device=device)[None, :] * sx + off % sx
+    is_dst = torch.zeros(h * w, dtype=torch.int8, device=device)
+    is_dst[(rows * w + cols).flatten()] = 1
+    order = torch.argsort(is_dst, stable=True)  # src in raster order, then dst in raster order
+    num_src = h * w - hsy * wsx
+    return order[num_src:], order[:num_src]
+
+
+def best_dst(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, tile_elems: int = SCORE_TILE_ELEMS):
+    """For each src token, its most similar dst by cosine similarity.
+
+    metric: [B, N, C]; returns (score [B, S] fp32, dst position [B, S] int64 indexing dst_idx).
+    Scores are computed in fp32 tile by tile over src rows, so the [S, D] matrix is never held
+    whole when it exceeds `tile_elems`. Zero-norm tokens score 0 against everything.
+    """
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    a = m[:, src_idx]
+    bt = m[:, dst_idx].transpose(1, 2)
+    B, S, _ = a.shape
+    rows = max(1, tile_elems // max(1, B * bt.shape[-1]))
+    if rows >= S:
+        return (a @ bt).max(dim=-1)
+    vals, idxs = [], []
+    for start in range(0, S, rows):
+        v, i = (a[:, start : start + rows] @ bt).max(dim=-1)
+        vals.append(v)
+        idxs.append(i)
+    return torch.cat(vals, dim=1), torch.cat(idxs, dim=1)
+
+
+def plan_from_matches(score: Tensor, dst_pos: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int, n: int) -> MergePlan:
+    """Merge the r src tokens with the highest score into their best dst; build the slot map.
+
+    score, dst_pos: [B, S] from best_dst; 0 < r ≤ S.
+    """
+    B = score.shape[0]
+    device = score.device
+    merged_pos = score.topk(r, dim=-1, sorted=False).indices  # src rows that merge [B, r]
+    src_tok = src_idx[merged_pos]  # token index of each merging src
+    dst_tok = dst_idx[dst_pos.gather(1, merged_pos)]  # token index of its dst
+    merged = torch.zeros(B, n, dtype=torch.bool, device=device).scatter_(1, src_tok, True)
+    rank = (~merged).cumsum(dim=1) - 1  # output row of each kept token (raster order)
+    dst_slot = rank.gather(1, dst_tok)
+    slot = rank.scatter(1, src_tok, dst_slot)
+    counts = torch.ones(B, n - r, dtype=torch.int32, device=device)
+    counts.scatter_add_(1, dst_slot, torch.ones_like(dst_slot, dtype=torch.int32))
+    return MergePlan(slot=slot, counts=counts, num_out=n - r)
+
+
+def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int) -> MergePlan:
+    """MergePlan for metric [B, N, C] given the partition; 0 < r ≤ len(src_idx)."""
+    with torch.no_grad():
+        score, dst_pos = best_dst(metric, dst_idx, src_idx)
+        return plan_from_matches(score, dst_pos, dst_idx, src_idx, r, metric.shape[1])
+
+
+def merge(x: Tensor, plan: MergePlan) -> Tensor:
+    """Segment mean by slot: x [B, N, C] → [B, M, C]."""
+    B, N, C = x.shape
+    out = x.new_zeros(B, plan.num_out, C).scatter_add_(1, plan.slot[..., None].expand(B, N, C), x)
+    return out / plan.counts[..., None].to(x.dtype)
+
+
+def unmerge(y: Tensor, plan: MergePlan) -> Tensor:
+    """Copy each output row back to every token it holds: y [B, M, C] → [B, N, C]."""
+    B, _, C = y.shape
+    return y.gather(1, plan.slot[..., None].expand(B, plan.num_in, C))
