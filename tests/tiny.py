@@ -39,7 +39,7 @@ SDXL_UNET = dict(
     use_linear_projection=True,
     addition_embed_type="text_time",
     addition_time_embed_dim=8,
-    projection_class_embeddings_input_dim=8 * 6 + 32,
+    projection_class_embeddings_input_dim=8 * 6 + 16,  # time ids + text_encoder_2's 16-dim pooled output
     norm_num_groups=8,
 )
 
@@ -61,7 +61,75 @@ def unet_inputs(arch: str, batch: int = 2, size: int = 16, seed: int = 1, dtype=
     kwargs = dict(encoder_hidden_states=text)
     if arch == "sdxl":
         kwargs["added_cond_kwargs"] = dict(
-            text_embeds=torch.randn(batch, 32, generator=g, dtype=dtype),
+            text_embeds=torch.randn(batch, 16, generator=g, dtype=dtype),
             time_ids=torch.tensor([[size * 8, size * 8, 0, 0, size * 8, size * 8]], dtype=dtype).repeat(batch, 1),
         )
     return (sample, torch.tensor(500)), kwargs
+
+
+VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+    up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+    block_out_channels=(8, 16),
+    latent_channels=4,
+    layers_per_block=1,
+    norm_num_groups=8,
+)
+
+
+def tokenizer(directory):
+    """A CLIP BPE tokenizer over single letters, written to `directory` (no download)."""
+    import json
+    import os
+
+    from transformers import CLIPTokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {tok: i for i, tok in enumerate(["<|startoftext|>", "<|endoftext|>", "!"] + letters + [c + "</w>" for c in letters])}
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(directory, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    return CLIPTokenizer(os.path.join(directory, "vocab.json"), os.path.join(directory, "merges.txt"), model_max_length=16, pad_token="!")
+
+
+def text_encoder(hidden: int = 32, projection: bool = False, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=64, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=16, projection_dim=hidden,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def pipeline(arch: str, directory):
+    """A tiny StableDiffusionPipeline (sd1, sd2) or StableDiffusionXLPipeline (sdxl) with random weights."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    parts = dict(
+        unet=unet(arch),
+        vae=AutoencoderKL(**VAE).eval(),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+        tokenizer=tokenizer(directory),
+    )
+    if arch == "sdxl":
+        from diffusers import StableDiffusionXLPipeline
+
+        # Two 16-dim encoders: the UNet sees 16 + 16 = 32 text channels and a 16-dim pooled embedding.
+        return StableDiffusionXLPipeline(
+            text_encoder=text_encoder(16), text_encoder_2=text_encoder(16, projection=True, seed=1),
+            tokenizer_2=parts["tokenizer"], **parts,
+        )
+    from diffusers import StableDiffusionPipeline
+
+    return StableDiffusionPipeline(
+        text_encoder=text_encoder(32), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False, **parts,
+    )
