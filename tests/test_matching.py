@@ -1,0 +1,109 @@
+"""The PyTorch path against the independent reference (tests/reference.py)."""
+import random
+
+import pytest
+import torch
+
+import reference
+from tomesd import matching, ops
+from tomesd.config import max_ratio
+
+# Per-dtype tolerance of a merged mean against the float64 reference: a few ulps at magnitude ~3.
+TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def _case(rng: random.Random):
+    sx, sy = rng.randint(1, 4), rng.randint(1, 4)
+    h, w = rng.randint(sy, 13), rng.randint(sx, 13)
+    B = rng.randint(1, 3)
+    C = rng.choice([3, 8, 17])
+    hi = max_ratio(sx, sy)
+    ratio = rng.choice([0.0, hi, rng.uniform(0, hi)])
+    return B, h, w, C, sx, sy, ratio
+
+
+CASES = [_case(random.Random(seed)) for seed in range(40)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("B,h,w,C,sx,sy,ratio", CASES)
+def test_plan_matches_reference(B, h, w, C, sx, sy, ratio, dtype):
+    g = torch.Generator().manual_seed(h * 131 + w * 7 + C)
+    x = torch.randn(B, h * w, C, generator=g).to(dtype)
+    N = h * w
+    dst_idx, src_idx = matching.partition(h, w, sx, sy, None, "cpu")
+    r = min(int(N * ratio), len(src_idx))
+    want_groups = reference.groups(x, h, w, sx, sy, r)
+    want_merged, want_spread = reference.merge_unmerge(x, want_groups)
+    if r == 0:
+        assert want_merged.shape[1] == N
+        return
+    plan = ops.build_plan(x, dst_idx, src_idx, r)
+    assert plan.num_out == N - r and plan.slot.shape == (B, N) and plan.counts.shape == (B, N - r)
+    got_groups = [
+        sorted(sorted(torch.nonzero(plan.slot[b] == m).flatten().tolist()) for m in range(N - r)) for b in range(B)
+    ]
+    assert got_groups == [sorted(sorted(v) for v in row.values()) for row in want_groups]
+    merged = ops.merge(x, plan)
+    assert merged.dtype == dtype and merged.shape == (B, N - r, C)
+    torch.testing.assert_close(merged.double(), want_merged, atol=TOL[dtype], rtol=TOL[dtype])
+    spread = ops.unmerge(merged, plan)
+    torch.testing.assert_close(spread.double(), want_spread, atol=TOL[dtype], rtol=TOL[dtype])
+
+
+def test_partition_one_dst_per_cell_and_random_choice():
+    h, w, sx, sy = 7, 9, 2, 3
+    fixed_dst, fixed_src = matching.partition(h, w, sx, sy, None, "cpu")
+    assert sorted(fixed_dst.tolist() + fixed_src.tolist()) == list(range(h * w))
+    assert fixed_dst.tolist() == sorted((i * sy) * w + j * sx for i in range(h // sy) for j in range(w // sx))
+    seen = set()
+    for key in range(6):
+        dst, src = matching.partition(h, w, sx, sy, torch.tensor(key * 977), "cpu")
+        cells = {((int(d) // w) // sy, (int(d) % w) // sx) for d in dst}
+        assert len(cells) == len(dst) == (h // sy) * (w // sx)  # one dst in each cell
+        assert all((int(d) // w) < (h // sy) * sy and (int(d) % w) < (w // sx) * sx for d in dst)
+        assert sorted(dst.tolist() + src.tolist()) == list(range(h * w))
+        seen.add(tuple(dst.tolist()))
+    assert len(seen) > 1  # the key changes the choice
+
+
+def test_zero_norm_tokens_are_safe():
+    x = torch.randn(2, 16, 4)
+    x[:, ::3] = 0
+    dst_idx, src_idx = matching.partition(4, 4, 2, 2, None, "cpu")
+    plan = ops.build_plan(x, dst_idx, src_idx, 8)
+    out = ops.unmerge(ops.merge(x, plan), plan)
+    assert torch.isfinite(out).all()
+
+
+def test_tiled_scores_equal_whole_matrix():
+    x = torch.randn(2, 20 * 20, 8)
+    dst_idx, src_idx = matching.partition(20, 20, 2, 2, None, "cpu")
+    whole = matching.best_dst(x, dst_idx, src_idx)
+    tiled = matching.best_dst(x, dst_idx, src_idx, tile_elems=2 * 100 * 7)
+    assert torch.equal(whole[1], tiled[1])
+    torch.testing.assert_close(whole[0], tiled[0])
+
+
+def test_merge_and_unmerge_have_gradients():
+    x = torch.randn(2, 64, 5, requires_grad=True)
+    dst_idx, src_idx = matching.partition(8, 8, 2, 2, None, "cpu")
+    plan = ops.build_plan(x, dst_idx, src_idx, 24)
+    weight = torch.randn(2, 64, 5)
+    (ops.unmerge(ops.merge(x, plan), plan) * weight).sum().backward()
+    # d/dx_n of sum_k w_k * mean(group(k)) = mean of w over n's group
+    counts = plan.counts.gather(1, plan.slot).double()
+    expected = torch.zeros(2, 40, 5, dtype=torch.float64).scatter_add_(1, plan.slot[..., None].expand(2, 64, 5), weight.double())
+    expected = expected.gather(1, plan.slot[..., None].expand(2, 64, 5)) / counts[..., None]
+    torch.testing.assert_close(x.grad.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_dispatch_on_cpu_is_torch(monkeypatch):
+    backend, refused = ops.choose_backend(torch.zeros(1))
+    assert backend == "torch" and "cuda" in refused
+    monkeypatch.setenv("TOMESD_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="TOMESD_BACKEND=cuda"):
+        ops.choose_backend(torch.zeros(1))
+    monkeypatch.setenv("TOMESD_BACKEND", "fast")
+    with pytest.raises(ValueError, match="TOMESD_BACKEND"):
+        ops.choose_backend(torch.zeros(1))
