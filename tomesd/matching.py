@@ -124,14 +124,21 @@ def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int) -> Merg
         return plan_from_matches(score, dst_pos, dst_idx, src_idx, r, metric.shape[1])
 
 
+def _flat_rows(plan: MergePlan) -> Tensor:
+    """[B·N] row of each token in the flattened [B·M, C] output (whole-row index ops beat gather)."""
+    B = plan.slot.shape[0]
+    offsets = torch.arange(B, device=plan.slot.device)[:, None] * plan.num_out
+    return (plan.slot + offsets).flatten()
+
+
 def merge(x: Tensor, plan: MergePlan) -> Tensor:
     """Segment mean by slot: x [B, N, C] → [B, M, C]."""
     B, N, C = x.shape
-    out = x.new_zeros(B, plan.num_out, C).scatter_add_(1, plan.slot[..., None].expand(B, N, C), x)
-    return out / plan.counts[..., None].to(x.dtype)
+    out = x.new_zeros(B * plan.num_out, C).index_add_(0, _flat_rows(plan), x.reshape(B * N, C))
+    return out.view(B, plan.num_out, C) / plan.counts[..., None].to(x.dtype)
 
 
 def unmerge(y: Tensor, plan: MergePlan) -> Tensor:
     """Copy each output row back to every token it holds: y [B, M, C] → [B, N, C]."""
-    B, _, C = y.shape
-    return y.gather(1, plan.slot[..., None].expand(B, plan.num_in, C))
+    B, M, C = y.shape
+    return y.reshape(B * M, C).index_select(0, _flat_rows(plan)).view(B, plan.num_in, C)
