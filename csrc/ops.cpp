@@ -1,0 +1,195 @@
+// CUDA implementations of the tomesd ops. The schemas are defined once, in Python (tomesd/ops.py),
+// so they exist (with CPU and fake impls) on machines without this extension; this file only adds
+// the CUDA kernels with TORCH_LIBRARY_IMPL. Every buffer comes from PyTorch's caching allocator and
+// every kernel runs on the current stream, so the ops can be captured in a CUDA graph.
+#include <Python.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "tomesd.h"
+
+namespace tomesd {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat:
+      return DType::f32;
+    case at::kHalf:
+      return DType::f16;
+    case at::kBFloat16:
+      return DType::bf16;
+    default:
+      TORCH_CHECK(false, "tomesd: dtype ", t.scalar_type(), " is not fp16, bf16 or fp32");
+  }
+}
+
+void check_cuda(const Tensor& t, const Tensor& like, const char* name) {
+  TORCH_CHECK(t.is_cuda() && t.device() == like.device(), "tomesd: ", name, " must be on ", like.device(), ", got ",
+              t.device());
+}
+
+void check_int_range(int64_t v, const char* what) {
+  TORCH_CHECK(v < (int64_t{1} << 31), "tomesd: ", what, " = ", v, " does not fit the kernels' 32-bit indices");
+}
+
+MatchArgs match_args(const Tensor& metric, const Tensor& dst_idx, const Tensor& src_idx) {
+  TORCH_CHECK(metric.dim() == 3, "tomesd: metric must be [B, N, C], got ", metric.sizes());
+  TORCH_CHECK(dst_idx.dim() == 1 && src_idx.dim() == 1, "tomesd: dst_idx and src_idx must be 1-d");
+  TORCH_CHECK(dst_idx.scalar_type() == at::kLong && src_idx.scalar_type() == at::kLong,
+              "tomesd: dst_idx and src_idx must be int64");
+  check_cuda(dst_idx, metric, "dst_idx");
+  check_cuda(src_idx, metric, "src_idx");
+  TORCH_CHECK(dst_idx.numel() > 0, "tomesd: dst_idx is empty");
+  check_int_range(metric.size(0) * metric.size(1), "B * N");
+  check_int_range(metric.size(2), "C");
+  return MatchArgs{dtype_of(metric), nullptr, nullptr, nullptr, static_cast<int>(metric.size(0)),
+                   static_cast<int>(metric.size(1)), static_cast<int>(metric.size(2)),
+                   static_cast<int>(src_idx.numel()), static_cast<int>(dst_idx.numel())};
+}
+
+// score [B, S] fp32 and dst_pos [B, S] int32, on the current stream.
+std::tuple<Tensor, Tensor> run_best_dst(const Tensor& metric, const Tensor& dst_idx, const Tensor& src_idx,
+                                        MatchArgs a) {
+  a.metric = metric.data_ptr();
+  a.dst_idx = dst_idx.data_ptr<int64_t>();
+  a.src_idx = src_idx.data_ptr<int64_t>();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const int device = metric.get_device();
+  const auto f32 = metric.options().dtype(at::kFloat);
+  const auto i32 = metric.options().dtype(at::kInt);
+  Tensor inv_norm = at::empty({a.B, a.N}, f32);
+  launch_inv_norms(a, inv_norm.data_ptr<float>(), stream);
+  Tensor score = at::empty({a.B, a.S}, f32);
+  Tensor dst_pos = at::empty({a.B, a.S}, i32);
+  const int splits = match_splits(a, device);
+  Tensor part_val, part_idx;
+  if (splits > 1) {
+    part_val = at::empty({a.B, splits, a.S}, f32);
+    part_idx = at::empty({a.B, splits, a.S}, i32);
+  }
+  launch_best_dst(a, inv_norm.data_ptr<float>(), splits, splits > 1 ? part_val.data_ptr<float>() : nullptr,
+                  splits > 1 ? part_idx.data_ptr<int>() : nullptr, score.data_ptr<float>(), dst_pos.data_ptr<int>(),
+                  device, stream);
+  return {score, dst_pos};
+}
+
+std::tuple<Tensor, Tensor> best_dst_cuda(const Tensor& metric_in, const Tensor& dst_idx_in, const Tensor& src_idx_in) {
+  const c10::cuda::CUDAGuard guard(metric_in.device());
+  const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
+  const MatchArgs a = match_args(metric, dst_idx, src_idx);
+  if (a.S == 0) {
+    return {at::empty({a.B, 0}, metric.options().dtype(at::kFloat)), at::empty({a.B, 0}, metric.options().dtype(at::kLong))};
+  }
+  auto [score, dst_pos] = run_best_dst(metric, dst_idx, src_idx, a);
+  return {score, dst_pos.to(at::kLong)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric_in, const Tensor& dst_idx_in,
+                                                           const Tensor& src_idx_in, int64_t r) {
+  const c10::cuda::CUDAGuard guard(metric_in.device());
+  const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
+  const MatchArgs a = match_args(metric, dst_idx, src_idx);
+  TORCH_CHECK(0 <= r && r <= a.S, "tomesd: r = ", r, " must be in [0, ", a.S, "] (the number of src tokens)");
+  const int B = a.B, N = a.N, M = N - static_cast<int>(r);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto i32 = metric.options().dtype(at::kInt);
+  Tensor score, dst_pos;
+  if (r > 0) {
+    std::tie(score, dst_pos) = run_best_dst(metric, dst_idx, src_idx, a);
+  } else {
+    score = at::empty({B, a.S}, metric.options().dtype(at::kFloat));
+    dst_pos = at::empty({B, a.S}, i32);
+  }
+  Tensor target = at::empty({B, N}, i32);
+  Tensor slot = at::empty({B, N}, metric.options().dtype(at::kLong));
+  Tensor counts = at::empty({B, M}, i32);
+  Tensor offsets = at::empty({B, M + 1}, i32);
+  Tensor keys = at::empty({2, B * static_cast<int64_t>(N)}, i32);
+  Tensor values = at::empty({B, N}, i32);
+  Tensor members = at::empty({B, N}, i32);
+  auto* keys_in = reinterpret_cast<uint32_t*>(keys[0].data_ptr<int>());
+  auto* keys_out = reinterpret_cast<uint32_t*>(keys[1].data_ptr<int>());
+  launch_plan(score.data_ptr<float>(), dst_pos.data_ptr<int>(), dst_idx.data_ptr<int64_t>(),
+              src_idx.data_ptr<int64_t>(), B, N, a.S, static_cast<int>(r), target.data_ptr<int>(),
+              slot.data_ptr<int64_t>(), counts.data_ptr<int>(), offsets.data_ptr<int>(), keys_in,
+              values.data_ptr<int>(), stream);
+  int end_bit = 1;
+  while (end_bit < 32 && (int64_t{1} << end_bit) < static_cast<int64_t>(B) * M) ++end_bit;
+  const int items = B * N;
+  const size_t temp_bytes = sort_temp_bytes(items, end_bit);
+  Tensor temp = at::empty({static_cast<int64_t>(temp_bytes)}, metric.options().dtype(at::kByte));
+  launch_sort(temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int>(), members.data_ptr<int>(), items,
+              end_bit, stream);
+  return {slot, counts, offsets, members};
+}
+
+void check_plan(const Tensor& t, const Tensor& slot, const Tensor& offsets, const Tensor& members) {
+  check_cuda(slot, t, "slot");
+  check_cuda(offsets, t, "offsets");
+  check_cuda(members, t, "members");
+  TORCH_CHECK(slot.scalar_type() == at::kLong && slot.dim() == 2, "tomesd: slot must be [B, N] int64");
+  TORCH_CHECK(offsets.scalar_type() == at::kInt && offsets.dim() == 2, "tomesd: offsets must be [B, M + 1] int32");
+  TORCH_CHECK(members.scalar_type() == at::kInt && members.sizes() == slot.sizes(),
+              "tomesd: members must be int32 shaped like slot");
+  TORCH_CHECK(offsets.size(0) == slot.size(0) && offsets.size(1) >= 1, "tomesd: offsets must be [B, M + 1]");
+  TORCH_CHECK(t.dim() == 3 && t.size(0) == slot.size(0), "tomesd: expected [B, *, C] with B = ", slot.size(0),
+              ", got ", t.sizes());
+  check_int_range(t.numel() / std::max<int64_t>(t.size(2), 1), "rows");
+}
+
+Tensor merge_cuda(const Tensor& x_in, const Tensor& slot, const Tensor& offsets_in, const Tensor& members_in,
+                  bool mean) {
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  check_plan(x_in, slot, offsets_in, members_in);
+  TORCH_CHECK(x_in.size(1) == slot.size(1), "tomesd: x has ", x_in.size(1), " tokens, the plan ", slot.size(1));
+  const Tensor x = x_in.contiguous(), offsets = offsets_in.contiguous(), members = members_in.contiguous();
+  const int B = x.size(0), N = x.size(1), C = x.size(2), M = offsets.size(1) - 1;
+  Tensor out = at::empty({B, M, C}, x.options());
+  if (out.numel() > 0) {
+    launch_merge(dtype_of(x), x.data_ptr(), offsets.data_ptr<int>(), members.data_ptr<int>(), out.data_ptr(), B, N, M,
+                 C, mean, c10::cuda::getCurrentCUDAStream());
+  }
+  return out;
+}
+
+Tensor unmerge_cuda(const Tensor& y_in, const Tensor& slot_in, const Tensor& offsets, const Tensor& members) {
+  const c10::cuda::CUDAGuard guard(y_in.device());
+  check_plan(y_in, slot_in, offsets, members);
+  TORCH_CHECK(y_in.size(1) == offsets.size(1) - 1, "tomesd: y has ", y_in.size(1), " rows, the plan ",
+              offsets.size(1) - 1);
+  const Tensor y = y_in.contiguous(), slot = slot_in.contiguous();
+  const int B = y.size(0), M = y.size(1), C = y.size(2), N = slot.size(1);
+  Tensor out = at::empty({B, N, C}, y.options());
+  if (out.numel() > 0) {
+    launch_unmerge(dtype_of(y), y.data_ptr(), slot.data_ptr<int64_t>(), out.data_ptr(), B, N, M, C,
+                   c10::cuda::getCurrentCUDAStream());
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(tomesd, CUDA, m) {
+  m.impl("best_dst", &best_dst_cuda);
+  m.impl("build_plan", &build_plan_cuda);
+  m.impl("merge", &merge_cuda);
+  m.impl("unmerge", &unmerge_cuda);
+}
+
+}  // namespace tomesd
+
+// An empty Python module, so a prebuilt extension loads with `import tomesd._C` (the ops register
+// themselves when the library is loaded).
+PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
