@@ -27,11 +27,15 @@ class MergePlan:
     slot:     [B, N] int64, output row of each input token, in [0, M)
     counts:   [B, M] int32, number of input tokens averaged into each output row (≥ 1)
     num_out:  M = N − r
+    offsets, members: optional CSR of slot, built by the CUDA backend ([B, M + 1] and [B, N] int32):
+              output row m holds tokens members[b, offsets[b, m] : offsets[b, m + 1]], in raster order
     """
 
     slot: Tensor
     counts: Tensor
     num_out: int
+    offsets: Optional[Tensor] = None
+    members: Optional[Tensor] = None
 
     @property
     def num_in(self) -> int:

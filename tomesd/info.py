@@ -1,0 +1,70 @@
+"""`python -m tomesd.info`: versions, where the kernels come from, the backend chosen and why.
+
+  python -m tomesd.info            # loads (JIT-builds if needed) the CUDA kernels when a GPU is present
+  python -m tomesd.info --no-build # reports without loading or building anything
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import shutil
+from typing import List, Tuple
+
+import torch
+
+from . import __version__, _build, ops
+
+
+def _version(name: str) -> str:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report(build: bool = True) -> List[Tuple[str, str]]:
+    rows = [
+        ("tomesd", __version__),
+        ("python", platform.python_version()),
+        ("torch", f"{torch.__version__} (CUDA {torch.version.cuda or 'none'})"),
+        ("diffusers", _version("diffusers")),
+        ("nvcc", shutil.which("nvcc") or "not found"),
+        ("TOMESD_BACKEND", os.environ.get("TOMESD_BACKEND", "auto (unset)")),
+        ("kernel sources", str(_build.csrc_dir() or "not found")),
+        ("prebuilt tomesd._C", "yes" if _build.prebuilt_available() else "no"),
+        ("JIT build cache", str(_build.cache_dir())),
+    ]
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        rows.append(("device", f"{props.name} (sm_{props.major}{props.minor}, {props.multi_processor_count} SMs)"))
+        probe = torch.empty(0, device="cuda", dtype=torch.float16)
+    else:
+        rows.append(("device", "no CUDA device"))
+        probe = torch.empty(0, dtype=torch.float16)
+    if build or probe.device.type != "cuda":
+        try:
+            backend, refused = ops.choose_backend(probe)
+        except RuntimeError as exc:
+            backend, refused = "none", {"cuda": str(exc)}
+        rows.append(("extension", _build.loaded_from() or "not loaded"))
+    else:
+        backend, refused = "not decided (--no-build)", {"cuda": _build.build_refusal() or "not loaded (--no-build)"}
+    rows.append((f"backend for {probe.device.type} fp16", backend))
+    rows.extend((f"refused: {name}", reason) for name, reason in refused.items())
+    return rows
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m tomesd.info", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-build", action="store_true", help="do not load or JIT-build the CUDA kernels")
+    args = parser.parse_args(argv)
+    rows = report(build=not args.no_build)
+    width = max(len(k) for k, _ in rows)
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()
