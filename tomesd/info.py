@@ -35,6 +35,7 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
         ("kernel sources", str(_build.csrc_dir() or "not found")),
         ("prebuilt tomesd._C", "yes" if _build.prebuilt_available() else "no"),
         ("JIT build cache", str(_build.cache_dir())),
+        ("JIT build", _build.build_refusal() or "possible"),
     ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
