@@ -1,0 +1,184 @@
+"""The CUDA kernels against the PyTorch path (needs a GPU; skipped without one).
+
+Pairs: the kernel's plan equals matching.plan_from_matches applied to the kernel's own (score,
+dst_pos) exactly, and the kernel's best_dst matches matching.best_dst except where two candidates
+are within rounding of each other. Values: the error of each kernel against an fp64 evaluation of
+the same plan is at most twice the PyTorch path's own error in that dtype (plus a tiny floor).
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import tiny
+import tomesd
+from tomesd import matching, ops
+
+pytestmark = pytest.mark.gpu
+OPS = torch.ops.tomesd
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+SCORE_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-3, torch.float32: 1e-5}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernels():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA kernel tests need a GPU")
+    reason = ops.cuda_refusal(torch.empty(0, device="cuda", dtype=torch.float16))
+    assert not reason, f"a GPU is present but the kernels did not load: {reason}"
+
+
+def _case(B, h, w, C, sx, sy, dtype, seed, ratio=0.5):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    key = torch.tensor(seed * 7919 % 2**32)
+    dst, src = matching.partition(h, w, sx, sy, key, "cuda")
+    metric = torch.randn(B, h * w, C, device="cuda", generator=g).to(dtype)
+    r = max(1, min(int(h * w * ratio), len(src)))
+    return metric, dst, src, r
+
+
+SHAPES = [  # B, h, w, C, sx, sy
+    (1, 8, 8, 8, 2, 2), (2, 13, 21, 40, 2, 2), (3, 17, 9, 77, 3, 2), (2, 64, 64, 320, 2, 2),
+    (8, 32, 48, 640, 2, 2), (2, 45, 31, 1280, 1, 2), (1, 128, 128, 320, 2, 2), (2, 256, 256, 320, 2, 2),
+]
+
+
+def _random_shapes(n=6, seed=0):
+    rnd = random.Random(seed)
+    out = []
+    for _ in range(n):
+        sx, sy = rnd.choice([(2, 2), (1, 2), (2, 1), (3, 3), (4, 2)])
+        out.append((rnd.randint(1, 8), rnd.randint(sy, 70), rnd.randint(sx, 70), rnd.choice([8, 24, 64, 100, 160, 1280]), sx, sy))
+    return out
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + _random_shapes())
+def test_best_dst_matches_torch_path(shape, dtype):
+    metric, dst, src, _ = _case(*shape, dtype=dtype, seed=sum(shape))
+    score, pos = OPS.best_dst(metric, dst, src)
+    ref_score, ref_pos = matching.best_dst(metric, dst, src)
+    tol = SCORE_TOL[dtype]
+    torch.testing.assert_close(score, ref_score, atol=tol, rtol=0)
+    differ = pos != ref_pos
+    if differ.any():  # only near-ties may pick another dst: its exact score must be within tolerance
+        m = metric.double()
+        m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        b, s = differ.nonzero(as_tuple=True)
+        a = m[b, src[s]]
+        exact = (a * m[b, dst[pos[b, s]]]).sum(-1), (a * m[b, dst[ref_pos[b, s]]]).sum(-1)
+        assert torch.all((exact[0] - exact[1]).abs() <= 2 * tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + _random_shapes(seed=1))
+def test_plan_pairs_and_csr(shape, dtype):
+    metric, dst, src, r = _case(*shape, dtype=dtype, seed=sum(shape) + 1)
+    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+    score, pos = OPS.best_dst(metric, dst, src)
+    ref = matching.plan_from_matches(score, pos, dst, src, r, metric.shape[1])
+    assert torch.equal(slot, ref.slot), "selection or slot map differs from the PyTorch path"
+    assert torch.equal(counts, ref.counts)
+    exp_offsets, exp_members = ops.csr(ref.slot, ref.counts)
+    assert torch.equal(offsets, exp_offsets) and torch.equal(members, exp_members)
+    again = OPS.build_plan(metric, dst, src, r)
+    assert all(torch.equal(u, v) for u, v in zip(again, (slot, counts, offsets, members)))
+
+
+def test_zero_norm_tokens_and_r_zero():
+    metric, dst, src, r = _case(2, 16, 16, 64, 2, 2, torch.float16, seed=5)
+    metric[:, ::3] = 0
+    score, pos = OPS.best_dst(metric, dst, src)
+    assert torch.isfinite(score).all()
+    ref = matching.plan_from_matches(score, pos, dst, src, r, metric.shape[1])
+    assert torch.equal(OPS.build_plan(metric, dst, src, r)[0], ref.slot)
+    slot, counts, _, _ = OPS.build_plan(metric, dst, src, 0)
+    assert torch.equal(slot, torch.arange(256, device="cuda").expand(2, 256)) and bool((counts == 1).all())
+
+
+def _value_error(fn, ref64):
+    return (fn.double() - ref64).abs().max().item()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 64, 64, 320, 2, 2), (3, 17, 9, 77, 3, 2), (8, 32, 48, 1280, 2, 2), (2, 256, 256, 320, 2, 2)])
+def test_merge_unmerge_values(shape, dtype):
+    metric, dst, src, r = _case(*shape, dtype=dtype, seed=3)
+    plan = ops.build_plan(metric, dst, src, r)
+    x = torch.randn_like(metric) * 4
+    ref = matching.merge(x.double(), plan)
+    floor = {torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float32: 1e-6}[dtype]
+    merged = ops.merge(x, plan)
+    bound = 2 * _value_error(matching.merge(x, plan), ref) + floor
+    assert _value_error(merged, ref) <= bound
+    assert torch.equal(ops.merge(x, plan), merged)  # deterministic
+    y = torch.randn(x.shape[0], plan.num_out, x.shape[2], device="cuda").to(dtype)
+    assert torch.equal(ops.unmerge(y, plan), matching.unmerge(y, plan))  # a gather is exact
+    summed = OPS.merge(x, plan.slot, plan.offsets, plan.members, False)
+    assert _value_error(summed, ref * plan.counts[..., None]) <= bound * plan.counts.max().item()
+
+
+def test_opcheck_cuda():
+    metric, dst, src, r = _case(2, 24, 20, 64, 2, 2, torch.float16, seed=9)
+    slot, _, offsets, members = OPS.build_plan(metric, dst, src, r)
+    x = torch.randn_like(metric, requires_grad=True)
+    y = torch.randn(2, metric.shape[1] - r, 64, device="cuda", dtype=torch.float16, requires_grad=True)
+    opcheck(OPS.best_dst, (metric, dst, src))
+    opcheck(OPS.build_plan, (metric, dst, src, r))
+    opcheck(OPS.merge, (x, slot, offsets, members, True))
+    opcheck(OPS.unmerge, (y, slot, offsets, members))
+
+
+def test_gradients_match_cpu():
+    metric, dst, src, r = _case(2, 24, 20, 48, 2, 2, torch.float32, seed=11)
+    plan = [t for t in OPS.build_plan(metric, dst, src, r)]
+    x = torch.randn_like(metric, requires_grad=True)
+    w = torch.randn(2, metric.shape[1] - r, 48, device="cuda")
+    out = OPS.unmerge(OPS.merge(x, plan[0], plan[2], plan[3], True) * w, plan[0], plan[2], plan[3])
+    out.square().sum().backward()
+    xc = x.detach().cpu().requires_grad_()
+    cpu = [t.cpu() for t in plan]
+    out_c = OPS.unmerge(OPS.merge(xc, cpu[0], cpu[2], cpu[3], True) * w.cpu(), cpu[0], cpu[2], cpu[3])
+    out_c.square().sum().backward()
+    torch.testing.assert_close(x.grad.cpu(), xc.grad, rtol=1e-5, atol=1e-5)
+
+
+def _patched_unet(dtype=torch.float16):
+    unet = tiny.unet("sd1").to("cuda", dtype)
+    tomesd.apply_patch(unet, ratio=0.5, seed=1)
+    args, kwargs = tiny.unet_inputs("sd1", dtype=dtype)
+    args = tuple(a.to("cuda") for a in args)
+    kwargs = {k: v.to("cuda") for k, v in kwargs.items()}
+    return unet, args, kwargs
+
+
+def test_compiled_patched_unet_on_cuda():
+    torch._dynamo.reset()
+    unet, args, kwargs = _patched_unet()
+    with torch.no_grad():
+        eager = unet(*args, **kwargs).sample
+        out = torch.compile(unet)(*args, **kwargs).sample
+    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_graph_capture_and_replay_of_patched_step():
+    unet, args, kwargs = _patched_unet()
+    static_args = tuple(a.clone() for a in args)
+    with torch.no_grad():
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                unet(*static_args, **kwargs)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = unet(*static_args, **kwargs).sample
+        new_sample = torch.randn_like(args[0])
+        static_args[0].copy_(new_sample)
+        graph.replay()
+        expected = unet(new_sample, static_args[1], **kwargs).sample
+    torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-3)
