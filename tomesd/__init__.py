@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .config import RatioSpec, ToMeConfig, max_ratio
 from .matching import MergePlan
-from .patch import attach, detach, find_host, patched_state
+from .patch import patch, patched_state, unpatch
 
 __version__ = "0.2.0"
 
@@ -26,12 +26,15 @@ def apply_patch(
     merge_crossattn: bool = False,
     merge_mlp: bool = False,
     seed=None,
+    patch_controlnet: bool = False,
 ):
     """Patch `model` so its transformer blocks merge tokens; returns `model`.
 
-    model: a diffusers pipeline (anything with `.unet`), a UNet2DConditionModel, any module holding
-        transformer blocks whose forward takes a [B, C, H, W] latent first, or an LDM-style model
-        with `.model.diffusion_model`.
+    model: a diffusers pipeline (its `.unet` or `.transformer`), a UNet2DConditionModel, a video UNet
+        (UNetMotionModel, UNet3DConditionModel; temporal blocks are left alone), a DiT / PixArt
+        transformer, any module holding transformer blocks whose forward takes a [B, C, H, W] or
+        [B, C, F, H, W] latent as `sample` / `hidden_states`, or an LDM-style model with
+        `.model.diffusion_model`.
     ratio: fraction of a level's N tokens to merge, 0 ≤ ratio ≤ 1 − 1/(sx·sy). A float; a mapping
         {image side px: ratio}, linearly interpolated in sqrt(H·W) and clamped at the ends; or a
         callable (height_px, width_px) → ratio, or (height_px, width_px, downsample) → ratio to vary
@@ -44,6 +47,7 @@ def apply_patch(
     merge_attn, merge_crossattn, merge_mlp: merge before self-attention / cross-attention / MLP.
     seed: makes the random choice reproducible across pipeline calls and processes; None draws one
         from torch's default generator now.
+    patch_controlnet: also merge tokens in the pipeline's ControlNet(s) (`pipe.controlnet`).
 
     Applying to a patched model replaces its settings.
     """
@@ -51,17 +55,13 @@ def apply_patch(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
     )
-    host = find_host(model)
-    detach(host.root)
-    attach(host, config)
+    patch(model, config, controlnet=patch_controlnet)
     return model
 
 
 def remove_patch(model):
     """Remove every hook tomesd added; the model computes exactly as before. Returns `model`."""
-    state = patched_state(model)
-    if state is not None:
-        detach(state.host.root)
+    unpatch(model)
     return model
 
 

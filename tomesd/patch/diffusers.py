@@ -1,33 +1,101 @@
-"""diffusers hosts: pipelines (anything with `.unet`), UNet2DConditionModel and any module holding
-diffusers' BasicTransformerBlock (e.g. Transformer2DModel)."""
+"""diffusers hosts: pipelines (their `.unet` or `.transformer`, and `.controlnet` on request),
+UNet2DConditionModel, video UNets (UNetMotionModel, UNet3DConditionModel), DiT / PixArt
+Transformer2DModels, and any module holding diffusers' BasicTransformerBlock.
+
+Temporal transformer blocks (attention across frames: a video UNet's motion modules / temp_attentions,
+Latte's temporal_transformer_blocks) see [B·H·W, F, C]: their tokens are frames, not a spatial grid, so
+they are left alone and that is logged when patching.
+"""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 from torch import nn
 
 from .hooks import Host, top_level
 
+DENOISER_ATTRS = ("unet", "transformer")
+# Modules whose BasicTransformerBlocks attend across frames.
+TEMPORAL_CONTAINERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D", "I2VGenXLTransformerTemporalEncoder")
+TEMPORAL_LISTS = ("temporal_transformer_blocks",)
+TEMPORAL_REASON = ("they attend across frames ([B·H·W, F, C] tokens), not over the spatial grid token merging "
+                   "works on")
+# diffusers hooks on a sub-layer that only move or cast its weights; any other hook there may return
+# outputs computed at another step (pyramid attention broadcast, FasterCache, TaylorSeer, ...).
+WEIGHT_ONLY_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "layerwise_casting",
+                     "peft_autocast_disable")
 
-def _root(model) -> Optional[nn.Module]:
-    unet = getattr(model, "unet", None)
-    if isinstance(unet, nn.Module):
-        return unet
+
+def denoiser(model) -> Optional[nn.Module]:
+    """The pipeline's `.unet` or `.transformer`, or `model` itself if it is a module."""
+    for attr in DENOISER_ATTRS:
+        candidate = getattr(model, attr, None)
+        if isinstance(candidate, nn.Module):
+            return candidate
     return model if isinstance(model, nn.Module) else None
 
 
-def find_host(model) -> Optional[Host]:
-    """Host for a diffusers pipeline or model, or None if `model` holds no diffusers blocks."""
+def controlnets(model) -> List[nn.Module]:
+    """The ControlNet models of a pipeline (each net of a MultiControlNetModel); [] if none."""
+    net = getattr(model, "controlnet", None)
+    if not isinstance(net, nn.Module):
+        return []
+    nets = getattr(net, "nets", None)
+    return list(nets) if isinstance(nets, nn.ModuleList) else [net]
+
+
+def _temporal_blocks(root: nn.Module, block_type) -> set:
+    ids = set()
+    for module in root.modules():
+        if type(module).__name__ in TEMPORAL_CONTAINERS:
+            ids.update(id(m) for m in module.modules() if isinstance(m, block_type))
+        for name in TEMPORAL_LISTS:
+            blocks = getattr(module, name, None)
+            if isinstance(blocks, nn.ModuleList):
+                ids.update(id(m) for b in blocks for m in b.modules() if isinstance(m, block_type))
+    return ids
+
+
+def _patch_size(root: nn.Module) -> int:
+    config = getattr(root, "config", None)
+    size = config.get("patch_size") if hasattr(config, "get") else None
+    return int(size) if isinstance(size, int) and size > 0 else 1
+
+
+def sublayer_refusal(module: nn.Module) -> Optional[str]:
+    """Why merging `module`'s input is wrong, or None: a diffusers hook on it that may replay outputs.
+
+    Such caches reuse a sub-layer's output across steps and assume a fixed token layout, but each step
+    merges different tokens (the partition follows the timestep and the matching follows the input).
+    """
+    registry = getattr(module, "_diffusers_hook", None)
+    hooks = getattr(registry, "hooks", None)
+    if not hooks:
+        return None
+    unsafe = sorted(name for name in hooks if name not in WEIGHT_ONLY_HOOKS)
+    if not unsafe:
+        return None
+    return (f"it carries diffusers hook(s) {', '.join(unsafe)}, which may return outputs cached at another "
+            "step, whose tokens were merged with another partition")
+
+
+def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
+    """Host for a diffusers pipeline or model (or its `root` module), or None if it holds no diffusers blocks."""
     try:
         from diffusers.models.attention import BasicTransformerBlock
     except ImportError:
         return None
-    root = _root(model)
+    root = denoiser(model) if root is None else root
     if root is None:
         return None
-    blocks = [m for m in root.modules() if isinstance(m, BasicTransformerBlock)]
-    if not blocks:
+    found = [m for m in root.modules() if isinstance(m, BasicTransformerBlock)]
+    if not found:
         return None
+    temporal = _temporal_blocks(root, BasicTransformerBlock)
+    blocks = [m for m in found if id(m) not in temporal]
+    if not blocks:
+        raise ValueError(f"tomesd: every transformer block of {type(root).__name__} is temporal: {TEMPORAL_REASON}; "
+                         "there is nothing to merge")
     stages = getattr(root, "down_blocks", None)
     level = top_level(
         stages if isinstance(stages, nn.ModuleList) else (),
@@ -40,4 +108,7 @@ def find_host(model) -> Optional[Host]:
         blocks=blocks,
         top_level=level,
         vae_scale_factor=int(getattr(model, "vae_scale_factor", 8)),
+        patch_size=_patch_size(root),
+        excluded=tuple((m, TEMPORAL_REASON) for m in found if id(m) in temporal),
+        sublayer_refusal=sublayer_refusal,
     )
