@@ -133,3 +133,113 @@ def pipeline(arch: str, directory):
         text_encoder=text_encoder(32), safety_checker=None, feature_extractor=None,
         requires_safety_checker=False, **parts,
     )
+
+
+# --- compatibility helpers (tests/test_compat*.py) ---
+
+MOTION_UNET = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
+    up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
+    cross_attention_dim=32,
+    num_attention_heads=2,
+    motion_num_attention_heads=2,
+    motion_max_seq_length=8,
+    norm_num_groups=8,
+)
+
+UNET_3D = dict(
+    sample_size=16,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
+    up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
+    cross_attention_dim=32,
+    attention_head_dim=8,
+    norm_num_groups=8,
+)
+
+
+def video_unet(kind: str, seed: int = 0):
+    """A tiny UNetMotionModel ("motion", AnimateDiff) or UNet3DConditionModel ("3d")."""
+    from diffusers import UNet3DConditionModel, UNetMotionModel
+
+    torch.manual_seed(seed)
+    if kind == "motion":
+        return UNetMotionModel(**MOTION_UNET).eval()
+    return UNet3DConditionModel(**UNET_3D).eval()
+
+
+def video_inputs(kind: str, batch: int = 2, frames: int = 3, size: int = 16, seed: int = 1):
+    """Keyword arguments of one video UNet call: latent [batch, 4, frames, size, size].
+
+    UNetMotionModel takes text states per frame (AnimateDiffPipeline repeats them), UNet3DConditionModel per video.
+    """
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randn(batch, 7, 32, generator=g)
+    return dict(sample=torch.randn(batch, 4, frames, size, size, generator=g), timestep=torch.tensor(500),
+                encoder_hidden_states=text.repeat_interleave(frames, dim=0) if kind == "motion" else text)
+
+
+def pixart(seed: int = 0, patch_size: int = 2):
+    """A tiny PixArtTransformer2DModel (ada_norm_single blocks behind a patch embedding)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    return PixArtTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        cross_attention_dim=16, caption_channels=24, sample_size=16, patch_size=patch_size,
+        norm_num_groups=8, use_additional_conditions=False,
+    ).eval()
+
+
+def pixart_inputs(batch: int = 2, size: int = 16, seed: int = 1):
+    """Keyword arguments of one PixArt call, as PixArtAlphaPipeline passes them."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, size, size, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 24, generator=g), timestep=torch.tensor([500] * batch),
+                added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+
+
+def dit_pipeline(seed: int = 0):
+    """A tiny DiTPipeline: class-conditional DiTTransformer2DModel (patch size 2) exposed as `.transformer`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8,
+    ).eval()
+    return DiTPipeline(transformer=transformer, vae=AutoencoderKL(**VAE).eval(), scheduler=DDIMScheduler())
+
+
+class GridBlock(torch.nn.Module):
+    """A latent [B, C, H, W] → its H·W tokens [B, H·W, C] → one BasicTransformerBlock(**block_kwargs).
+
+    The smallest denoiser around a block: forward(sample, **block_call_kwargs) returns the block's tokens.
+    """
+
+    def __init__(self, **block_kwargs):
+        super().__init__()
+        from diffusers.models.attention import BasicTransformerBlock
+
+        self.block = BasicTransformerBlock(**block_kwargs)
+
+    def forward(self, sample, **kwargs):
+        return self.block(sample.flatten(2).transpose(1, 2), **kwargs)
+
+
+def controlnet_pipeline(directory):
+    """A tiny StableDiffusionControlNetPipeline whose ControlNet is built from the SD1 UNet."""
+    from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionControlNetPipeline
+
+    torch.manual_seed(0)
+    base = unet("sd1")
+    return StableDiffusionControlNetPipeline(
+        unet=base, controlnet=ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval(),
+        vae=AutoencoderKL(**VAE).eval(), text_encoder=text_encoder(32), tokenizer=tokenizer(directory),
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
