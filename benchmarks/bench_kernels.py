@@ -126,6 +126,8 @@ def bench_size(n, c, batch, ratio, dtype, device, iters):
         if ops.cuda_refusal(x):
             raise SystemExit(f"CUDA kernels unavailable: {ops.cuda_refusal(x)}")
         paths["cuda"] = (ops.build_plan, ops.merge, ops.unmerge)
+    paths["reference"] = (ref_match, lambda t, st: ref_merge(t, dst_idx, src_idx, st),
+                          lambda t, st: ref_unmerge(t, dst_idx, src_idx, st, n))
     for name, (build, merge, unmerge) in paths.items():
         plan = build(x, dst_idx, src_idx, r)
         y = merge(x, plan)
@@ -136,15 +138,6 @@ def bench_size(n, c, batch, ratio, dtype, device, iters):
                      "total_ms": t_match + t_merge + t_unmerge,
                      "match_peak_extra_MiB": peak_extra_mib(lambda: build(x, dst_idx, src_idx, r), device),
                      "merge_GBps": merge_bytes / t_merge / 1e6, "unmerge_GBps": merge_bytes / t_unmerge / 1e6}
-    state = ref_match(x, dst_idx, src_idx, r)
-    y = ref_merge(x, dst_idx, src_idx, state)
-    t_match = timed(lambda: ref_match(x, dst_idx, src_idx, r), device, iters)
-    t_merge = timed(lambda: ref_merge(x, dst_idx, src_idx, state), device, iters)
-    t_unmerge = timed(lambda: ref_unmerge(y, dst_idx, src_idx, state, n), device, iters)
-    row["reference"] = {"match_ms": t_match, "merge_ms": t_merge, "unmerge_ms": t_unmerge,
-                        "total_ms": t_match + t_merge + t_unmerge,
-                        "match_peak_extra_MiB": peak_extra_mib(lambda: ref_match(x, dst_idx, src_idx, r), device),
-                        "merge_GBps": merge_bytes / t_merge / 1e6, "unmerge_GBps": merge_bytes / t_unmerge / 1e6}
     return row
 
 
