@@ -210,7 +210,7 @@ def dit_pipeline(seed: int = 0):
     torch.manual_seed(seed)
     transformer = DiTTransformer2DModel(
         num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=2,
-        sample_size=8, patch_size=2, num_embeds_ada_norm=10, norm_num_groups=8,
+        sample_size=8, patch_size=2, num_embeds_ada_norm=1000, norm_num_groups=8,  # 1000: the null class of CFG
     ).eval()
     return DiTPipeline(transformer=transformer, vae=AutoencoderKL(**VAE).eval(), scheduler=DDIMScheduler())
 

@@ -62,6 +62,15 @@ def _patch_size(root: nn.Module) -> int:
     return int(size) if isinstance(size, int) and size > 0 else 1
 
 
+def _vae_scale_factor(model) -> int:
+    """Pixels per latent cell: the pipeline's vae_scale_factor, else its VAE's depth, else 8."""
+    factor = getattr(model, "vae_scale_factor", None)
+    if isinstance(factor, int) and factor > 0:
+        return factor
+    channels = getattr(getattr(getattr(model, "vae", None), "config", None), "block_out_channels", None)
+    return 2 ** (len(channels) - 1) if channels else 8
+
+
 def sublayer_refusal(module: nn.Module) -> Optional[str]:
     """Why merging `module`'s input is wrong, or None: a diffusers hook on it that may replay outputs.
 
@@ -107,7 +116,7 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
         root=root,
         blocks=blocks,
         top_level=level,
-        vae_scale_factor=int(getattr(model, "vae_scale_factor", 8)),
+        vae_scale_factor=_vae_scale_factor(model),
         patch_size=_patch_size(root),
         excluded=tuple((m, TEMPORAL_REASON) for m in found if id(m) in temporal),
         sublayer_refusal=sublayer_refusal,
