@@ -1,0 +1,211 @@
+#!/usr/bin/env python
+"""Text-to-image at any resolution with Token Merging (Stable Diffusion 1.x, 2.x and XL).
+
+    python examples/generate_highres.py --model runwayml/stable-diffusion-v1-5 \\
+        --prompt "a castle on a hill" --height 1024 --width 1024 --ratio "512:0.3,1024:0.5,2048:0.6"
+
+    # generate at 768 px, upscale ×2 and refine with img2img (the hires pass merges at the 1536 px ratio)
+    python examples/generate_highres.py --model DIR --height 768 --width 768 --hires-fix 2 --ratio "768:0.4,1536:0.6"
+
+    # split prompts across processes (one per GPU)
+    accelerate launch --num_processes 2 examples/generate_highres.py --model DIR --prompt "a" --prompt "b"
+
+--ratio is a float or `side:ratio` pairs, linearly interpolated in the image side sqrt(H·W) px and
+resolved at every UNet call, so one mapping serves both passes of --hires-fix. Each image gets the
+seed --seed + its index, whatever the number of processes. Prints time and peak memory per image
+(GPU: torch.cuda.max_memory_allocated; CPU: the process's peak RSS so far, which only grows).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import warnings
+
+import tomesd
+
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+
+
+def parse_ratio(text: str):
+    """'0.5' → 0.5; '512:0.3,1024:0.5' → {512.0: 0.3, 1024.0: 0.5}; checked by tomesd.ToMeConfig."""
+    try:
+        if ":" in text:
+            pairs = (item.split(":") for item in text.split(",") if item.strip())
+            ratio = {float(side): float(value) for side, value in pairs}
+        else:
+            ratio = float(text)
+        tomesd.ToMeConfig(ratio=ratio)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return ratio
+
+
+def _number(kind, low, high=math.inf, low_open=False):
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if value < low or (low_open and value == low) or value > high:
+            bounds = f"{'(' if low_open else '['}{low}, {high}]"
+            raise argparse.ArgumentTypeError(f"must be in {bounds}, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--model", required=True, help="local diffusers pipeline directory or hub id (SD 1.x, 2.x, XL)")
+    p.add_argument("--prompt", action="append", help="repeat for several prompts")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--images-per-prompt", type=_number(int, 1), default=1)
+    p.add_argument("--height", type=_number(int, 64), default=1024, help="px, a multiple of 8")
+    p.add_argument("--width", type=_number(int, 64), default=1024, help="px, a multiple of 8")
+    p.add_argument("--steps", type=_number(int, 1), default=30)
+    p.add_argument("--guidance", type=_number(float, 0.0), default=7.5)
+    p.add_argument("--seed", type=_number(int, 0), default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
+    p.add_argument("--device", help="default: the accelerate process's device (cuda when available, else cpu)")
+    p.add_argument("--out", default="highres.png", help="PNG path; several images are numbered (out-000.png, ...)")
+    p.add_argument("--ratio", type=parse_ratio, default=parse_ratio("512:0.3,1024:0.5,2048:0.6"),
+                   help="ToMe ratio: a float or side:ratio pairs (default 512:0.3,1024:0.5,2048:0.6)")
+    p.add_argument("--hires-fix", type=_number(float, 1.0, 8.0, low_open=True), metavar="FACTOR",
+                   help="upscale the image by FACTOR and refine it with an img2img pass")
+    p.add_argument("--strength", type=_number(float, 0.0, 1.0, low_open=True), default=0.5,
+                   help="img2img strength of the --hires-fix pass")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (after patching)")
+    p.add_argument("--no-tome", action="store_true", help="baseline: do not apply tomesd")
+    return p
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("height", "width"):
+        if getattr(args, name) % 8:
+            parser.error(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
+    if args.prompt is None:
+        args.prompt = ["a photograph of an astronaut riding a horse on the moon"]
+    if not (os.path.isdir(args.model) or args.model.count("/") == 1):
+        parser.error(f"--model {args.model!r} is neither a directory nor a hub id (owner/name)")
+    return args
+
+
+def jobs(prompts, images_per_prompt: int, seed: int):
+    """One (index, prompt, seed) per image, in output order; the seed does not depend on the process."""
+    flat = [p for p in prompts for _ in range(images_per_prompt)]
+    return [(i, prompt, seed + i) for i, prompt in enumerate(flat)]
+
+
+def output_path(out: str, index: int, total: int) -> str:
+    if total == 1:
+        return out
+    stem, ext = os.path.splitext(out)
+    return f"{stem}-{index:03d}{ext or '.png'}"
+
+
+def hires_size(height: int, width: int, factor: float):
+    """(height, width) × factor, rounded to multiples of 8."""
+    return max(8, round(height * factor / 8) * 8), max(8, round(width * factor / 8) * 8)
+
+
+def load_pipelines(args, device: str):
+    """(text-to-image pipeline, img2img pipeline sharing its components or None)."""
+    import torch
+    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
+    try:
+        with warnings.catch_warnings():  # newer diffusers call it `dtype`; 0.32 knows only `torch_dtype`
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = AutoPipelineForText2Image.from_pretrained(args.model, torch_dtype=dtype)
+    except (OSError, ValueError) as error:
+        sys.exit(f"error: cannot load --model {args.model!r}: {error}")
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
+        sys.exit(f"error: {type(pipe).__name__} is not a Stable Diffusion 1.x/2.x/XL pipeline")
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    img2img = AutoPipelineForImage2Image.from_pipe(pipe) if args.hires_fix else None
+    if img2img is not None:
+        img2img.set_progress_bar_config(disable=True)
+    if not args.no_tome:
+        tomesd.apply_patch(pipe, ratio=args.ratio, seed=args.seed)
+        if img2img is not None and not tomesd.is_patched(img2img):  # from_pipe shares the (patched) UNet
+            tomesd.apply_patch(img2img, ratio=args.ratio, seed=args.seed)
+    if args.compile:
+        pipe.unet.compile()
+    return pipe, img2img
+
+
+def describe_ratio(ratio, height: int, width: int) -> str:
+    resolved = tomesd.ToMeConfig(ratio=ratio).schedule.resolve(height, width, 1)
+    return f"ratio {resolved:.3g} at {width}x{height}"
+
+
+def peak_memory(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"peak {torch.cuda.max_memory_allocated(device) / 2**30:.2f} GiB allocated"
+    import resource
+
+    return f"process peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB"
+
+
+def generate(pipe, img2img, args, prompt: str, seed: int, device: str):
+    import torch
+    from PIL import Image
+
+    common = dict(prompt=prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
+                  guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(seed))
+    image = pipe(height=args.height, width=args.width, **common).images[0]
+    if img2img is not None:
+        height, width = hires_size(args.height, args.width, args.hires_fix)
+        upscaled = image.resize((width, height), Image.LANCZOS)
+        common["generator"] = torch.Generator("cpu").manual_seed(seed)
+        image = img2img(image=upscaled, strength=args.strength, **common).images[0]
+    return image
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from accelerate import PartialState
+
+    # On a CPU (--device cpu, `accelerate launch --cpu`, or no GPU), processes talk over gloo.
+    use_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available() or \
+        os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    state = PartialState(cpu=use_cpu)
+    device = args.device or str(state.device)
+    pipe, img2img = load_pipelines(args, device)
+    todo = jobs(args.prompt, args.images_per_prompt, args.seed)
+    if state.is_main_process:
+        sizes = [(args.height, args.width)] + ([hires_size(args.height, args.width, args.hires_fix)] if img2img else [])
+        tome = "no tomesd" if args.no_tome else "; ".join(describe_ratio(args.ratio, h, w) for h, w in sizes)
+        print(f"{len(todo)} image(s) on {state.num_processes} process(es); {tome}", flush=True)
+    with state.split_between_processes(todo) as mine:
+        for index, prompt, seed in mine:
+            if device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(device)
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            image = generate(pipe, img2img, args, prompt, seed, device)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+            path = output_path(args.out, index, len(todo))
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            image.save(path)
+            print(f"[process {state.process_index}] {path} ({image.width}x{image.height}, seed {seed}): "
+                  f"{seconds:.2f} s, {peak_memory(device)}", flush=True)
+    state.wait_for_everyone()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
