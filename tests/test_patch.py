@@ -271,3 +271,32 @@ def test_zero_ratio_is_exact():
     want = _run(unet, "sd1")
     tomesd.apply_patch(unet, ratio=0.0)
     assert torch.equal(_run(unet, "sd1"), want)
+
+
+
+def test_random_partition_varies_with_timestep_and_block_but_not_between_calls(monkeypatch):
+    import tomesd.patch.hooks as hooks
+
+    dsts = []
+
+    def recording_partition(*args):
+        dst_idx, src_idx = partition(*args)
+        dsts.append(dst_idx.clone())
+        return dst_idx, src_idx
+
+    partition = hooks.partition
+    monkeypatch.setattr(hooks, "partition", recording_partition)
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=1, sx=1, sy=2)
+    args, kwargs = tiny.unet_inputs("sd1")
+    calls = []
+    for t in (torch.tensor(500), torch.tensor(500), 499):
+        dsts.clear()
+        with torch.no_grad():
+            unet(args[0], t, **kwargs)
+        calls.append(list(dsts))
+    first, again, later = calls
+    assert len(first) == len(again) == len(later) >= 2
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert all(not torch.equal(a, b) for a, b in zip(first, later))
+    assert not torch.equal(first[0], first[1])

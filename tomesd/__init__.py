@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from .config import RatioSpec, ToMeConfig, max_ratio
 from .matching import MergePlan
-from .patch import patch, patched_state, unpatch
+from .patch import attach_to, detach_from, patched_state
 
 __version__ = "0.2.0"
 
@@ -55,13 +55,13 @@ def apply_patch(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
     )
-    patch(model, config, controlnet=patch_controlnet)
+    attach_to(model, config, controlnet=patch_controlnet)
     return model
 
 
 def remove_patch(model):
     """Remove every hook tomesd added; the model computes exactly as before. Returns `model`."""
-    unpatch(model)
+    detach_from(model)
     return model
 
 

@@ -10,7 +10,7 @@ from . import diffusers as _diffusers
 from . import ldm as _ldm
 from .hooks import STATE_ATTR, Host, ModelState, attach, detach
 
-__all__ = ["Host", "ModelState", "attach", "detach", "find_host", "patch", "unpatch", "patched_state"]
+__all__ = ["Host", "ModelState", "attach", "detach", "find_host", "attach_to", "detach_from", "patched_state"]
 
 
 def find_host(model) -> Host:
@@ -43,15 +43,15 @@ def _controlnet_hosts(model) -> List[Host]:
     return hosts
 
 
-def patch(model, config: ToMeConfig, controlnet: bool = False) -> None:
+def attach_to(model, config: ToMeConfig, controlnet: bool = False) -> None:
     """Attach `config` to model's denoiser (and its ControlNets), replacing earlier patches."""
     hosts = [find_host(model)] + (_controlnet_hosts(model) if controlnet else [])
-    unpatch(model)
+    detach_from(model)
     for host in hosts:
         attach(host, config)
 
 
-def unpatch(model) -> None:
+def detach_from(model) -> None:
     """Remove tomesd from model's denoiser and, for a pipeline, its ControlNets."""
     for root in _roots(model):
         detach(root)
