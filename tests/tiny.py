@@ -232,13 +232,20 @@ class GridBlock(torch.nn.Module):
 
 
 def controlnet_pipeline(directory):
-    """A tiny StableDiffusionControlNetPipeline whose ControlNet is built from the SD1 UNet."""
+    """A tiny StableDiffusionControlNetPipeline whose ControlNet is built from the SD1 UNet.
+
+    The tiny VAE halves the image once, so the control image's embedding downsamples once too.
+    """
     from diffusers import AutoencoderKL, ControlNetModel, EulerDiscreteScheduler, StableDiffusionControlNetPipeline
 
     torch.manual_seed(0)
     base = unet("sd1")
+    net = ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(8, 8)).eval()
+    with torch.no_grad():  # diffusers zero-inits the output convs: make the residuals matter
+        for p in [*net.controlnet_down_blocks.parameters(), *net.controlnet_mid_block.parameters()]:
+            p.normal_(std=0.05)
     return StableDiffusionControlNetPipeline(
-        unet=base, controlnet=ControlNetModel.from_unet(base, conditioning_embedding_out_channels=(8, 8, 8, 8)).eval(),
+        unet=base, controlnet=net,
         vae=AutoencoderKL(**VAE).eval(), text_encoder=text_encoder(32), tokenizer=tokenizer(directory),
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
