@@ -109,3 +109,12 @@ def test_dit_pipeline_patches_its_transformer():
     assert got.shape == want.shape and np.isfinite(got).all() and not np.array_equal(got, want)
     tomesd.remove_patch(pipe)
     assert not tomesd.is_patched(pipe) and np.array_equal(generate(), want)
+
+
+def test_block_called_outside_its_denoiser_warns(caplog):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5)
+    block = next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    with caplog.at_level(logging.WARNING, logger="tomesd"), torch.no_grad():
+        out = block(torch.randn(2, 256, 32), encoder_hidden_states=torch.randn(2, 7, 32))
+    assert out.shape == (2, 256, 32) and "outside a call of UNet2DConditionModel" in caplog.text

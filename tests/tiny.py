@@ -137,28 +137,23 @@ def pipeline(arch: str, directory):
 
 # --- compatibility helpers (tests/test_compat*.py) ---
 
+_VIDEO_BASE = dict(sample_size=16, block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32,
+                   norm_num_groups=8)
+
 MOTION_UNET = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
+    _VIDEO_BASE,
     down_block_types=("CrossAttnDownBlockMotion", "DownBlockMotion"),
     up_block_types=("UpBlockMotion", "CrossAttnUpBlockMotion"),
-    cross_attention_dim=32,
     num_attention_heads=2,
     motion_num_attention_heads=2,
     motion_max_seq_length=8,
-    norm_num_groups=8,
 )
 
 UNET_3D = dict(
-    sample_size=16,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
+    _VIDEO_BASE,
     down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
     up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-    cross_attention_dim=32,
     attention_head_dim=8,
-    norm_num_groups=8,
 )
 
 
