@@ -1,0 +1,155 @@
+"""tomesd.bench: the CLI end to end on the tiny architecture and on saved tiny pipelines (CPU)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+
+import tiny
+import tomesd
+from tomesd import bench
+from tomesd.archs import ARCHS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def sdxl_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("sdxl")
+    tiny.pipeline("sdxl", directory / "tok").save_pretrained(directory / "pipe")
+    return str(directory / "pipe")
+
+
+def test_cli_writes_table_json_csv_png(tmp_path):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run(
+        [sys.executable, "-m", "tomesd.bench", "--arch", "tiny", "--resolutions", "64,128", "--ratios", "0.5",
+         "--steps", "1", "--warmup", "0", "--out", str(out), "--no-progress"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any(line.split()[:2] == ["128", "tome"] for line in lines if line.strip()), proc.stdout
+    data = json.loads((out / "results.json").read_text())
+    rows = data["rows"]
+    assert [(r["resolution"], r["method"], r["ratio"]) for r in rows] == [
+        (64, "baseline", None), (64, "tome", 0.5), (128, "baseline", None), (128, "tome", 0.5)]
+    assert all(r["status"] == "ok" and r["ms_per_step"] > 0 and r["peak_mem_mib"] > 0 for r in rows)
+    assert all(r["batch"] == 2 for r in rows)  # one image, doubled for classifier-free guidance
+    base, tome = rows[2], rows[3]
+    assert base["speedup"] == 1.0 and tome["speedup"] == pytest.approx(base["ms_per_step"] / tome["ms_per_step"])
+    assert tome["mem_ratio"] == pytest.approx(tome["peak_mem_mib"] / base["peak_mem_mib"])
+    env_json = data["environment"]
+    assert env_json["torch"] == torch.__version__ and env_json["backend"] == "torch"
+    assert env_json["backend_refused"]["cuda"] and env_json["gpu"] is None
+    with open(out / "results.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 4 and table[1]["method"] == "tome" and float(table[1]["ratio"]) == 0.5
+    from PIL import Image
+
+    with Image.open(out / "bench.png") as png:
+        assert png.format == "PNG" and png.width > 300
+
+
+def test_model_dir_sdxl_in_process(sdxl_dir, tmp_path, capsys):
+    rc = bench.main(["--model", sdxl_dir, "--resolutions", "64", "--ratios", "0.3,0.5", "--steps", "1",
+                     "--warmup", "0", "--no-isolate", "--attention", "math", "--backend", "torch",
+                     "--out", str(tmp_path), "--no-progress"])
+    assert rc == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [r["ratio"] for r in rows] == [None, 0.3, 0.5] and all(r["status"] == "ok" for r in rows)
+    assert "tome 0.3" in capsys.readouterr().out
+
+
+def test_isolated_points_do_not_inherit_an_earlier_peak():
+    """Peak RSS only grows within a process: measured in one process, the small resolution run after
+    the large one would report the large one's peak. Each point in its own child must not."""
+    cfg = bench.default_config("cpu", resolutions=(512, 64), ratios=(0.5,), steps=1, warmup=0, attention="math")
+    assert cfg.isolated
+    rows = bench.run(cfg, progress=False).rows
+    big, small = rows[0], rows[2]
+    assert (big["resolution"], small["resolution"]) == (512, 64) and big["method"] == small["method"] == "baseline"
+    # math attention at 512 px holds [2, 4 heads, 4096, 4096] fp32 probabilities: 512 MiB
+    assert big["peak_mem_mib"] - small["peak_mem_mib"] > 200
+    starts = [r["start_mem_mib"] for r in rows]
+    assert max(starts) - min(starts) < 100  # every child starts from the same server process
+
+
+def test_oom_is_a_row_and_the_grid_goes_on(monkeypatch):
+    cfg = bench.default_config("cpu", resolutions=(64, 128), ratios=(0.5,), steps=1, warmup=0, isolate=False)
+    real = bench._time_calls
+    seen = []
+
+    def flaky(unet, args, kwargs, cfg_):
+        seen.append(tomesd.is_patched(unet))
+        if args[0].shape[-1] == 128 // 8 and tomesd.is_patched(unet):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(unet, args, kwargs, cfg_)
+
+    monkeypatch.setattr(bench, "_time_calls", flaky)
+    result = bench.run(cfg, progress=False)
+    assert [r["status"] for r in result.rows] == ["ok", "ok", "ok", "OOM"]
+    assert seen == [False, True, False, True]
+    oom = result.rows[3]
+    assert oom["ms_per_step"] is None and oom["speedup"] is None and oom["mem_ratio"] is None
+    assert "OOM" in bench.format_table(result).splitlines()[-1]
+
+
+def test_is_oom_recognizes_cpu_and_cuda_messages():
+    assert bench.is_oom(torch.cuda.OutOfMemoryError("x"))
+    assert bench.is_oom(RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"))
+    assert bench.is_oom(RuntimeError("CUDA error: out of memory"))
+    assert not bench.is_oom(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    assert not bench.is_oom(ValueError("out of memory"))
+
+
+def test_other_errors_stop_the_run(tmp_path):
+    cfg = bench.default_config("cpu", model=str(tmp_path / "missing"), resolutions=(64,), ratios=(0.5,), steps=1)
+    with pytest.raises(RuntimeError, match="measurement failed"):
+        bench.run(cfg, progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--resolutions", "100"], "multiples of 8"),
+    (["--ratios", "0.9"], "ratios must be in"),
+    (["--ratios", "a"], "comma-separated numbers"),
+    (["--backend", "cuda", "--device", "cpu"], "needs a cuda device"),
+    (["--arch", "sd3"], "invalid choice"),
+    (["--arch", "tiny", "--model", "x"], "not allowed with"),
+    (["--steps", "0"], "must be ≥ 1"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_defaults_per_device():
+    gpu = bench.default_config("cuda")
+    assert (gpu.arch, gpu.resolutions, gpu.dtype, gpu.isolated) == ("sd15", (512, 1024, 2048), "fp16", False)
+    cpu = bench.default_config("cpu")
+    assert (cpu.arch, cpu.dtype, cpu.isolated) == ("tiny", "fp32", True)
+    assert bench.default_config("cpu", model="some/model").arch is None
+
+
+@pytest.mark.parametrize("name, params", [("sd15", 859_520_964), ("sd21", 865_910_724), ("sdxl", 2_567_463_684)])
+def test_builtin_archs_have_the_published_sizes(name, params):
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ARCHS[name].config)
+    assert sum(p.numel() for p in unet.parameters()) == params
+
+
+def test_inputs_match_the_unet():
+    cfg = bench.default_config("cpu", arch="tiny")
+    unet = bench.load_unet(cfg)
+    args, kwargs = bench.unet_inputs(unet, cfg, 64)
+    assert args[0].shape == (2, 4, 8, 8) and kwargs["encoder_hidden_states"].shape == (2, 77, 64)
+    with torch.no_grad():
+        assert unet(*args, **kwargs).sample.shape == args[0].shape
