@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     merged = snapshot.merged_tokens(args.row)
     h, w = snapshot.grid
     print(f"{args.out}: step {step}, block {snapshot.block} ({h}x{w} tokens at /{snapshot.downsample}): "
-          f"{merged} of {h * w} tokens merged into {snapshot.slot.shape[1] - merged} groups and singletons")
+          f"{merged} of {h * w} tokens merged, {h * w - merged} rows left")
     return 0
 
 

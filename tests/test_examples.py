@@ -1,0 +1,163 @@
+"""examples/generate_highres.py and examples/visualize_merges.py on tiny pipelines saved to a temp dir."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import tiny
+import tomesd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples")
+ENV = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(EXAMPLES, name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+highres = _load("generate_highres")
+visualize_merges = _load("visualize_merges")
+
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    paths = {}
+    for arch in ("sd1", "sdxl"):
+        tiny.pipeline(arch, root / f"tok-{arch}").save_pretrained(root / arch)
+        paths[arch] = str(root / arch)
+    return paths
+
+
+def _first_block_lengths(unet):
+    """Token counts attn1 of the first transformer block sees (after tomesd's merge)."""
+    block = next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
+    lengths = []
+    handle = block.attn1.register_forward_pre_hook(lambda m, args, kwargs: lengths.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    return lengths, handle
+
+
+def test_hires_fix_refines_with_the_ratio_of_the_larger_size(pipes, tmp_path, capsys):
+    out = tmp_path / "img.png"
+    argv = ["--model", pipes["sd1"], "--prompt", "a cat", "--prompt", "a dog", "--height", "64", "--width", "64",
+            "--steps", "2", "--ratio", "64:0.25,128:0.5", "--hires-fix", "2", "--strength", "0.6", "--out", str(out)]
+    args = highres.parse_args(argv)
+    assert args.ratio == {64.0: 0.25, 128.0: 0.5}
+    pipe, img2img = highres.load_pipelines(args, "cpu")
+    assert tomesd.is_patched(pipe) and tomesd.is_patched(img2img) and img2img.unet is pipe.unet
+    lengths, handle = _first_block_lengths(pipe.unet)
+    try:
+        image = highres.generate(pipe, img2img, args, "a cat", 0, "cpu")
+    finally:
+        handle.remove()
+    assert image.size == (128, 128)
+    scale = pipe.vae_scale_factor
+    n_low, n_high = (64 // scale) ** 2, (128 // scale) ** 2
+    # two text-to-image steps at 64 px (ratio 0.25), then img2img steps at 128 px (ratio 0.5)
+    assert lengths[:2] == [n_low - n_low // 4] * 2
+    assert len(lengths) > 2 and set(lengths[2:]) == {n_high - n_high // 2}
+
+    assert highres.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "ratio 0.25 at 64x64; ratio 0.5 at 128x128" in printed
+    for i in range(2):
+        path = tmp_path / f"img-{i:03d}.png"
+        assert f"{path} (128x128, seed {i})" in printed
+        with Image.open(path) as png:
+            assert png.size == (128, 128)
+
+
+def test_sdxl_hires_fix_and_no_tome(pipes, tmp_path, capsys):
+    out = tmp_path / "xl.png"
+    assert highres.main(["--model", pipes["sdxl"], "--height", "64", "--width", "64", "--steps", "2",
+                         "--hires-fix", "1.5", "--ratio", "0.4", "--out", str(out)]) == 0
+    with Image.open(out) as png:
+        assert png.size == (96, 96)
+    assert "ratio 0.4 at 64x64; ratio 0.4 at 96x96" in capsys.readouterr().out
+    args = highres.parse_args(["--model", pipes["sdxl"], "--no-tome", "--hires-fix", "2"])
+    pipe, img2img = highres.load_pipelines(args, "cpu")
+    assert type(img2img).__name__ == "StableDiffusionXLImg2ImgPipeline"
+    assert not tomesd.is_patched(pipe) and not tomesd.is_patched(img2img)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--height", "100"], "multiple of 8"),
+    (["--ratio", "0.9"], "--ratio"),
+    (["--ratio", "512:x"], "--ratio"),
+    (["--ratio", "512:0.3,1024:0.8"], "--ratio"),
+    (["--hires-fix", "1"], "--hires-fix"),
+    (["--strength", "0"], "--strength"),
+    (["--steps", "0"], "--steps"),
+    (["--dtype", "fp8"], "invalid choice"),
+])
+def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        highres.parse_args(["--model", str(tmp_path)] + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+def test_missing_model_is_an_error_message_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "generate_highres.py"), "--model",
+                           str(tmp_path / "no" / "such" / "model")], capture_output=True, text=True, env=ENV, timeout=120)
+    assert proc.returncode == 2 and "neither a directory nor a hub id" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_jobs_are_numbered_and_seeded_independently_of_processes():
+    jobs = highres.jobs(["a", "b"], 2, seed=10)
+    assert jobs == [(0, "a", 10), (1, "a", 11), (2, "b", 12), (3, "b", 13)]
+    assert highres.output_path("out/x.png", 3, 4) == "out/x-003.png" and highres.output_path("x.png", 0, 1) == "x.png"
+    assert highres.hires_size(64, 96, 1.5) == (96, 144)
+    assert isinstance(highres.parse_ratio("0.3"), float)
+    with pytest.raises(argparse.ArgumentTypeError):
+        highres.parse_ratio("1024")
+
+
+def test_two_processes_split_the_prompts(pipes, tmp_path):
+    """torchrun starts the processes accelerate's PartialState joins (gloo on a CPU)."""
+    out = tmp_path / "img.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+         os.path.join(EXAMPLES, "generate_highres.py"), "--model", pipes["sd1"], "--prompt", "a", "--prompt", "b",
+         "--prompt", "c", "--height", "64", "--width", "64", "--steps", "2", "--out", str(out), "--device", "cpu"],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "3 image(s) on 2 process(es)" in proc.stdout
+    by_process = {line.split("]")[0] for line in proc.stdout.splitlines() if line.startswith("[process")}
+    assert by_process == {"[process 0", "[process 1"}
+    single = tmp_path / "single.png"
+    assert highres.main(["--model", pipes["sd1"], "--prompt", "c", "--height", "64", "--width", "64", "--steps", "2",
+                         "--seed", "2", "--out", str(single)]) == 0
+    # image 2 of the split run (seed 0 + 2) is the image a single process makes with seed 2, up to the
+    # rounding of a different thread count (torchrun sets OMP_NUM_THREADS=1); image 0 is another image
+    alone = np.asarray(Image.open(single), dtype=np.float32)
+    split = [np.asarray(Image.open(tmp_path / f"img-{i:03d}.png"), dtype=np.float32) for i in (0, 2)]
+    assert np.abs(split[1] - alone).mean() < 1.0 and np.abs(split[0] - alone).mean() > 5.0
+
+
+def test_visualize_merges_example(pipes, tmp_path, capsys):
+    out, plain = tmp_path / "merges.png", tmp_path / "plain.png"
+    assert visualize_merges.main(["--model", pipes["sd1"], "--height", "64", "--width", "64", "--steps", "2",
+                                  "--step", "1", "--ratio", "0.5", "--alpha", "1", "--out", str(out),
+                                  "--image-out", str(plain), "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "step 1, block 0 (32x32 tokens at /1): 512 of 1024 tokens merged, 512 rows left" in printed
+    colors = np.asarray(Image.open(out).convert("RGB")).reshape(-1, 3)
+    assert len(np.unique(colors, axis=0)) > 20  # many groups, each its own color
+    assert Image.open(plain).size == (64, 64)
+    with pytest.raises(SystemExit):
+        visualize_merges.main(["--model", pipes["sd1"], "--steps", "2", "--step", "2"])
