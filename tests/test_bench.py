@@ -135,7 +135,7 @@ def test_defaults_per_device():
     gpu = bench.default_config("cuda")
     assert (gpu.arch, gpu.resolutions, gpu.dtype, gpu.isolated) == ("sd15", (512, 1024, 2048), "fp16", False)
     cpu = bench.default_config("cpu")
-    assert (cpu.arch, cpu.dtype, cpu.isolated) == ("tiny", "fp32", True)
+    assert (cpu.arch, cpu.resolutions, cpu.dtype, cpu.isolated) == ("tiny", (256, 512, 768), "fp32", True)
     assert bench.default_config("cpu", model="some/model").arch is None
 
 

@@ -45,7 +45,7 @@ DTYPES = ("fp16", "bf16", "fp32")
 ATTENTION = ("sdpa", "math")
 BACKENDS = ("auto", "torch", "cuda")
 GPU_DEFAULTS = dict(arch="sd15", resolutions=(512, 1024, 2048), ratios=(0.3, 0.5, 0.7), dtype="fp16", steps=10, warmup=3)
-CPU_DEFAULTS = dict(arch="tiny", resolutions=(256, 512), ratios=(0.3, 0.5, 0.7), dtype="fp32", steps=3, warmup=1)
+CPU_DEFAULTS = dict(arch="tiny", resolutions=(256, 512, 768), ratios=(0.3, 0.5, 0.7), dtype="fp32", steps=3, warmup=1)
 ROW_FIELDS = (
     "resolution", "method", "ratio", "status", "ms_per_step", "ms_min", "speedup",
     "peak_mem_mib", "start_mem_mib", "mem_ratio", "batch", "steps",
@@ -120,7 +120,7 @@ class BenchResult:
 
 def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:
     """The defaults for `device` (None: cuda when available): SD 1.5 at 512/1024/2048 px in fp16 on
-    a GPU; on a CPU the tiny architecture at 256/512 px in fp32 (under 3 minutes on 2 cores)."""
+    a GPU; on a CPU the tiny architecture at 256/512/768 px in fp32 (about a minute on 2 idle cores)."""
     import torch
 
     if device is None:
@@ -431,8 +431,8 @@ def run(cfg: BenchConfig, progress: bool = True) -> BenchResult:
     return BenchResult(rows=[{k: row.get(k) for k in (*ROW_FIELDS, *sorted(set(row) - set(ROW_FIELDS)))} for row in rows], env=env)
 
 
-def _fmt(value, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
+def _fmt(value, spec: str, unit: str = "") -> str:
+    return "-" if value is None else format(value, spec) + unit
 
 
 def format_table(result: BenchResult) -> str:
@@ -445,7 +445,7 @@ def format_table(result: BenchResult) -> str:
             lines.append((str(row["resolution"]), method, row["status"], "-", "-", "-"))
             continue
         lines.append((
-            str(row["resolution"]), method, _fmt(row["ms_per_step"], ".1f"), _fmt(row["speedup"], ".2f") + "x",
+            str(row["resolution"]), method, _fmt(row["ms_per_step"], ".1f"), _fmt(row["speedup"], ".2f", "x"),
             _fmt(row["peak_mem_mib"], ".0f"), _fmt(row["mem_ratio"], ".2f"),
         ))
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
@@ -459,6 +459,7 @@ def plot(result: BenchResult, path: Optional[str] = None):
     """Figure: ms/step and peak memory against resolution, one line per ratio (and the baseline).
     OOM points are left out. Saved as PNG to `path` when given; returns the matplotlib Figure."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import ScalarFormatter
 
     fig = Figure(figsize=(10, 4), layout="constrained")
     ax_time, ax_mem = fig.subplots(1, 2)
@@ -473,10 +474,11 @@ def plot(result: BenchResult, path: Optional[str] = None):
         ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], **style)
     env = result.env
     where = env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"
-    for ax, ylabel in ((ax_time, "ms per UNet step (median)"), (ax_mem, "peak memory (MiB)")):
+    ax_time.set_yscale("log")
+    ax_time.yaxis.set_major_formatter(ScalarFormatter())
+    for ax, ylabel in ((ax_time, "ms per UNet step (median, log scale)"), (ax_mem, "peak memory (MiB)")):
         ax.set_xlabel("resolution (px)")
         ax.set_ylabel(ylabel)
-        ax.set_yscale("log")
         ax.set_xticks(sorted({row["resolution"] for row in result.rows}))
         ax.grid(True, alpha=0.3)
         ax.legend()
@@ -537,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
         "against Token Merging, over resolutions and ratios. Built-in architectures use random weights "
         "(speed and memory do not depend on them): nothing is downloaded.",
         epilog="Defaults: on a GPU --arch sd15 --resolutions 512,1024,2048 --dtype fp16 --steps 10; on a "
-        "CPU --arch tiny --resolutions 256,512 --dtype fp32 --steps 3. Ratios 0.3,0.5,0.7.",
+        "CPU --arch tiny --resolutions 256,512,768 --dtype fp32 --steps 3. Ratios 0.3,0.5,0.7.",
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--arch", choices=sorted(ARCHS), help="built-in UNet with random weights")
