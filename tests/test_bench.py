@@ -153,3 +153,10 @@ def test_inputs_match_the_unet():
     assert args[0].shape == (2, 4, 8, 8) and kwargs["encoder_hidden_states"].shape == (2, 77, 64)
     with torch.no_grad():
         assert unet(*args, **kwargs).sample.shape == args[0].shape
+
+
+def test_noisy_rows_flag_steps_that_vary():
+    steady = dict(resolution=64, method="baseline", ratio=None, status="ok", ms_per_step=100.0, ms_min=95.0, ms_max=110.0)
+    busy = dict(steady, method="tome", ratio=0.5, ms_min=90.0, ms_max=400.0)
+    oom = dict(steady, status="OOM", ms_per_step=None, ms_min=None, ms_max=None)
+    assert bench.noisy_rows(bench.BenchResult(rows=[steady, busy, oom])) == [busy]

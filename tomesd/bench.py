@@ -27,7 +27,6 @@ import contextlib
 import csv
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -47,7 +46,7 @@ BACKENDS = ("auto", "torch", "cuda")
 GPU_DEFAULTS = dict(arch="sd15", resolutions=(512, 1024, 2048), ratios=(0.3, 0.5, 0.7), dtype="fp16", steps=10, warmup=3)
 CPU_DEFAULTS = dict(arch="tiny", resolutions=(256, 512, 768), ratios=(0.3, 0.5, 0.7), dtype="fp32", steps=3, warmup=1)
 ROW_FIELDS = (
-    "resolution", "method", "ratio", "status", "ms_per_step", "ms_min", "speedup",
+    "resolution", "method", "ratio", "status", "ms_per_step", "ms_min", "ms_max", "speedup",
     "peak_mem_mib", "start_mem_mib", "mem_ratio", "batch", "steps",
 )
 _MIB = float(1 << 20)
@@ -87,7 +86,7 @@ class BenchConfig:
         if not self.resolutions or any(r < 64 or r % 8 for r in self.resolutions):
             problems.append(f"resolutions must be multiples of 8, at least 64, got {self.resolutions}")
         hi = max_ratio(2, 2)
-        if any(not 0 < r <= hi for r in self.ratios):
+        if not self.ratios or any(not 0 < r <= hi for r in self.ratios):
             problems.append(f"ratios must be in (0, {hi:g}], got {self.ratios}")
         for name, choices in (("dtype", DTYPES), ("attention", ATTENTION), ("backend", BACKENDS)):
             if getattr(self, name) not in choices:
@@ -308,7 +307,7 @@ def measure_point(unet, cfg: BenchConfig, resolution: int, ratio: Optional[float
         row["start_mem_mib"] = torch.cuda.memory_allocated(cfg.device) / _MIB if cfg.on_gpu else _rss_mib()
         with backend_env(cfg.backend):
             times = _time_calls(unet, *inputs, cfg)
-        row.update(ms_per_step=statistics.median(times), ms_min=min(times))
+        row.update(ms_per_step=statistics.median(times), ms_min=min(times), ms_max=max(times))
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated(cfg.device) / _MIB if cfg.on_gpu else _peak_rss_mib()
     except Exception as error:  # noqa: BLE001 - only OOM is absorbed; everything else is re-raised
         if not is_oom(error):
@@ -431,6 +430,12 @@ def run(cfg: BenchConfig, progress: bool = True) -> BenchResult:
     return BenchResult(rows=[{k: row.get(k) for k in (*ROW_FIELDS, *sorted(set(row) - set(ROW_FIELDS)))} for row in rows], env=env)
 
 
+def noisy_rows(result: BenchResult, spread: float = 0.5) -> List[Dict[str, Any]]:
+    """Rows whose timed steps differ by more than `spread` × their median: a busy machine."""
+    return [row for row in result.rows if row["status"] == "ok" and row.get("ms_max") is not None
+            and row["ms_max"] - row["ms_min"] > spread * row["ms_per_step"]]
+
+
 def _fmt(value, spec: str, unit: str = "") -> str:
     return "-" if value is None else format(value, spec) + unit
 
@@ -504,25 +509,17 @@ def write_results(result: BenchResult, out_dir: str) -> Dict[str, str]:
     return paths
 
 
-def _int_list(text: str) -> Tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or any(v < 64 or v % 8 for v in values):
-        raise argparse.ArgumentTypeError(f"resolutions must be multiples of 8 and at least 64, got {text!r}")
-    return values
+def _comma_list(kind):
+    """argparse type: comma-separated values of `kind`; their ranges are checked by BenchConfig."""
+    noun = "integers" if kind is int else "numbers"
 
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {noun}, got {text!r}") from None
 
-def _ratio_list(text: str) -> Tuple[float, ...]:
-    try:
-        values = tuple(float(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
-    hi = max_ratio(2, 2)
-    if not values or any(not 0 < v <= hi or math.isnan(v) for v in values):
-        raise argparse.ArgumentTypeError(f"ratios must be in (0, {hi:g}], got {text!r}")
-    return values
+    return parse
 
 
 def _positive(text: str) -> int:
@@ -544,8 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
     which = p.add_mutually_exclusive_group()
     which.add_argument("--arch", choices=sorted(ARCHS), help="built-in UNet with random weights")
     which.add_argument("--model", help="local diffusers model directory (or UNet directory), or a hub id")
-    p.add_argument("--resolutions", type=_int_list, help="image sides in px, comma-separated")
-    p.add_argument("--ratios", type=_ratio_list, help="ToMe ratios, comma-separated")
+    p.add_argument("--resolutions", type=_comma_list(int), help="image sides in px, comma-separated")
+    p.add_argument("--ratios", type=_comma_list(float), help="ToMe ratios, comma-separated")
     p.add_argument("--batch", type=_positive, default=1, help="images per step; the UNet sees twice as many (CFG)")
     p.add_argument("--dtype", choices=DTYPES)
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -587,6 +584,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, backend {env['backend']}, "
           f"{env['gpu'] or 'CPU ' + str(env['cpu_threads']) + ' threads'}; memory: {env['memory']}")
     print(format_table(result))
+    noisy = noisy_rows(result)
+    if noisy:
+        where = ", ".join(f"{r['resolution']} px {r['method']}" + (f" {r['ratio']:g}" if r["ratio"] else "") for r in noisy)
+        print(f"warning: step times varied by more than 50% at {where}: something else was using the "
+              f"{'GPU' if cfg.on_gpu else 'CPU'}; rerun on an idle machine or raise --steps", file=sys.stderr)
     paths = write_results(result, args.out)
     print("wrote " + ", ".join(paths.values()))
     return 0
