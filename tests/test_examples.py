@@ -2,6 +2,7 @@
 import argparse
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 
@@ -128,8 +129,11 @@ def test_jobs_are_numbered_and_seeded_independently_of_processes():
 def test_two_processes_split_the_prompts(pipes, tmp_path):
     """torchrun starts the processes accelerate's PartialState joins (gloo on a CPU)."""
     out = tmp_path / "img.png"
+    with socket.socket() as probe:  # a free port for the rendezvous
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
          os.path.join(EXAMPLES, "generate_highres.py"), "--model", pipes["sd1"], "--prompt", "a", "--prompt", "b",
          "--prompt", "c", "--height", "64", "--width", "64", "--steps", "2", "--out", str(out), "--device", "cpu"],
         capture_output=True, text=True, env=ENV, timeout=300,
