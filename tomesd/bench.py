@@ -408,11 +408,12 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
     return env
 
 
-def run(cfg: BenchConfig, progress: bool = True) -> BenchResult:
-    """Measure every grid point of `cfg`; a tqdm bar on stderr when `progress`."""
-    from tqdm.auto import tqdm
+def run(cfg: BenchConfig, progress: bool = True, env: Optional[Dict[str, Any]] = None) -> BenchResult:
+    """Measure every grid point of `cfg`; a tqdm bar on stderr when `progress`. env: what
+    `environment(cfg)` returned, if the caller already has it."""
+    from tqdm import tqdm
 
-    env = environment(cfg)
+    env = environment(cfg) if env is None else env
     points = grid(cfg)
     rows = []
     unet = None
@@ -579,8 +580,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     where = cfg.model or f"--arch {cfg.arch} (random weights)"
     print(f"tomesd.bench: {where}, {cfg.dtype} on {cfg.device}, batch {cfg.batch} (x2 CFG), "
           f"{cfg.warmup} warmup + {cfg.steps} timed steps per point", file=sys.stderr)
-    result = run(cfg, progress=not args.no_progress)
-    env = result.env
+    try:
+        env = environment(cfg)
+    except RuntimeError as error:  # e.g. --backend cuda where the kernels cannot load
+        parser.error(str(error))
+    result = run(cfg, progress=not args.no_progress, env=env)
     print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, backend {env['backend']}, "
           f"{env['gpu'] or 'CPU ' + str(env['cpu_threads']) + ' threads'}; memory: {env['memory']}")
     print(format_table(result))
