@@ -1,4 +1,4 @@
-"""A patched tiny UNet under torch.compile (CPU, inductor) matches eager."""
+"""A patched tiny UNet under torch.compile (CPU, inductor, whole graph) matches eager."""
 import pytest
 import torch
 
@@ -7,16 +7,23 @@ import tomesd
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("use_rand", [False, True])
-def test_compiled_patched_unet_matches_eager(use_rand):
+@pytest.mark.parametrize(
+    "patch_kwargs",
+    [dict(ratio=0.5, use_rand=False), dict(ratio={64: 0.3, 256: 0.6}, seed=3)],
+    ids=["float-deterministic", "mapping-seeded"],
+)
+def test_compiled_patched_unet_matches_eager(patch_kwargs):
     torch._dynamo.reset()
     unet = tiny.unet("sd1")
-    tomesd.apply_patch(unet, ratio=0.5, use_rand=use_rand, seed=3)
+    tomesd.apply_patch(unet, **patch_kwargs)
     args, kwargs = tiny.unet_inputs("sd1")
     with torch.no_grad():
         eager = unet(*args, **kwargs).sample
-        compiled = torch.compile(unet)
+        compiled = torch.compile(unet, fullgraph=True)  # no graph break anywhere in the patched forward
         out = compiled(*args, **kwargs).sample
         again = compiled(*args, **kwargs).sample
     torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(again, eager, rtol=1e-4, atol=1e-4)
+    tomesd.remove_patch(unet)
+    with torch.no_grad():
+        assert not torch.allclose(unet(*args, **kwargs).sample, eager, atol=1e-4)  # merging was in effect

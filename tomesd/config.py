@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Tuple, Union
 
@@ -81,14 +80,13 @@ class RatioSchedule:
             return self.value
         if self.kind == "table":
             side = math.sqrt(height_px * width_px)
-            i = bisect_right(self.sides, side)
-            if i == 0:
+            if side <= self.sides[0]:
                 return self.values[0]
-            if i == len(self.sides):
-                return self.values[-1]
-            s0, s1 = self.sides[i - 1], self.sides[i]
-            v0, v1 = self.values[i - 1], self.values[i]
-            return v0 + (v1 - v0) * (side - s0) / (s1 - s0)
+            # A plain scan (not bisect) so torch.compile traces it without a graph break.
+            for s0, s1, v0, v1 in zip(self.sides, self.sides[1:], self.values, self.values[1:]):
+                if side <= s1:
+                    return v0 + (v1 - v0) * (side - s0) / (s1 - s0)
+            return self.values[-1]
         args = (height_px, width_px, downsample) if self.fn_takes_level else (height_px, width_px)
         return _check_ratio_value(self.fn(*args), self.sx, self.sy, f"ratio({', '.join(map(str, args))})")
 

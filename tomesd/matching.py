@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 
 _MASK32 = 0xFFFFFFFF
-# Element budget of one [B, rows, D] fp32 score tile: 2**26 elements = 256 MiB.
-SCORE_TILE_ELEMS = 1 << 26
+# Element budget of one [B, rows, D] fp32 score tile: 2**24 elements = 64 MiB.
+SCORE_TILE_ELEMS = 1 << 24
 
 
 @dataclass(frozen=True)
