@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-export TOMESD_CACHE_DIR="${TOMESD_CACHE_DIR:-$OUT/build-cache}"
+export TOMESD_CACHE_DIR="${TOMESD_CACHE_DIR:-${TMPDIR:-/tmp}/tomesd-build}"  # outside $OUT: keep $OUT to logs
 export TOMESD_BUILD_VERBOSE=1
 
 echo "== build (JIT) and info" | tee "$OUT/summary.txt"
