@@ -29,6 +29,7 @@ from tomesd.config import RatioSchedule
         (dict(sy=2.5), ValueError, "sy must be a positive int"),
         (dict(use_rand=1), TypeError, "use_rand must be a bool"),
         (dict(seed="x"), TypeError, "seed must be an int"),
+        (dict(patch_controlnet="yes"), TypeError, "patch_controlnet must be a bool"),
     ],
 )
 def test_bad_arguments_fail_in_apply_patch(kwargs, error, match):

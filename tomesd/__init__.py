@@ -55,6 +55,8 @@ def apply_patch(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
     )
+    if not isinstance(patch_controlnet, bool):
+        raise TypeError(f"patch_controlnet must be a bool, got {patch_controlnet!r}")
     attach_to(model, config, controlnet=patch_controlnet)
     return model
 

@@ -90,10 +90,6 @@ class RatioSchedule:
         args = (height_px, width_px, downsample) if self.fn_takes_level else (height_px, width_px)
         return _check_ratio_value(self.fn(*args), self.sx, self.sy, f"ratio({', '.join(map(str, args))})")
 
-    @property
-    def is_zero(self) -> bool:
-        return (self.kind == "const" and self.value == 0.0) or (self.kind == "table" and max(self.values) == 0.0)
-
 
 def _takes_three_args(fn: Callable) -> bool:
     """True if `fn` accepts (height_px, width_px, downsample), False if only (height_px, width_px)."""
