@@ -168,8 +168,7 @@ def _merge_cpu(x: Tensor, slot: Tensor, offsets: Tensor, members: Tensor, mean: 
 
 
 def _unmerge_cpu(y: Tensor, slot: Tensor, offsets: Tensor, members: Tensor) -> Tensor:
-    B, N = slot.shape
-    return y.gather(1, slot[..., None].expand(B, N, y.shape[2])).contiguous()
+    return matching.unmerge(y, MergePlan(slot=slot, counts=_counts(offsets), num_out=offsets.shape[1] - 1))
 
 
 def _best_dst_fake(metric: Tensor, dst_idx: Tensor, src_idx: Tensor):
