@@ -6,21 +6,19 @@
 // accumulation is fp32. fp16/bf16 on sm_80+ use tensor cores (WMMA 16x16x16); fp32 and older GPUs
 // use a CUDA-core tile. When there are too few src tiles to fill the device, the dst range is cut
 // into slices whose partial (max, argmax) are combined by a second kernel (ties: lowest dst).
+// Ranking is torch.max's (rules.h): a NaN score (from a NaN or Inf token, as in the PyTorch path)
+// beats every number, so a row of NaN scores still gets a valid dst position.
 #include <mma.h>
 
-#include <algorithm>
 #include <cfloat>
-#include <climits>
 
 #include "common.cuh"
+#include "rules.h"
 
 namespace tomesd {
 namespace {
 
 constexpr float kMinNorm = 1e-12f;
-
-// (v, i) beats (bv, bi): higher score, or the same score at a lower dst position.
-__device__ __forceinline__ bool better(float v, int i, float bv, int bi) { return v > bv || (v == bv && i < bi); }
 
 template <typename T>
 __global__ void inv_norms_kernel(const T* __restrict__ x, int64_t rows, int C, float* __restrict__ out) {
@@ -71,7 +69,7 @@ __global__ void __launch_bounds__(256) best_dst_simt(MatchArgs a, const float* _
   int best_i[4];
   for (int i = 0; i < 4; ++i) {
     best_v[i] = -FLT_MAX;
-    best_i[i] = INT_MAX;
+    best_i[i] = kNoDst;
   }
   const int dtiles = (a.D + kSimtD - 1) / kSimtD;
   const int t1 = min(dtiles, (split + 1) * tiles_per_split);
@@ -189,7 +187,7 @@ __global__ void __launch_bounds__(256) best_dst_wmma(MatchArgs a, const float* _
   // Reduction phase: thread tid scans half (tid % 2) of row tid / 2's 64 columns.
   const int row = tid / 2, half = tid % 2;
   float best_v = -FLT_MAX;
-  int best_i = INT_MAX;
+  int best_i = kNoDst;
   const int dtiles = (a.D + kTcD - 1) / kTcD;
   const int t1 = min(dtiles, (split + 1) * tiles_per_split);
   for (int t = split * tiles_per_split; t < t1; ++t) {
@@ -249,6 +247,11 @@ __global__ void __launch_bounds__(256) best_dst_wmma(MatchArgs a, const float* _
   }
   const int s = s0 + row;
   if (half == 0 && s < a.S) store_best(best_v, best_i, b, split, gridDim.y, a.S, s, part_val, part_idx);
+#elif defined(__CUDA_ARCH__)
+  // Compiled for an arch without bf16 WMMA (or from older PTX): the host never launches this
+  // (tensor_cores_usable checks the kernel's PTX and binary versions); if it ever runs, fail loudly
+  // instead of leaving score / dst_pos unwritten.
+  __trap();
 #endif
 }
 
@@ -259,7 +262,7 @@ __global__ void combine_splits(const float* __restrict__ part_val, const int* __
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t b = i / S, s = i % S;
     float bv = -FLT_MAX;
-    int bi = INT_MAX;
+    int bi = kNoDst;
     for (int k = 0; k < splits; ++k) {
       const int64_t o = (b * splits + k) * S + s;
       if (better(part_val[o], part_idx[o], bv, bi)) {
@@ -274,30 +277,47 @@ __global__ void combine_splits(const float* __restrict__ part_val, const int* __
 
 struct DeviceInfo {
   int sms = 0, major = 0;
+  bool tensor_cores = false;  // the WMMA kernel has a body on this device (see tensor_cores_usable)
 };
+
+// The PTX and binary versions of the WMMA kernel as loaded on the current device (0 if it has none).
+void kernel_versions(int* ptx_version, int* binary_version) {
+  cudaFuncAttributes attr{};
+  const cudaError_t err = cudaFuncGetAttributes(&attr, best_dst_wmma<__half, true>);
+  if (err != cudaSuccess) {
+    (void)cudaGetLastError();  // no image for this device: clear the error, use the CUDA-core tile
+    *ptx_version = *binary_version = 0;
+    return;
+  }
+  *ptx_version = attr.ptxVersion;
+  *binary_version = attr.binaryVersion;
+}
 
 DeviceInfo device_info(int device) {
   static DeviceInfo cache[64];
   if (device < 0 || device >= 64) device = 0;
   DeviceInfo& info = cache[device];
   if (info.sms == 0) {
-    int sms = 0, major = 0;
+    int sms = 0, major = 0, ptx = 0, binary = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+    kernel_versions(&ptx, &binary);
     info.major = major;
+    info.tensor_cores = tensor_cores_usable(true, major, ptx, binary);
     info.sms = sms;
   }
   return info;
 }
 
 bool use_tensor_cores(const MatchArgs& a, int device) {
-  return a.dtype != DType::f32 && device_info(device).major >= 8;
+  return a.dtype != DType::f32 && device_info(device).tensor_cores;
 }
 
 }  // namespace
 
 void launch_inv_norms(const MatchArgs& a, float* inv_norm, cudaStream_t stream) {
   const int64_t rows = static_cast<int64_t>(a.B) * a.N;
+  if (rows == 0) return;
   dispatch_dtype(a.dtype, [&](auto zero) {
     using T = decltype(zero);
     inv_norms_kernel<T><<<blocks_for(rows * 32, 256), 256, 0, stream>>>(static_cast<const T*>(a.metric), rows, a.C,
@@ -311,16 +331,12 @@ int match_splits(const MatchArgs& a, int device) {
   const int tile_s = tc ? kTcS : kSimtS, tile_d = tc ? kTcD : kSimtD;
   const int64_t blocks = static_cast<int64_t>(a.B) * ((a.S + tile_s - 1) / tile_s);
   const int dtiles = (a.D + tile_d - 1) / tile_d;
-  const int64_t want = 2 * static_cast<int64_t>(device_info(device).sms);
-  if (blocks >= want || dtiles <= 1) return 1;
-  const int splits = static_cast<int>(std::min<int64_t>(dtiles, (want + blocks - 1) / blocks));
-  // Every slice gets at least one tile.
-  const int per = (dtiles + splits - 1) / splits;
-  return (dtiles + per - 1) / per;
+  return split_count(blocks, dtiles, 2 * static_cast<int64_t>(device_info(device).sms));
 }
 
 void launch_best_dst(const MatchArgs& a, const float* inv_norm, int splits, float* part_val, int* part_idx,
                      float* score, int* dst_pos, int device, cudaStream_t stream) {
+  if (a.B == 0 || a.S == 0 || a.D == 0) return;  // nothing to match (and no zero-sized grid)
   float* val = splits > 1 ? part_val : score;
   int* idx = splits > 1 ? part_idx : dst_pos;
   if (use_tensor_cores(a, device)) {

@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -48,7 +49,6 @@ MatchArgs match_args(const Tensor& metric, const Tensor& dst_idx, const Tensor& 
               "tomesd: dst_idx and src_idx must be int64");
   check_cuda(dst_idx, metric, "dst_idx");
   check_cuda(src_idx, metric, "src_idx");
-  TORCH_CHECK(dst_idx.numel() > 0, "tomesd: dst_idx is empty");
   check_int_range(metric.size(0) * metric.size(1), "B * N");
   check_int_range(metric.size(2), "C");
   return MatchArgs{dtype_of(metric), nullptr, nullptr, nullptr, static_cast<int>(metric.size(0)),
@@ -86,9 +86,11 @@ std::tuple<Tensor, Tensor> best_dst_cuda(const Tensor& metric_in, const Tensor& 
   const c10::cuda::CUDAGuard guard(metric_in.device());
   const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
   const MatchArgs a = match_args(metric, dst_idx, src_idx);
-  if (a.S == 0) {
-    return {at::empty({a.B, 0}, metric.options().dtype(at::kFloat)), at::empty({a.B, 0}, metric.options().dtype(at::kLong))};
+  if (a.B == 0 || a.S == 0) {  // nothing to match: empty outputs, no launch (as the PyTorch path)
+    return {at::empty({a.B, a.S}, metric.options().dtype(at::kFloat)),
+            at::empty({a.B, a.S}, metric.options().dtype(at::kLong))};
   }
+  TORCH_CHECK(a.D > 0, "tomesd: dst_idx is empty but ", a.S, " src tokens need a match");
   auto [score, dst_pos] = run_best_dst(metric, dst_idx, src_idx, a);
   return {score, dst_pos.to(at::kLong)};
 }
@@ -99,9 +101,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric_
   const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
   const MatchArgs a = match_args(metric, dst_idx, src_idx);
   TORCH_CHECK(0 <= r && r <= a.S, "tomesd: r = ", r, " must be in [0, ", a.S, "] (the number of src tokens)");
+  TORCH_CHECK(r == 0 || a.D > 0, "tomesd: dst_idx is empty but r = ", r, " src tokens must merge");
   const int B = a.B, N = a.N, M = N - static_cast<int>(r);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto i32 = metric.options().dtype(at::kInt);
+  if (B == 0 || N == 0) {  // empty plan, no launch: offsets are all N = 0 (the PyTorch path's shapes)
+    return {at::empty({B, N}, metric.options().dtype(at::kLong)), at::empty({B, M}, i32), at::zeros({B, M + 1}, i32),
+            at::empty({B, N}, i32)};
+  }
   Tensor score, dst_pos;
   if (r > 0) {
     std::tie(score, dst_pos) = run_best_dst(metric, dst_idx, src_idx, a);
@@ -119,7 +126,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric_
   auto* keys_in = reinterpret_cast<uint32_t*>(keys[0].data_ptr<int>());
   auto* keys_out = reinterpret_cast<uint32_t*>(keys[1].data_ptr<int>());
   launch_plan(score.data_ptr<float>(), dst_pos.data_ptr<int>(), dst_idx.data_ptr<int64_t>(),
-              src_idx.data_ptr<int64_t>(), B, N, a.S, static_cast<int>(r), target.data_ptr<int>(),
+              src_idx.data_ptr<int64_t>(), B, N, a.S, a.D, static_cast<int>(r), target.data_ptr<int>(),
               slot.data_ptr<int64_t>(), counts.data_ptr<int>(), offsets.data_ptr<int>(), keys_in,
               values.data_ptr<int>(), stream);
   int end_bit = 1;

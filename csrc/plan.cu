@@ -3,7 +3,8 @@
 // One block per batch row:
 //   1. radix select of the r largest 64-bit keys (orderable score bits << 32 | ~src position), 8 bits
 //      per pass from the top, stopping as soon as the chosen bucket is taken whole; the keys are
-//      unique, so exactly r src rows are chosen (on equal scores, the lower src position wins);
+//      unique, so exactly r src rows are chosen (on equal scores, the lower src position wins; NaN
+//      scores rank first, as in torch.topk: see rules.h);
 //   2. target[n]: dst token of each merging src, -1 for kept tokens;
 //   3. slot of kept tokens = exclusive scan of the kept mask (raster order, as matching.plan_from_matches);
 //      slot of a merging src = slot of its dst; counts by integer atomics (order-free, deterministic);
@@ -12,20 +13,12 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include "common.cuh"
+#include "rules.h"
 
 namespace tomesd {
 namespace {
 
 constexpr int kPlanThreads = 1024;
-
-__device__ __forceinline__ uint32_t orderable(float f) {
-  const uint32_t u = __float_as_uint(f);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-
-__device__ __forceinline__ uint64_t select_key(const float* score, int s) {
-  return (static_cast<uint64_t>(orderable(score[s])) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(s));
-}
 
 // Exclusive scan over [0, L) of get(i), each thread owning one contiguous range; put(i, prefix) is
 // called in order. Returns the total. scratch: at least kPlanThreads / 32 + 1 ints.
@@ -67,7 +60,8 @@ __device__ int block_scan(int L, Get get, Put put, int* scratch) {
 __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restrict__ score_all,
                                                             const int* __restrict__ dst_pos_all,
                                                             const int64_t* __restrict__ dst_idx,
-                                                            const int64_t* __restrict__ src_idx, int N, int S, int r,
+                                                            const int64_t* __restrict__ src_idx, int N, int S, int D,
+                                                            int r,
                                                             int* __restrict__ target_all, int64_t* __restrict__ slot_all,
                                                             int* __restrict__ counts_all, int* __restrict__ offsets_all,
                                                             uint32_t* __restrict__ keys_all, int* __restrict__ values_all) {
@@ -99,12 +93,14 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
     const uint64_t prefix = sel_prefix;
     const uint64_t mask = shift == 56 ? 0 : (~uint64_t{0} << (shift + 8));
     for (int s = tid; s < S; s += blockDim.x) {
-      const uint64_t key = select_key(score, s);
+      const uint64_t key = select_key(score[s], s);
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255], 1);
     }
     __syncthreads();
     if (tid < 32) {  // lane l owns digits 255 - 8l down to 248 - 8l
       const int lane = tid;
+      const int k = sel_k;  // every lane reads it before the one that finds the digit rewrites it
+      __syncwarp();
       int own = 0;
       for (int j = 0; j < 8; ++j) own += hist[255 - 8 * lane - j];
       int incl = own;
@@ -112,7 +108,6 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
         const int v = __shfl_up_sync(0xffffffffu, incl, o);
         if (lane >= o) incl += v;
       }
-      const int k = sel_k;
       int above = incl - own;
       if (above < k && k <= incl) {
         for (int j = 0; j < 8; ++j) {
@@ -136,7 +131,12 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
     const int shift = sel_shift;
     const uint64_t threshold = sel_prefix >> shift;
     for (int s = tid; s < S; s += blockDim.x) {
-      if ((select_key(score, s) >> shift) >= threshold) target[src_idx[s]] = static_cast<int>(dst_idx[dst_pos[s]]);
+      if ((select_key(score[s], s) >> shift) >= threshold) {
+        // best_dst always writes a position in [0, D); the clamp keeps a broken one from reading
+        // outside dst_idx (an illegal address would kill the CUDA context).
+        const int p = min(max(dst_pos[s], 0), D - 1);
+        target[src_idx[s]] = static_cast<int>(dst_idx[p]);
+      }
     }
   }
   __syncthreads();
@@ -176,10 +176,11 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
 }  // namespace
 
 void launch_plan(const float* score, const int* dst_pos, const int64_t* dst_idx, const int64_t* src_idx, int B,
-                 int N, int S, int r, int* target, int64_t* slot, int* counts, int* offsets, uint32_t* keys,
+                 int N, int S, int D, int r, int* target, int64_t* slot, int* counts, int* offsets, uint32_t* keys,
                  int* values, cudaStream_t stream) {
-  plan_kernel<<<B, kPlanThreads, 0, stream>>>(score, dst_pos, dst_idx, src_idx, N, S, r, target, slot, counts, offsets,
-                                              keys, values);
+  if (B == 0 || N == 0) return;  // no rows: a zero-sized grid is a launch error
+  plan_kernel<<<B, kPlanThreads, 0, stream>>>(score, dst_pos, dst_idx, src_idx, N, S, D, r, target, slot, counts,
+                                              offsets, keys, values);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

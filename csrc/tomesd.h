@@ -29,7 +29,8 @@ struct MatchArgs {
 // 1 / max(||x[b, n]||, 1e-12) in fp32 for every token: out [B, N].
 void launch_inv_norms(const MatchArgs& a, float* inv_norm, cudaStream_t stream);
 
-// How many slices the dst range is cut into so that small problems still fill the device.
+// How many slices the dst range is cut into so that small problems still fill the device (1 when
+// there is nothing to match).
 int match_splits(const MatchArgs& a, int device);
 
 // score [B, S] (best cosine) and dst_pos [B, S] (its position in dst_idx, lowest on ties).
@@ -37,11 +38,11 @@ int match_splits(const MatchArgs& a, int device);
 void launch_best_dst(const MatchArgs& a, const float* inv_norm, int splits, float* part_val, int* part_idx,
                      float* score, int* dst_pos, int device, cudaStream_t stream);
 
-// Selection of the r best src rows (ties: lower src position) and the slot map, one block per
-// batch row. Writes slot, counts, offsets and the sort keys/values (b * M + slot, n) of every
-// token; target [B, N] is scratch.
+// Selection of the r best src rows (ties: lower src position; NaN first) and the slot map, one
+// block per batch row. Writes slot, counts, offsets and the sort keys/values (b * M + slot, n) of
+// every token; target [B, N] is scratch. D: entries of dst_idx (dst_pos is bound-checked).
 void launch_plan(const float* score, const int* dst_pos, const int64_t* dst_idx, const int64_t* src_idx, int B,
-                 int N, int S, int r, int* target, int64_t* slot, int* counts, int* offsets, uint32_t* keys,
+                 int N, int S, int D, int r, int* target, int64_t* slot, int* counts, int* offsets, uint32_t* keys,
                  int* values, cudaStream_t stream);
 
 // Stable sort of (keys, values) by the low end_bit bits of the key: values_out is the CSR members.

@@ -1,4 +1,5 @@
-"""Every csrc source compiles with nvcc for sm_80 and sm_90 against torch's headers (no GPU needed).
+"""Every csrc source compiles with nvcc for sm_80 and sm_90 against torch's headers (no GPU needed),
+and the tensor-core kernel traps (never silently does nothing) where it is compiled for an older arch.
 
 Flags mirror torch.utils.cpp_extension's: its include paths, the -D__CUDA_NO_HALF* defines, its C++
 standard, the C++11 ABI flag. torch's CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h;
@@ -64,3 +65,37 @@ def test_csrc_compiles_for_sm80_sm90(tmp_path):
         results = list(pool.map(lambda s: (s, _compile(nvcc, s, tmp_path)), sources))
     failures = [f"{s.name}:\n{r.stderr[-4000:]}" for s, r in results if r.returncode != 0]
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
+
+
+def _wmma_entries(ptx: str) -> dict:
+    """{entry name: body} of the best_dst_wmma kernels in a PTX listing."""
+    entries = {}
+    for chunk in ptx.split(".entry ")[1:]:
+        name = chunk.split("(", 1)[0].strip()
+        if "best_dst_wmma" in name:
+            body = chunk[chunk.find("\n{") : chunk.find("\n}\n")]
+            entries[name] = body
+    return entries
+
+
+@pytest.mark.parametrize("arch", ["75", "80"])
+def test_wmma_kernel_has_a_body_or_traps(arch, tmp_path):
+    """Below sm_80 the WMMA kernel's body is compiled out. A PTX-only build for an older arch (which
+    the driver JIT-compiles for a newer GPU) must then trap, not return with its outputs unwritten;
+    the host also refuses it by the kernel's PTX version (rules.h tensor_cores_usable)."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
+    out = tmp_path / f"matching_{arch}.ptx"
+    source = _build.csrc_dir() / "matching.cu"
+    cmd = [nvcc, "-ptx", str(source), "-o", str(out), f"-arch=compute_{arch}"] + _flags()
+    proc = subprocess.run(cmd + list(cpp_extension.COMMON_NVCC_FLAGS) + ["-O3"], capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    entries = _wmma_entries(out.read_text())
+    assert len(entries) == 4  # fp16 / bf16 x vectorized or not
+    for name, body in entries.items():
+        if arch == "75":
+            assert "trap;" in body and "mma." not in body, name
+        else:
+            assert "wmma.mma" in body and "trap;" not in body, name

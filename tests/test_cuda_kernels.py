@@ -182,3 +182,69 @@ def test_cuda_graph_capture_and_replay_of_patched_step():
         graph.replay()
         expected = unet(new_sample, static_args[1], **kwargs).sample
     torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-3)
+
+
+def test_nan_and_inf_tokens_give_nan_like_the_torch_path():
+    """A NaN or Inf token makes NaN scores on both paths; the kernels rank NaN as torch.max / topk
+    do, so an all-NaN row still gets a valid dst (no read of dst_idx[INT_MAX]) and the context lives."""
+    metric, dst, src, r = _case(3, 16, 12, 64, 2, 2, torch.float16, seed=13)
+    metric[0, 5] = float("nan")
+    metric[1, 17] = float("inf")
+    metric[2] = float("nan")  # every score of this batch row is NaN
+    score, pos = OPS.best_dst(metric, dst, src)
+    ref_score, ref_pos = matching.best_dst(metric, dst, src)
+    assert torch.equal(score.isnan(), ref_score.isnan()) and bool(score.isnan()[2].all())
+    assert bool(((pos >= 0) & (pos < len(dst))).all())
+    assert torch.equal(pos[2], ref_pos[2])  # all NaN: the first dst, as torch.max
+    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+    torch.cuda.synchronize()
+    assert bool(((slot >= 0) & (slot < metric.shape[1] - r)).all()) and int(counts.sum()) == 3 * metric.shape[1]
+    ref = matching.plan_from_matches(score, pos, dst, src, r, metric.shape[1])
+    assert torch.equal(slot[2], ref.slot[2])  # all-NaN row: the lowest src positions merge into dst 0
+    merged = ops.merge(metric, ops.build_plan(metric, dst, src, r))
+    ref_merged = matching.merge(metric, matching.build_plan(metric, dst, src, r))
+    bad_rows = (~torch.isfinite(merged)).any(-1).sum(-1)  # output rows holding a NaN or Inf token
+    assert torch.equal(bad_rows, (~torch.isfinite(ref_merged)).any(-1).sum(-1))
+    assert bad_rows.tolist()[:2] == [1, 1] and bool(merged[2].isnan().all())
+    healthy, hdst, hsrc, _ = _case(1, 8, 8, 8, 2, 2, torch.float32, seed=1)
+    assert torch.isfinite(OPS.best_dst(healthy, hdst, hsrc)[0]).all()  # the context still works
+
+
+@pytest.mark.parametrize("B, h, w", [(0, 16, 12), (2, 0, 0), (0, 0, 0)])
+def test_empty_batch_or_grid_returns_empty_outputs(B, h, w):
+    dst, src = matching.partition(h, w, 2, 2, None, "cuda")
+    metric = torch.randn(B, h * w, 32, device="cuda", dtype=torch.float16)
+    r = len(src) // 2
+    outs = OPS.build_plan(metric, dst, src, r)
+    cpu = OPS.build_plan(metric.cpu(), dst.cpu(), src.cpu(), r)
+    assert [t.shape for t in outs] == [t.shape for t in cpu] and all(t.is_cuda for t in outs)
+    assert [t.shape for t in OPS.best_dst(metric, dst, src)] == [(B, len(src))] * 2
+    slot, _, offsets, members = outs
+    x = torch.randn(B, h * w, 32, device="cuda", dtype=torch.float16)
+    assert OPS.merge(x, slot, offsets, members, True).shape == (B, h * w - r, 32)
+    torch.cuda.synchronize()
+
+
+def test_self_check_passes_on_this_gpu():
+    from tomesd import _build
+
+    assert _build.self_check(_build.torch_kernels(), "cuda") == ""
+    assert _build.self_check_status().startswith("passed")
+
+
+def test_plan_kernel_has_no_shared_memory_races(tmp_path):
+    """compute-sanitizer racecheck over build_plan (the radix select's sel_k handoff, the scans)."""
+    import shutil
+    import subprocess
+    import sys
+
+    sanitizer = shutil.which("compute-sanitizer")
+    if sanitizer is None:
+        pytest.skip("compute-sanitizer not found")
+    script = ("import torch, tomesd\nfrom tomesd import matching\n"
+              "dst, src = matching.partition(40, 36, 2, 2, None, 'cuda')\n"
+              "m = torch.randn(2, 1440, 64, device='cuda', dtype=torch.float16)\n"
+              "torch.ops.tomesd.build_plan(m, dst, src, 700)\ntorch.cuda.synchronize()\n")
+    proc = subprocess.run([sanitizer, "--tool", "racecheck", "--error-exitcode", "3", sys.executable, "-c", script],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

@@ -113,7 +113,7 @@ def test_dispatch_on_cpu(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
 def test_failed_load_warns_once_and_keeps_reason(monkeypatch):
-    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": ""})
+    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": "", "self_check": "not run"})
     monkeypatch.setattr(_build, "prebuilt_available", lambda: False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -121,6 +121,89 @@ def test_failed_load_warns_once_and_keeps_reason(monkeypatch):
     assert first == second and first and ("CPU-only" in first or "no CUDA device" in first)
     assert len([w for w in caught if "tomesd" in str(w.message)]) == 1
     assert "extension unavailable" in ops._cuda_refusal("cuda", torch.float16)
+
+
+# ---- The self-check the loaded kernels run before first use (tomesd/_build.py) ----
+
+def _broken(**fns):
+    return _build.torch_kernels()._replace(**fns)
+
+
+def _sum_merge(x, slot, offsets, members, mean):
+    return OPS.merge(x, slot, offsets, members, False)
+
+
+def _shifted_best_dst(metric, dst, src):
+    score, pos = OPS.best_dst(metric, dst, src)
+    return score, (pos + 1) % len(dst)
+
+
+def _swapped_build_plan(metric, dst, src, r):
+    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+    slot = slot.clone()
+    slot[slot == 0], slot[slot == 1] = 1, 0  # two output rows trade places: a valid but different plan
+    return slot, counts, offsets, members
+
+
+def _shifted_unmerge(y, slot, offsets, members):
+    return OPS.unmerge(y.roll(1, dims=1), slot, offsets, members)
+
+
+def _raising_merge(*args):
+    raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+
+
+def test_self_check_accepts_the_reference_implementation():
+    assert _build.self_check(_build.torch_kernels(), "cpu") == ""
+
+
+@pytest.mark.parametrize("fns, message", [
+    (dict(merge=_sum_merge), "merge differs from the segment mean"),
+    (dict(best_dst=_shifted_best_dst), "best_dst picked a dst"),
+    (dict(build_plan=_swapped_build_plan), "slot map differs"),
+    (dict(unmerge=_shifted_unmerge), "unmerge differs"),
+    (dict(merge=_raising_merge), "RuntimeError: CUDA error: an illegal memory access was encountered ("),
+])
+def test_self_check_refuses_wrong_kernels(fns, message):
+    reason = _build.self_check(_broken(**fns), "cpu")
+    assert message in reason and "metric [" in reason and "\n" not in reason
+
+
+def _fake_jit_setup(monkeypatch, tmp_path, kernels):
+    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": "", "self_check": "not run"})
+    monkeypatch.setattr(_build, "prebuilt_available", lambda: False)
+    monkeypatch.setattr(_build, "build_refusal", lambda: "")
+    monkeypatch.setattr(_build, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(_build, "_jit_build", lambda: (tmp_path / _build.JIT_LIBRARY).write_bytes(b""))
+    monkeypatch.setattr(_build, "_self_check_device", lambda: "cpu")  # the CPU impls stand in for the kernels
+    monkeypatch.setattr(_build, "torch_kernels", lambda: kernels)
+
+
+def test_first_load_announces_the_build_and_passes_the_self_check(monkeypatch, tmp_path, caplog):
+    _fake_jit_setup(monkeypatch, tmp_path, _build.Kernels(OPS.best_dst, OPS.build_plan, OPS.merge, OPS.unmerge))
+    with caplog.at_level("WARNING", logger="tomesd"), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _build.load_error() == "" and _build.load_error() == ""
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "building the CUDA kernels (one-time" in messages[0]
+    assert "CUDA kernels built in" in messages[1]
+    assert _build.loaded_from().startswith("JIT-built") and _build.self_check_status().startswith("passed")
+    caplog.clear()
+    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": "", "self_check": "not run"})
+    assert _build.load_error() == "" and not caplog.records  # cached: loads silently
+
+
+def test_self_check_failure_refuses_the_backend_with_its_reason(monkeypatch, tmp_path, capsys):
+    _fake_jit_setup(monkeypatch, tmp_path, _broken(merge=_sum_merge))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = _build.load_error(), _build.load_error()
+    assert first == second and "self-check against the PyTorch path failed: merge differs" in first
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning) and "tomesd" in str(w.message)]) == 1
+    assert _build.loaded_from() == "" and _build.self_check_status().startswith("failed: merge differs")
+    assert "self-check" in ops._cuda_refusal("cuda", torch.float16)
+    rows = dict(info.report(build=False))
+    assert rows["kernel self-check"].startswith("failed: merge differs")
 
 
 def test_csrc_is_found_and_info_runs(capsys):
@@ -133,7 +216,10 @@ def test_csrc_is_found_and_info_runs(capsys):
 # ---- Emulation of csrc/plan.cu (same integer logic, in Python) ----
 
 def _orderable(f: float) -> int:
+    """rules.h orderable (tests/test_cuda_rules.py checks this twin against the compiled one)."""
     u = struct.unpack("<I", struct.pack("<f", f))[0]
+    if u & 0x7FFFFFFF > 0x7F800000:  # NaN of either sign: above +inf, as torch.topk ranks it
+        return 0xFFFFFFFF
     return (~u & 0xFFFFFFFF) if u & 0x80000000 else (u | 0x80000000)
 
 
@@ -200,3 +286,43 @@ def test_emulated_kernel_plan_matches_torch_plan(ties, r):
         plan = matching.plan_from_matches(score, dst_pos, dst, src, r, metric.shape[1])
         assert torch.equal(slot, plan.slot)
         assert torch.equal(members.int(), ops.csr(plan.slot, plan.counts)[1])
+
+
+@pytest.mark.parametrize("r", [3, 20])
+def test_emulated_selection_takes_nan_scores_first_as_topk(r):
+    """A NaN or Inf token gives NaN scores (both paths); topk ranks NaN above every number and the
+    radix select must too, or the plan would differ from the PyTorch path's."""
+    metric, dst, src, _ = _case(h=12, w=10, seed=r)
+    score, dst_pos = matching.best_dst(metric, dst, src)
+    score[0, [4, 9, 30]] = float("nan")
+    score[1, 7] = -float("nan")
+    score[1, 8] = float("inf")
+    sel = torch.stack([torch.tensor(_radix_select(row.tolist(), r)) for row in score])
+    chosen = torch.zeros_like(sel).scatter_(1, score.topk(r, dim=-1).indices, True)
+    assert torch.equal(sel, chosen)
+    slot, _ = _emulated_plan(score, dst_pos, dst, src, r, metric.shape[1])
+    assert torch.equal(slot, matching.plan_from_matches(score, dst_pos, dst, src, r, metric.shape[1]).slot)
+
+
+def test_empty_batch_and_empty_grid_give_empty_outputs():
+    """B = 0 or N = 0: empty plans with the PyTorch path's shapes (the CUDA op returns the same
+    without a launch; tests/test_cuda_kernels.py compares them on a GPU)."""
+    metric, dst, src, r = _case(B=0)
+    assert [t.shape for t in OPS.build_plan(metric, dst, src, r)] == [(0, 96), (0, 66), (0, 67), (0, 96)]
+    assert [t.shape for t in OPS.best_dst(metric, dst, src)] == [(0, 72), (0, 72)]
+    dst0, src0 = matching.partition(0, 0, 2, 2, None, "cpu")
+    empty = torch.zeros(2, 0, 8)
+    assert [t.shape for t in OPS.build_plan(empty, dst0, src0, 0)] == [(2, 0), (2, 0), (2, 1), (2, 0)]
+    assert [t.shape for t in OPS.best_dst(empty, dst0, src0)] == [(2, 0), (2, 0)]
+
+
+def test_bogus_backend_is_one_clear_line(monkeypatch, capsys):
+    monkeypatch.setenv("TOMESD_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="TOMESD_BACKEND='bogus' is not one of auto, torch, cuda"):
+        ops.choose_backend(torch.zeros(1))
+    with pytest.raises(SystemExit) as exit_info:
+        info.main(["--no-build"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1] == ("python -m tomesd.info: error: TOMESD_BACKEND='bogus' is not one of "
+                                            "auto, torch, cuda (unset it for auto)")

@@ -52,6 +52,7 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
         rows.append(("extension", _build.loaded_from() or "not loaded"))
     else:
         backend, refused = "not decided (--no-build)", {"cuda": _build.build_refusal() or "not loaded (--no-build)"}
+    rows.append(("kernel self-check", _build.self_check_status()))
     rows.append((f"backend for {probe.device.type} fp16", backend))
     rows.extend((f"refused: {name}", reason) for name, reason in refused.items())
     return rows
@@ -61,6 +62,10 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m tomesd.info", description=__doc__.splitlines()[0])
     parser.add_argument("--no-build", action="store_true", help="do not load or JIT-build the CUDA kernels")
     args = parser.parse_args(argv)
+    try:
+        ops.requested_backend()
+    except ValueError as error:
+        parser.error(str(error))
     rows = report(build=not args.no_build)
     width = max(len(k) for k, _ in rows)
     for key, value in rows:

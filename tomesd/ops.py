@@ -38,7 +38,8 @@ CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 def requested_backend() -> str:
     value = os.environ.get("TOMESD_BACKEND", "auto").strip().lower() or "auto"
     if value not in BACKENDS:
-        raise ValueError(f"TOMESD_BACKEND must be one of {BACKENDS}, got {value!r}")
+        raise ValueError(f"TOMESD_BACKEND={os.environ['TOMESD_BACKEND']!r} is not one of {', '.join(BACKENDS)} "
+                         "(unset it for auto)")
     return value
 
 
@@ -136,6 +137,8 @@ SCHEMAS = {
 
 
 def _best_dst_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor) -> Tuple[Tensor, Tensor]:
+    if src_idx.numel() == 0:  # nothing to match (also with no dst), as the CUDA op
+        return _best_dst_fake(metric, dst_idx, src_idx)
     with torch.no_grad():
         score, dst_pos = matching.best_dst(metric, dst_idx, src_idx)
     return score.contiguous(), dst_pos.contiguous()
