@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Text-to-image at any resolution with Token Merging (Stable Diffusion 1.x, 2.x and XL).
 
-    python examples/generate_highres.py --model runwayml/stable-diffusion-v1-5 \\
+    python examples/generate_highres.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompt "a castle on a hill" --height 1024 --width 1024 --ratio "512:0.3,1024:0.5,2048:0.6"
 
     # generate at 768 px, upscale ×2 and refine with img2img (the hires pass merges at the 1536 px ratio)
@@ -18,6 +18,7 @@ seed --seed + its index, whatever the number of processes. Prints time and peak 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
@@ -93,6 +94,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.prompt = ["a photograph of an astronaut riding a horse on the moon"]
     if not (os.path.isdir(args.model) or args.model.count("/") == 1):
         parser.error(f"--model {args.model!r} is neither a directory nor a hub id (owner/name)")
+    missing = [name for name in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(name) is None]
+    if missing:
+        parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[examples]'")
     return args
 
 

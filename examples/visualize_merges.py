@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Generate an image with Token Merging and save it with its merges overlaid.
 
-    python examples/visualize_merges.py --model runwayml/stable-diffusion-v1-5 --prompt "a corgi on a sofa" \\
+    python examples/visualize_merges.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a corgi on a sofa" \\
         --ratio 0.5 --step 10 --out merges.png --image-out image.png
 
 Each latent token of the chosen block (at --step, the denoising step, counted from 0) is colored by

@@ -1,4 +1,6 @@
-"""tomesd.bench: the CLI end to end on the tiny architecture and on saved tiny pipelines (CPU)."""
+"""tomesd.bench: the CLI end to end on the toy architecture and on saved tiny pipelines (CPU).
+
+Every test passes explicit small options: the CPU default (the real SD 1.5 UNet) takes minutes."""
 import csv
 import json
 import os
@@ -35,6 +37,7 @@ def test_cli_writes_table_json_csv_png(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert any(line.split()[:2] == ["128", "tome"] for line in lines if line.strip()), proc.stdout
+    assert lines[1] == f"[{bench.TOY_NOTE}]" and "TOY architecture" in proc.stderr  # labelled wherever it shows
     data = json.loads((out / "results.json").read_text())
     rows = data["rows"]
     assert [(r["resolution"], r["method"], r["ratio"]) for r in rows] == [
@@ -69,7 +72,8 @@ def test_model_dir_sdxl_in_process(sdxl_dir, tmp_path, capsys):
 def test_isolated_points_do_not_inherit_an_earlier_peak():
     """Peak RSS only grows within a process: measured in one process, the small resolution run after
     the large one would report the large one's peak. Each point in its own child must not."""
-    cfg = bench.default_config("cpu", resolutions=(512, 64), ratios=(0.5,), steps=1, warmup=0, attention="math")
+    cfg = bench.default_config("cpu", arch="tiny", resolutions=(512, 64), ratios=(0.5,), steps=1, warmup=0,
+                               attention="math")
     assert cfg.isolated
     rows = bench.run(cfg, progress=False).rows
     big, small = rows[0], rows[2]
@@ -81,7 +85,8 @@ def test_isolated_points_do_not_inherit_an_earlier_peak():
 
 
 def test_oom_is_a_row_and_the_grid_goes_on(monkeypatch):
-    cfg = bench.default_config("cpu", resolutions=(64, 128), ratios=(0.5,), steps=1, warmup=0, isolate=False)
+    cfg = bench.default_config("cpu", arch="tiny", resolutions=(64, 128), ratios=(0.5,), steps=1, warmup=0,
+                               isolate=False)
     real = bench._time_calls
     seen = []
 
@@ -132,10 +137,12 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
 
 
 def test_defaults_per_device():
+    """The real SD 1.5 UNet on a GPU and on a CPU alike: what a user gets, not the toy."""
     gpu = bench.default_config("cuda")
     assert (gpu.arch, gpu.resolutions, gpu.dtype, gpu.isolated) == ("sd15", (512, 1024, 2048), "fp16", False)
     cpu = bench.default_config("cpu")
-    assert (cpu.arch, cpu.resolutions, cpu.dtype, cpu.isolated) == ("tiny", (256, 512, 768), "fp32", True)
+    assert (cpu.arch, cpu.resolutions, cpu.dtype, cpu.isolated, cpu.toy) == ("sd15", (256, 512), "fp32", True, False)
+    assert bench.BenchConfig().arch == "sd15" and bench.default_config("cpu", arch="tiny").toy
     assert bench.default_config("cpu", model="some/model").arch is None
 
 
@@ -160,3 +167,51 @@ def test_noisy_rows_flag_steps_that_vary():
     busy = dict(steady, method="tome", ratio=0.5, ms_min=90.0, ms_max=400.0)
     oom = dict(steady, status="OOM", ms_per_step=None, ms_min=None, ms_max=None)
     assert bench.noisy_rows(bench.BenchResult(rows=[steady, busy, oom])) == [busy]
+
+
+@pytest.mark.parametrize("model, message", [
+    ("/no/such/dir", "--model /no/such/dir: no such model directory"),
+    ("./my-sd-model", "--model ./my-sd-model: no such model directory"),
+    ("EMPTY_DIR", "is a directory but holds no diffusers model"),
+])
+def test_bad_model_is_one_line_before_any_work(model, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = str(tmp_path) if model == "EMPTY_DIR" else model
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the grid must not start"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--model", model, "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert message in err.strip().splitlines()[-1]
+
+
+def test_without_matplotlib_or_tqdm_it_says_so_up_front_and_writes_json_csv(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(bench, "available", lambda name: name not in ("matplotlib", "tqdm"))
+    real_run, before_run = bench.run, []
+
+    def run(*args, **kwargs):
+        before_run.append(capsys.readouterr().err)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "run", run)
+    rc = bench.main(["--arch", "tiny", "--resolutions", "64", "--ratios", "0.5", "--steps", "1", "--warmup", "0",
+                     "--no-isolate", "--out", str(tmp_path)])
+    assert rc == 0
+    assert "matplotlib is not installed: writing results.json and results.csv only" in before_run[0]
+    out = capsys.readouterr().out
+    assert sorted(os.listdir(tmp_path)) == ["results.csv", "results.json"] and "bench.png" not in out
+
+
+def test_backend_comes_from_the_environment(monkeypatch, capsys, tmp_path):
+    monkeypatch.setenv("TOMESD_BACKEND", "torch")
+    args = ["--arch", "tiny", "--resolutions", "64", "--ratios", "0.5", "--steps", "1", "--warmup", "0",
+            "--no-isolate", "--no-progress", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    env_json = json.loads((tmp_path / "results.json").read_text())["environment"]
+    assert env_json["config"]["backend"] == "torch" and env_json["backend_refused"] == {"cuda": "TOMESD_BACKEND=torch"}
+    monkeypatch.setenv("TOMESD_BACKEND", "bogus")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(args)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.strip().splitlines()[-1] == (
+        "tomesd-bench: error: TOMESD_BACKEND='bogus' is not one of auto, torch, cuda (unset it for auto)")

@@ -116,6 +116,21 @@ def test_missing_model_is_an_error_message_not_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_missing_accelerate_says_which_extra_installs_it(tmp_path, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "accelerate" else real(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        highres.parse_args(["--model", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs accelerate: pip install 'tomesd[examples]'" in err
+
+
+def test_docstrings_name_a_live_hub_id():
+    """runwayml/stable-diffusion-v1-5 was removed from the hub."""
+    for module in (highres, visualize_merges):
+        assert "runwayml" not in module.__doc__ and "stable-diffusion-v1-5/stable-diffusion-v1-5" in module.__doc__
+
+
 def test_jobs_are_numbered_and_seeded_independently_of_processes():
     jobs = highres.jobs(["a", "b"], 2, seed=10)
     assert jobs == [(0, "a", 10), (1, "a", 11), (2, "b", 12), (3, "b", 13)]
