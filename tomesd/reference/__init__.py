@@ -1,0 +1,225 @@
+"""A small trained reference model for judging what merging costs in image quality.
+
+Random-weight UNets have none of the redundancy ToMe exploits, so closeness to the unpatched image
+means nothing on them. This package ships a class-conditional pixel-space diffusion model trained
+on scikit-learn's `load_digits` (8×8 digits upsampled to 16×16, one channel, in [-1, 1]) and a
+small CNN classifier trained on the same images, so a sample can be judged both by its closeness to
+the unpatched sample (PSNR, SSIM) and by "does it still show the requested digit".
+
+- `DigitsPipeline`: a diffusers pipeline (unet + class_embedding + scheduler), loaded with
+  `load_pipeline()` or `DigitsPipeline.from_pretrained(PIPELINE_DIR)`. Its UNet cross-attends to
+  `TOKENS` learned tokens per class (class 10 is the unconditional class for classifier-free
+  guidance). Transformer blocks at 16×16 (one down, two up: 256 tokens each, the level ToMe merges
+  by default) and at 8×8 (down, mid and up: four blocks of 64 tokens, merged too with
+  `max_downsample=2`). 16×16 rather than 32×32 so that it trains in under an hour on 2 shared cores.
+  Pixel space: `vae_scale_factor = 1`.
+- `DigitClassifier`: [B, 1, 16, 16] in [-1, 1] → [B, 10] logits; `load_classifier()`.
+- `digits_dataset()`: the training images and labels.
+
+Trained by `python -m tomesd.reference.train` (deterministic, log in `train.log` next to this file).
+It is a small pixel-space model: it ranks merging settings, it does not predict Stable Diffusion's FID.
+"""
+from __future__ import annotations
+
+import os
+import re
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from diffusers import DDIMScheduler, DiffusionPipeline, ImagePipelineOutput, UNet2DConditionModel
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PIPELINE_DIR = os.path.join(HERE, "digits")
+CLASSIFIER_PATH = os.path.join(HERE, "classifier.safetensors")
+SIZE = 16
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # the unconditional "class" for classifier-free guidance
+TOKENS = 4  # cross-attention tokens per class
+CROSS_DIM = 64
+
+UNET_CONFIG = dict(
+    sample_size=SIZE,
+    in_channels=1,
+    out_channels=1,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    attention_head_dim=(1, 2),  # diffusers' legacy name: heads per level → 32 channels per head
+    cross_attention_dim=CROSS_DIM,
+    norm_num_groups=8,
+)
+
+
+def digits_dataset() -> Tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's digits as (images [1797, 1, SIZE, SIZE] float32 in [-1, 1], labels [1797] int64):
+    the 8×8 images (0..16) scaled to [0, 1], upsampled bilinearly to SIZE × SIZE, mapped to [-1, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:  # pragma: no cover - depends on the environment
+        raise ImportError("the reference data needs scikit-learn: pip install scikit-learn") from e
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", align_corners=False).clamp(0, 1)
+    return x * 2 - 1, torch.tensor(digits.target, dtype=torch.int64)
+
+
+class ClassEmbedding(ModelMixin, ConfigMixin):
+    """class ids [B] (0..num_classes, the last = unconditional) → encoder_hidden_states [B, tokens, dim]."""
+
+    @register_to_config
+    def __init__(self, num_classes: int = NUM_CLASSES + 1, tokens: int = TOKENS, dim: int = CROSS_DIM):
+        super().__init__()
+        self.embedding = nn.Embedding(num_classes, tokens * dim)
+
+    def forward(self, class_ids: torch.Tensor) -> torch.Tensor:
+        return self.embedding(class_ids).view(class_ids.shape[0], self.config.tokens, self.config.dim)
+
+
+class DigitClassifier(nn.Module):
+    """x: [B, 1, SIZE, SIZE] in [-1, 1] → logits [B, 10]. Three conv stages and a linear head (~25k params)."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+        )
+        self.head = nn.Linear(64 * 4, NUM_CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).flatten(1))
+
+
+def parse_digit(prompt: Union[str, int]) -> int:
+    """The class id of a prompt: an int 0..9, or a string whose only digit names the class
+    ("3", "digit 3", "a handwritten 3"). Anything else raises ValueError."""
+    if isinstance(prompt, int) and not isinstance(prompt, bool) and 0 <= prompt < NUM_CLASSES:
+        return prompt
+    found = re.findall(r"\d", str(prompt)) if isinstance(prompt, str) else []
+    if len(found) != 1:
+        raise ValueError(f"the reference model draws one digit 0-9; a prompt must name exactly one, got {prompt!r}")
+    return int(found[0])
+
+
+class DigitsPipeline(DiffusionPipeline):
+    """Class-conditional 16×16 digits in pixel space.
+
+    pipe(prompt="3" | ["1", "7"] | class_labels=[1, 7], num_inference_steps=20, guidance_scale=2.0,
+    generator=...) → ImagePipelineOutput(images): PIL images (output_type="pil"), a float array
+    [B, H, W, 1] in [0, 1] ("np"), or a tensor [B, 1, H, W] in [-1, 1] ("pt"); H = W = 16 by default.
+    The UNet sees a batch of 2·B (conditional and unconditional) when guidance_scale > 1.
+    """
+
+    model_cpu_offload_seq = "class_embedding->unet"
+    vae_scale_factor = 1  # pixel space: one token per pixel at the top level
+
+    def __init__(self, unet: UNet2DConditionModel, class_embedding: ClassEmbedding, scheduler: DDIMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, class_embedding=class_embedding, scheduler=scheduler)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: Union[str, int, Sequence[Union[str, int]], None] = None,
+        class_labels: Optional[Sequence[int]] = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 2.0,
+        generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
+        height: Optional[int] = None,
+        width: Optional[int] = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ):
+        if (prompt is None) == (class_labels is None):
+            raise ValueError("give exactly one of prompt and class_labels")
+        if class_labels is None:
+            prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
+            class_labels = [parse_digit(p) for p in prompts]
+        labels = [parse_digit(int(c)) for c in class_labels for _ in range(num_images_per_prompt)]
+        height, width = height or SIZE, width or SIZE
+        device, dtype = self.unet.device, self.unet.dtype
+        ids = torch.tensor(labels, device=device)
+        cond = self.class_embedding(ids).to(dtype)
+        guided = guidance_scale > 1.0
+        if guided:
+            cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, NULL_CLASS)).to(dtype)])
+        x = _randn((len(labels), self.unet.config.in_channels, height, width), generator, device, dtype)
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        x = x * self.scheduler.init_noise_sigma
+        for t in self.progress_bar(self.scheduler.timesteps):
+            inp = torch.cat([x, x]) if guided else x
+            eps = self.unet(self.scheduler.scale_model_input(inp, t), t, encoder_hidden_states=cond).sample
+            if guided:
+                eps_c, eps_u = eps.chunk(2)
+                eps = eps_u + guidance_scale * (eps_c - eps_u)
+            x = self.scheduler.step(eps, t, x).prev_sample
+        x = x.clamp(-1, 1)
+        if output_type == "pt":
+            images = x
+        else:
+            arr = ((x + 1) / 2).permute(0, 2, 3, 1).float().cpu().numpy()
+            images = self.numpy_to_pil(arr) if output_type == "pil" else arr
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+
+def _randn(shape, generator, device, dtype) -> torch.Tensor:
+    """Noise drawn on the CPU (same images on every device); one generator per image or one for all."""
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {shape[0]} images")
+        x = torch.cat([torch.randn((1, *shape[1:]), generator=g) for g in generator])
+    else:
+        x = torch.randn(shape, generator=generator)
+    return x.to(device=device, dtype=dtype)
+
+
+def new_pipeline(seed: int = 0) -> DigitsPipeline:
+    """An untrained pipeline with the reference architecture (what train.py starts from)."""
+    torch.manual_seed(seed)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True,
+    )
+    return DigitsPipeline(UNet2DConditionModel(**UNET_CONFIG), ClassEmbedding(), scheduler)
+
+
+def load_pipeline(path: Optional[str] = None, device: Union[str, torch.device] = "cpu", dtype=torch.float32) -> DigitsPipeline:
+    """The shipped reference pipeline (or one saved at `path`), in eval mode, without gradients."""
+    path = path or PIPELINE_DIR
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        raise FileNotFoundError(f"no reference model at {path}: train one with python -m tomesd.reference.train")
+    from ..models import dtype_kwarg_quiet
+
+    with dtype_kwarg_quiet():
+        pipe = DigitsPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    for module in (pipe.unet, pipe.class_embedding):
+        module.eval().requires_grad_(False)
+    return pipe.to(device)
+
+
+def load_classifier(path: Optional[str] = None, device: Union[str, torch.device] = "cpu") -> DigitClassifier:
+    """The shipped digit classifier, in eval mode."""
+    from safetensors.torch import load_file
+
+    model = DigitClassifier()
+    model.load_state_dict(load_file(path or CLASSIFIER_PATH))
+    return model.eval().requires_grad_(False).to(device)
+
+
+@torch.no_grad()
+def classify(classifier: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
+    """Predicted digit per image; images [B, 1, H, W] in [-1, 1] (or [B, H, W, 1] in [0, 1], numpy layout)."""
+    if images.shape[-1] == 1 and images.shape[1] != 1:
+        images = images.permute(0, 3, 1, 2) * 2 - 1
+    device = next(classifier.parameters()).device
+    return classifier(images.float().to(device)).argmax(1).cpu()
