@@ -1,6 +1,7 @@
 """A tiny model shaped like CompVis LDM / sd-webui: LatentDiffusion.model.diffusion_model is an
 openaimodel-style UNetModel whose SpatialTransformers hold BasicTransformerBlock(x, context)."""
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -22,6 +23,44 @@ class CrossAttention(nn.Module):
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
+class CheckpointFunction(torch.autograd.Function):
+    """CompVis' reentrant checkpoint (ldm.modules.diffusionmodules.util): forward without a graph,
+    backward reruns `run_function` on detached views of the saved inputs."""
+
+    @staticmethod
+    def forward(ctx, run_function, length, *args):
+        ctx.run_function = run_function
+        ctx.input_tensors = list(args[:length])
+        ctx.input_params = list(args[length:])
+        with torch.no_grad():
+            return run_function(*ctx.input_tensors)
+
+    @staticmethod
+    def backward(ctx, *output_grads):
+        ctx.input_tensors = [x.detach().requires_grad_(True) for x in ctx.input_tensors]
+        with torch.enable_grad():
+            shallow_copies = [x.view_as(x) for x in ctx.input_tensors]
+            output_tensors = ctx.run_function(*shallow_copies)
+        grads = torch.autograd.grad(output_tensors, ctx.input_tensors + ctx.input_params, output_grads,
+                                    allow_unused=True)
+        del ctx.input_tensors, ctx.input_params, output_tensors
+        return (None, None) + grads
+
+
+def checkpoint(func, inputs, params, flag):
+    """CompVis' util.checkpoint(func, inputs, params, flag)."""
+    if flag:
+        args = tuple(inputs) + tuple(params)
+        return CheckpointFunction.apply(func, len(inputs), *args)
+    return func(*inputs)
+
+
+# How BasicTransformerBlock.forward runs _forward: "off" (a plain call, through CompVis' checkpoint with
+# flag False), "compvis" (use_checkpoint=True), "webui" (sd-webui's hijack: torch's reentrant checkpoint),
+# "non-reentrant" (torch's non-reentrant checkpoint).
+CHECKPOINT = {"mode": "off"}
+
+
 class BasicTransformerBlock(nn.Module):
     def __init__(self, dim, context_dim):
         super().__init__()
@@ -31,6 +70,12 @@ class BasicTransformerBlock(nn.Module):
         self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x, context=None):
+        mode = CHECKPOINT["mode"]
+        if mode in ("webui", "non-reentrant"):
+            return torch.utils.checkpoint.checkpoint(self._forward, x, context, use_reentrant=mode == "webui")
+        return checkpoint(self._forward, (x, context), self.parameters(), mode == "compvis")
+
+    def _forward(self, x, context=None):
         x = self.attn1(self.norm1(x)) + x
         x = self.attn2(self.norm2(x), context=context) + x
         return self.ff(self.norm3(x)) + x

@@ -27,6 +27,10 @@ def apply_patch(
     merge_mlp: bool = False,
     seed=None,
     patch_controlnet: bool = False,
+    mode: str = "tokens",
+    prop_attn=None,
+    share_plan: bool = False,
+    plan_every: int = 1,
 ):
     """Patch `model` so its transformer blocks merge tokens; returns `model`.
 
@@ -38,7 +42,8 @@ def apply_patch(
     ratio: fraction of a level's N tokens to merge, 0 ≤ ratio ≤ 1 − 1/(sx·sy). A float; a mapping
         {image side px: ratio}, linearly interpolated in sqrt(H·W) and clamped at the ends; or a
         callable (height_px, width_px) → ratio, or (height_px, width_px, downsample) → ratio to vary
-        it by UNet level, checked at each call.
+        it by UNet level, checked at each call. A callable with a parameter named `timestep` also
+        gets the denoiser call's timestep as a float (e.g. stop merging late in sampling).
     max_downsample: merge at levels whose downsample factor is ≤ this (1, 2, 4 or 8). None: the
         model's highest-resolution transformer level (SD 1.x/2.x: 1; SDXL: 2).
     sx, sy: dst cell size; one dst token per sy × sx cell.
@@ -48,12 +53,22 @@ def apply_patch(
     seed: makes the random choice reproducible across pipeline calls and processes; None draws one
         from torch's default generator now.
     patch_controlnet: also merge tokens in the pipeline's ControlNet(s) (`pipe.controlnet`).
+    mode: "tokens" (default, tomesd 0.1.3: merge each chosen sub-layer's input, unmerge its output) or
+        "kv": self-attention keeps queries for all N tokens and takes keys/values from the N − r
+        merged ones (no unmerge); merge_crossattn / merge_mlp still merge those sub-layers as tokens.
+    prop_attn: proportional attention: a merged key standing for s tokens gets + log s on its logits.
+        None: True in kv mode, False in tokens mode. Needs diffusers attention (an additive mask).
+    share_plan: one plan per UNet level per denoiser call, built by the level's first block and used
+        by the others (one matching per level instead of one per block).
+    plan_every: rebuild plans every k-th denoiser call and reuse them in between (calls with another
+        latent size or batch rebuild); not with torch.compile.
 
     Applying to a patched model replaces its settings.
     """
     config = ToMeConfig(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
+        mode=mode, prop_attn=prop_attn, share_plan=share_plan, plan_every=plan_every,
     )
     if not isinstance(patch_controlnet, bool):
         raise TypeError(f"patch_controlnet must be a bool, got {patch_controlnet!r}")

@@ -14,6 +14,7 @@ from typing import Callable, Mapping, Optional, Tuple, Union
 RatioSpec = Union[float, Mapping[float, float], Callable[..., float]]
 
 ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
+MODES = ("tokens", "kv")
 
 
 def max_ratio(sx: int, sy: int) -> float:
@@ -46,7 +47,8 @@ class RatioSchedule:
 
     kind "const": `value`; kind "table": piecewise-linear in the image side sqrt(H·W) px over
     `sides` → `values`, clamped at both ends; kind "call": `fn(height_px, width_px)` or
-    `fn(height_px, width_px, downsample)`, its result checked at every call.
+    `fn(height_px, width_px, downsample)`, plus `timestep=` (the denoiser call's timestep as a float)
+    if fn has a parameter of that name; its result checked at every call.
     """
 
     kind: str
@@ -57,6 +59,7 @@ class RatioSchedule:
     values: Tuple[float, ...] = ()
     fn: Optional[Callable[..., float]] = None
     fn_takes_level: bool = False
+    fn_takes_timestep: bool = False
 
     @classmethod
     def parse(cls, ratio: RatioSpec, sx: int, sy: int) -> "RatioSchedule":
@@ -71,11 +74,13 @@ class RatioSchedule:
             items.sort()
             return cls("table", sx, sy, sides=tuple(s for s, _ in items), values=tuple(v for _, v in items))
         if callable(ratio):
-            return cls("call", sx, sy, fn=ratio, fn_takes_level=_takes_three_args(ratio))
+            takes_level, takes_timestep = _call_form(ratio)
+            return cls("call", sx, sy, fn=ratio, fn_takes_level=takes_level, fn_takes_timestep=takes_timestep)
         return cls("const", sx, sy, value=_check_ratio_value(ratio, sx, sy, "ratio"))
 
-    def resolve(self, height_px: int, width_px: int, downsample: int) -> float:
-        """Ratio for an image of height_px × width_px at UNet level /downsample."""
+    def resolve(self, height_px: int, width_px: int, downsample: int, timestep: Optional[float] = None) -> float:
+        """Ratio for an image of height_px × width_px at UNet level /downsample (at `timestep`, for a
+        callable that takes it)."""
         if self.kind == "const":
             return self.value
         if self.kind == "table":
@@ -88,26 +93,36 @@ class RatioSchedule:
                     return v0 + (v1 - v0) * (side - s0) / (s1 - s0)
             return self.values[-1]
         args = (height_px, width_px, downsample) if self.fn_takes_level else (height_px, width_px)
-        return _check_ratio_value(self.fn(*args), self.sx, self.sy, f"ratio({', '.join(map(str, args))})")
+        kwargs = {"timestep": timestep} if self.fn_takes_timestep else {}
+        where = ", ".join([str(a) for a in args] + [f"timestep={timestep}" for _ in kwargs])
+        return _check_ratio_value(self.fn(*args, **kwargs), self.sx, self.sy, f"ratio({where})")
 
 
-def _takes_three_args(fn: Callable) -> bool:
-    """True if `fn` accepts (height_px, width_px, downsample), False if only (height_px, width_px)."""
+def _call_form(fn: Callable) -> Tuple[bool, bool]:
+    """(takes downsample, takes timestep) of a ratio callable.
+
+    It is called as fn(height_px, width_px), or fn(height_px, width_px, downsample), plus
+    `timestep=<float>` when it has a parameter named `timestep`. Decided once, at apply_patch, by
+    binding those arguments to fn's signature: a callable that can be called no such way (a fourth
+    required parameter, a required keyword-only one) is a TypeError now, not at every denoiser call.
+    """
     try:
         sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return False
-    params = list(sig.parameters.values())
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return True
-    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    if len(positional) < 2:
-        raise TypeError(
-            "ratio callable must accept (height_px, width_px) or (height_px, width_px, downsample); "
-            f"{fn!r} takes {len(positional)} positional argument(s)"
-        )
-    required = [p for p in positional if p.default is p.empty]
-    return len(positional) >= 3 and len(required) <= 3
+    except (TypeError, ValueError):  # a builtin without a signature: called with (height_px, width_px)
+        return False, False
+    timestep = "timestep" in sig.parameters and sig.parameters["timestep"].kind is not inspect.Parameter.POSITIONAL_ONLY
+    extra = {"timestep": 1.0} if timestep else {}
+    for args in ((1, 1, 1), (1, 1)):
+        try:
+            sig.bind(*args, **extra)
+        except TypeError:
+            continue
+        return len(args) == 3, timestep
+    raise TypeError(
+        "ratio callable must accept (height_px, width_px) or (height_px, width_px, downsample) as positional "
+        "arguments (and, optionally, a parameter named timestep), with any other parameter optional; got "
+        f"{getattr(fn, '__name__', fn)!r} with signature {sig}"
+    )
 
 
 @dataclass(frozen=True)
@@ -115,7 +130,10 @@ class ToMeConfig:
     """Validated settings of one patched model (the arguments of `tomesd.apply_patch`).
 
     max_downsample: None means the model's own highest-resolution transformer level, resolved when
-    patching (SD 1.x/2.x: 1, SDXL: 2).
+    patching (SD 1.x/2.x: 1, SDXL: 2). mode: "tokens" (merge a sub-layer's input, unmerge its
+    output) or "kv" (self-attention keys/values from the merged tokens, queries from all). prop_attn:
+    None resolves to True in kv mode and False in tokens mode (tomesd 0.1.3's behaviour).
+    share_plan: one plan per level per call; plan_every: rebuild plans every k-th call.
     """
 
     ratio: RatioSpec = 0.5
@@ -127,6 +145,10 @@ class ToMeConfig:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: Optional[int] = None
+    mode: str = "tokens"
+    prop_attn: Optional[bool] = None
+    share_plan: bool = False
+    plan_every: int = 1
     schedule: RatioSchedule = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
@@ -136,9 +158,18 @@ class ToMeConfig:
             isinstance(self.max_downsample, bool) or self.max_downsample not in ALLOWED_DOWNSAMPLE
         ):
             raise ValueError(f"max_downsample must be one of {ALLOWED_DOWNSAMPLE} or None, got {self.max_downsample!r}")
-        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp", "share_plan"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.prop_attn is None:
+            object.__setattr__(self, "prop_attn", self.mode == "kv" and self.merge_attn)
+        elif not isinstance(self.prop_attn, bool):
+            raise TypeError(f"prop_attn must be a bool or None, got {self.prop_attn!r}")
+        if self.prop_attn and not self.merge_attn:
+            raise ValueError("prop_attn=True needs merge_attn=True: it biases the self-attention over merged tokens")
+        object.__setattr__(self, "plan_every", _check_positive_int(self.plan_every, "plan_every"))
         object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))

@@ -136,10 +136,16 @@ def _flat_rows(plan: MergePlan) -> Tensor:
 
 
 def merge(x: Tensor, plan: MergePlan) -> Tensor:
-    """Segment mean by slot: x [B, N, C] → [B, M, C]."""
+    """Segment mean by slot: x [B, N, C] → [B, M, C].
+
+    Sums accumulate in fp32 (fp64 for fp64 input), as the CUDA kernels do: a flat region can send
+    thousands of tokens to one dst, whose fp16 sum would overflow (65504) or lose precision.
+    """
     B, N, C = x.shape
-    out = x.new_zeros(B * plan.num_out, C).index_add_(0, _flat_rows(plan), x.reshape(B * N, C))
-    return out.view(B, plan.num_out, C) / plan.counts[..., None].to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(B * plan.num_out, C, dtype=acc, device=x.device)
+    out.index_add_(0, _flat_rows(plan), x.reshape(B * N, C).to(acc))
+    return (out.view(B, plan.num_out, C) / plan.counts[..., None]).to(x.dtype)
 
 
 def unmerge(y: Tensor, plan: MergePlan) -> Tensor:

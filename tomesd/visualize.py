@@ -17,7 +17,6 @@ so row -1 (the default) is the conditional pass of the last image.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Iterable, List, Optional, Tuple, Union
 
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .patch import patched_state
+from .patch.hooks import current_plan, level_of
 
 GREY = (128, 128, 128)
 _M24 = (1 << 24) - 1
@@ -79,10 +79,10 @@ class MergeRecorder:
             raise ValueError("MergeRecorder: the model is not patched; call tomesd.apply_patch first")
         host = state.host
         self._handles.append(host.root.register_forward_pre_hook(self._on_call, with_kwargs=True))
-        for module, block in zip(host.blocks, state.blocks):
+        for index, module in enumerate(host.blocks):
             attn = getattr(module, host.sublayers[0], None)
             if attn is not None:
-                self._handles.append(attn.register_forward_pre_hook(self._block_hook(block)))
+                self._handles.append(attn.register_forward_pre_hook(self._block_hook(state, index)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -96,18 +96,17 @@ class MergeRecorder:
         self._step = self.calls
         self.calls += 1
 
-    def _block_hook(self, block):
+    def _block_hook(self, state, index: int):
         def hook(module, args) -> None:
-            plan = block.plan
+            plan = current_plan(state, index)
             if plan is None or self._latent is None or (self.steps is not None and self._step not in self.steps):
                 return
-            height, width = self._latent
-            n = plan.slot.shape[1]
-            downsample = max(1, round(math.sqrt(height * width / n)))
-            grid = (-(-height // downsample), -(-width // downsample))
-            if grid[0] * grid[1] != n:
+            p = state.host.patch_size
+            level = level_of(self._latent[0] // p, self._latent[1] // p, plan.slot.shape[1])
+            if level is None:
                 return  # a token layout this recorder cannot place on the image
-            self.snapshots.append(MergeSnapshot(self._step, block.index, grid, downsample, plan.slot.detach().cpu()))
+            downsample, *grid = level
+            self.snapshots.append(MergeSnapshot(self._step, index, tuple(grid), downsample, plan.slot.detach().cpu()))
 
         return hook
 

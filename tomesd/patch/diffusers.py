@@ -12,7 +12,7 @@ from typing import List, Optional
 
 from torch import nn
 
-from .hooks import Host, top_level
+from .hooks import Host, top_level, unwrap_compiled
 
 DENOISER_ATTRS = ("unet", "transformer")
 # Modules whose BasicTransformerBlocks attend across frames.
@@ -27,12 +27,13 @@ WEIGHT_ONLY_HOOKS = ("group_offloading", "lazy_prefetch_group_offloading", "laye
 
 
 def denoiser(model) -> Optional[nn.Module]:
-    """The pipeline's `.unet` or `.transformer`, or `model` itself if it is a module."""
+    """The pipeline's `.unet` or `.transformer`, or `model` itself if it is a module (a torch.compile
+    wrapper stands for the module it holds)."""
     for attr in DENOISER_ATTRS:
         candidate = getattr(model, attr, None)
         if isinstance(candidate, nn.Module):
-            return candidate
-    return model if isinstance(model, nn.Module) else None
+            return unwrap_compiled(candidate)
+    return unwrap_compiled(model) if isinstance(model, nn.Module) else None
 
 
 def controlnets(model) -> List[nn.Module]:
@@ -40,8 +41,9 @@ def controlnets(model) -> List[nn.Module]:
     net = getattr(model, "controlnet", None)
     if not isinstance(net, nn.Module):
         return []
+    net = unwrap_compiled(net)
     nets = getattr(net, "nets", None)
-    return list(nets) if isinstance(nets, nn.ModuleList) else [net]
+    return [unwrap_compiled(n) for n in nets] if isinstance(nets, nn.ModuleList) else [net]
 
 
 def _temporal_blocks(root: nn.Module, block_type) -> set:
@@ -88,6 +90,20 @@ def sublayer_refusal(module: nn.Module) -> Optional[str]:
             "step, whose tokens were merged with another partition")
 
 
+def kv_refusal(attn: nn.Module) -> Optional[str]:
+    """Why attn cannot take keys/values from merged tokens passed as encoder_hidden_states, or None."""
+    processor = type(getattr(attn, "processor", None)).__name__
+    if getattr(attn, "fused_projections", False) and "Fused" in processor and not hasattr(attn, "to_kv"):
+        return ("its query/key/value projections are fused into one to_qkv (fuse_qkv_projections()), which "
+                "cannot take keys and values from other tokens; call unfuse_qkv_projections() first, or use "
+                "mode='tokens'")
+    if getattr(attn, "group_norm", None) is not None or getattr(attn, "spatial_norm", None) is not None:
+        return "it normalizes its input inside the processor, which keys and values from merged tokens would skip"
+    if getattr(attn, "norm_cross", None):
+        return "it would apply its cross-attention norm (norm_cross) to the merged tokens"
+    return None
+
+
 def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
     """Host for a diffusers pipeline or model (or its `root` module), or None if it holds no diffusers blocks."""
     try:
@@ -120,4 +136,5 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
         patch_size=_patch_size(root),
         excluded=tuple((m, TEMPORAL_REASON) for m in found if id(m) in temporal),
         sublayer_refusal=sublayer_refusal,
+        kv_refusal=kv_refusal,
     )

@@ -1,28 +1,41 @@
 """LDM / CompVis / sd-webui / sgm hosts: models exposing `.model.diffusion_model` (an openaimodel
-UNetModel), or such a UNetModel itself. Blocks are recognized by shape, not imported: a module whose
-class is named BasicTransformerBlock with attn1/attn2/ff children, called as block(x, context)."""
+UNetModel), or such a UNetModel itself. Blocks are recognized by shape, not imported: a module with
+attn1/attn2/ff children, called as block(x, context), of a class named BasicTransformerBlock or
+derived from one (sd-webui hijacks, sgm and ComfyUI subclass it), as tomesd 0.1.3 recognizes them.
+
+CompVis, sgm and ComfyUI blocks run `checkpoint(self._forward, (x, context), ...)` (sd-webui's hijack
+calls `torch.utils.checkpoint.checkpoint(self._forward, ...)`): a recompute in backward calls `_forward`
+directly, past the module's hooks, so such a block's entry is a wrapper of its `_forward`."""
 from __future__ import annotations
 
 from typing import Optional
 
 from torch import nn
 
-from .hooks import Host, top_level
+from .hooks import Host, top_level, unwrap_compiled
 
 
 def _root(model) -> Optional[nn.Module]:
     inner = getattr(getattr(model, "model", None), "diffusion_model", None)
     if isinstance(inner, nn.Module):
-        return inner
-    return model if isinstance(model, nn.Module) else None
+        return unwrap_compiled(inner)
+    return unwrap_compiled(model) if isinstance(model, nn.Module) else None
 
 
 def is_block(module: nn.Module) -> bool:
+    """A class named BasicTransformerBlock, or a subclass of one, with an attn1 (not diffusers': those
+    are the diffusers host's, subclasses included)."""
+    mro = type(module).__mro__
     return (
-        type(module).__name__ == "BasicTransformerBlock"
-        and not type(module).__module__.startswith("diffusers.")
-        and isinstance(getattr(module, "attn1", None), nn.Module)
+        isinstance(getattr(module, "attn1", None), nn.Module)
+        and any(cls.__name__ == "BasicTransformerBlock" for cls in mro)
+        and not any(cls.__module__.split(".")[0] == "diffusers" for cls in mro)
     )
+
+
+def entry(block: nn.Module) -> Optional[str]:
+    """"_forward" if the block's forward delegates to it (through a checkpoint), else None."""
+    return "_forward" if callable(getattr(type(block), "_forward", None)) else None
 
 
 def find_host(model) -> Optional[Host]:
@@ -40,4 +53,5 @@ def find_host(model) -> Optional[Host]:
         lambda stage: any(type(m).__name__ == "Downsample" for m in stage.modules()),
     )
     return Host(name="ldm", root=root, blocks=blocks, top_level=level,
-                sample_names=("x", "sample"), timestep_names=("timesteps", "timestep", "t"))
+                sample_names=("x", "sample"), timestep_names=("timesteps", "timestep", "t"), entry=entry,
+                kv_name="context", bias_name=None)

@@ -1,0 +1,254 @@
+"""Merging modes and plan options: kv mode, proportional attention, shared plans, reused plans, and
+timestep-aware ratios. The default (tokens mode) is tomesd 0.1.3's and is tested elsewhere."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import Transformer2DModel
+from diffusers.models.attention import BasicTransformerBlock
+
+import ldm_like
+import tiny
+import tomesd
+from tomesd import ops
+
+
+def _run(model, arch="sd1", size=16, batch=2, timestep=500, seed=1):
+    args, kwargs = tiny.unet_inputs(arch, size=size, batch=batch, seed=seed)
+    with torch.no_grad():
+        return model(args[0], torch.tensor(timestep), **kwargs).sample
+
+
+def _count_builds(monkeypatch):
+    calls = []
+    build = ops.build_plan
+
+    def counting(metric, *args, **kwargs):
+        calls.append(metric.shape[1])
+        return build(metric, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "build_plan", counting)
+    return calls
+
+
+def _attn1_inputs(model):
+    """Per attn1 call: (query tokens, key/value tokens)."""
+    seen = []
+
+    def hook(module, args, kwargs):
+        x = args[0] if args else kwargs["hidden_states"]
+        kv = kwargs.get("encoder_hidden_states")
+        seen.append((x.shape[1], (kv if kv is not None else x).shape[1]))
+
+    for b in (m for m in model.modules() if isinstance(m, BasicTransformerBlock)):
+        b.attn1.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen
+
+
+def _duplicated_model_and_input(num_layers=2):
+    """A Transformer2DModel and a latent whose every 2×2 cell holds four identical tokens: merging
+    within cells is lossless, so exact attention over the merged tokens must give the plain output."""
+    torch.manual_seed(0)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8,
+                               cross_attention_dim=8, num_layers=num_layers).eval()
+    x = F.interpolate(torch.randn(2, 16, 8, 8), scale_factor=2, mode="nearest")
+    return model, x, torch.randn(2, 3, 8)
+
+
+# kv mode ----------------------------------------------------------------------------------------
+
+def test_kv_mode_keeps_all_queries_and_merges_keys_values():
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, mode="kv")
+    seen = _attn1_inputs(unet)
+    out = _run(unet)
+    assert (256, 128) in seen and all(q == kv or (q, kv) == (256, 128) for q, kv in seen)
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_kv_mode_with_crossattn_and_mlp_merges_those_as_tokens():
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, mode="kv", merge_crossattn=True, merge_mlp=True)
+    block = next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    seen = {}
+    for name in ("attn2", "ff"):
+        getattr(block, name).register_forward_pre_hook(
+            lambda m, a, k, name=name: seen.setdefault(name, (a[0] if a else k["hidden_states"]).shape[1]) and None,
+            with_kwargs=True)
+    out = _run(unet)
+    assert seen == {"attn2": 128, "ff": 128} and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("mode", ["kv", "tokens"])
+def test_proportional_attention_is_exact_for_duplicated_tokens(mode):
+    model, x, text = _duplicated_model_and_input()
+    with torch.no_grad():
+        want = model(x, encoder_hidden_states=text).sample
+        # ratio 0.5: some cells merge whole, others in part, so merged keys stand for 1 to 4 tokens
+        tomesd.apply_patch(model, ratio=0.5, mode=mode, prop_attn=True, use_rand=False)
+        exact = model(x, encoder_hidden_states=text).sample
+        tomesd.apply_patch(model, ratio=0.5, mode=mode, prop_attn=False, use_rand=False)
+        plain = model(x, encoder_hidden_states=text).sample
+    torch.testing.assert_close(exact, want, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(plain, want, rtol=1e-4, atol=1e-5)  # without the size bias it is not exact
+
+
+def test_prop_attn_defaults_follow_the_mode():
+    assert tomesd.ToMeConfig(mode="kv").prop_attn is True
+    assert tomesd.ToMeConfig().prop_attn is False
+    assert tomesd.ToMeConfig(mode="kv", merge_attn=False).prop_attn is False
+
+
+def test_kv_mode_ratio_zero_and_removal_are_bit_exact():
+    unet = tiny.unet("sd1")
+    want = _run(unet)
+    tomesd.apply_patch(unet, ratio=0.0, mode="kv")
+    assert torch.equal(_run(unet), want)
+    tomesd.apply_patch(unet, ratio=0.6, mode="kv", share_plan=True, plan_every=2)
+    assert not torch.equal(_run(unet), want)
+    tomesd.remove_patch(unet)
+    assert torch.equal(_run(unet), want)
+
+
+def test_kv_mode_refuses_fused_qkv_projections():
+    unet = tiny.unet("sd1")
+    unet.fuse_qkv_projections()
+    with pytest.raises(ValueError, match="unfuse_qkv_projections"):
+        tomesd.apply_patch(unet, mode="kv")
+    tomesd.apply_patch(unet, mode="tokens")  # tokens mode does not care
+    assert torch.isfinite(_run(unet)).all()
+    tomesd.remove_patch(unet)
+    unet.unfuse_qkv_projections()
+    tomesd.apply_patch(unet, mode="kv")
+    assert torch.isfinite(_run(unet)).all()
+
+
+def test_kv_mode_on_ldm_models():
+    torch.manual_seed(0)
+    model = ldm_like.LatentDiffusion().eval()
+    unet = model.model.diffusion_model
+    x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        want = unet(x, t, context)
+        with pytest.raises(ValueError, match="prop_attn=False"):
+            tomesd.apply_patch(model, mode="kv")
+        tomesd.apply_patch(model, ratio=0.5, mode="kv", prop_attn=False)
+        keys = []
+        unet.input_blocks[1][0].transformer_blocks[0].attn1.register_forward_pre_hook(
+            lambda m, a, k: keys.append(k["context"].shape[1]), with_kwargs=True)
+        out = unet(x, t, context)
+    assert keys == [32] and out.shape == want.shape and not torch.equal(out, want)
+
+
+@pytest.mark.parametrize("kwargs", [dict(mode="fast"), dict(prop_attn="yes"), dict(plan_every=0),
+                                    dict(plan_every=1.5), dict(share_plan=None), dict(mode="kv", prop_attn=True,
+                                                                                      merge_attn=False)])
+def test_bad_mode_options_fail_in_apply_patch(kwargs):
+    with pytest.raises((TypeError, ValueError)):
+        tomesd.apply_patch(tiny.unet("sd1"), **kwargs)
+
+
+# shared and reused plans ----------------------------------------------------------------------------
+
+def test_share_plan_builds_one_plan_per_level_per_call(monkeypatch):
+    unet = tiny.unet("sd2")
+    tomesd.apply_patch(unet, ratio=0.5, max_downsample=2, share_plan=True)
+    builds = _count_builds(monkeypatch)
+    seen = _attn1_inputs(unet)
+    _run(unet, "sd2")
+    assert sorted(builds) == [64, 256]  # one per level, though each level has several blocks
+    assert sorted(set(q for q, _ in seen)) == [16, 32, 128]  # /1 and /2 merged, /4 (16 tokens) not
+    tomesd.apply_patch(unet, ratio=0.5, max_downsample=2)
+    builds.clear()
+    _run(unet, "sd2")
+    assert len(builds) > 2
+
+
+def test_plan_every_reuses_plans_between_rebuilds(monkeypatch):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, plan_every=3, seed=1)
+    builds = _count_builds(monkeypatch)
+    per_call = []
+    outs = []
+    for i, size in enumerate([16, 16, 16, 16, 12, 12]):
+        builds.clear()
+        outs.append(_run(unet, size=size, timestep=900 - 100 * i))
+        per_call.append(len(builds))
+    blocks = per_call[0]
+    assert blocks > 0
+    # call 0 builds; 1, 2 reuse; 3 rebuilds (every 3rd); 4 has another size: rebuilds; 5 reuses
+    assert per_call == [blocks, 0, 0, blocks, blocks, 0]
+    fresh = tiny.unet("sd1")
+    tomesd.apply_patch(fresh, ratio=0.5, seed=1)
+    assert torch.equal(outs[0], _run(fresh, size=16, timestep=900))
+    assert not torch.equal(outs[1], _run(fresh, size=16, timestep=800))  # reused, not rebuilt
+
+
+def test_plan_every_composes_with_share_plan(monkeypatch):
+    unet = tiny.unet("sd2")
+    tomesd.apply_patch(unet, ratio=0.5, max_downsample=2, share_plan=True, plan_every=2)
+    builds = _count_builds(monkeypatch)
+    counts = []
+    for _ in range(4):
+        builds.clear()
+        _run(unet, "sd2")
+        counts.append(len(builds))
+    assert counts == [2, 0, 2, 0]
+
+
+# timestep-aware ratio ------------------------------------------------------------------------------
+
+def test_ratio_callable_with_timestep_stops_merging_late():
+    unet = tiny.unet("sd1")
+    want_late = _run(unet, timestep=100)
+    seen = []
+    tomesd.apply_patch(unet, ratio=lambda h, w, timestep: seen.append(timestep) or (0.6 if timestep > 200 else 0.0))
+    early = _run(unet, timestep=900)
+    late = _run(unet, timestep=100)
+    assert seen == [900.0, 100.0]
+    assert torch.equal(late, want_late) and not torch.equal(early, _run(tomesd.remove_patch(unet), timestep=900))
+
+
+# training and compile with the options ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kwargs", [dict(mode="kv"), dict(share_plan=True, merge_mlp=True),
+                                    dict(mode="kv", plan_every=2)])
+def test_checkpoint_recompute_replays_the_forward_plans(kwargs):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=3, **kwargs)
+
+    def grads():
+        unet.zero_grad(set_to_none=True)
+        args, kw = tiny.unet_inputs("sd1", size=8, seed=5)
+        x = args[0]
+        for i in range(4):
+            x = x - 0.1 * unet(x, torch.tensor(900 - 100 * i), **kw).sample
+        x.square().mean().backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+    want = grads()
+    unet.enable_gradient_checkpointing()
+    got = grads()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [dict(mode="kv"), dict(mode="tokens", prop_attn=True, share_plan=True)])
+def test_options_compile_fullgraph(kwargs):
+    torch._dynamo.reset()
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=2, **kwargs)
+    eager = _run(unet)
+    compiled = torch.compile(unet, fullgraph=True)
+    torch.testing.assert_close(_run(compiled), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_plan_every_under_compile_is_a_clear_error():
+    torch._dynamo.reset()
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, plan_every=2)
+    compiled = torch.compile(unet, fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="plan_every > 1"):
+        _run(compiled)
