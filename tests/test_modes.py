@@ -96,7 +96,8 @@ def test_proportional_attention_is_exact_for_duplicated_tokens(mode):
 
 def test_prop_attn_defaults_follow_the_mode():
     assert tomesd.ToMeConfig(mode="kv").prop_attn is True
-    assert tomesd.ToMeConfig().prop_attn is False
+    assert tomesd.ToMeConfig().resolved("tokens").prop_attn is False
+    assert tomesd.ToMeConfig().resolved("kv").prop_attn is True
     assert tomesd.ToMeConfig(mode="kv", merge_attn=False).prop_attn is False
 
 

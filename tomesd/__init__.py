@@ -27,7 +27,7 @@ def apply_patch(
     merge_mlp: bool = False,
     seed=None,
     patch_controlnet: bool = False,
-    mode: str = "tokens",
+    mode=None,
     prop_attn=None,
     share_plan: bool = False,
     plan_every: int = 1,
@@ -53,9 +53,10 @@ def apply_patch(
     seed: makes the random choice reproducible across pipeline calls and processes; None draws one
         from torch's default generator now.
     patch_controlnet: also merge tokens in the pipeline's ControlNet(s) (`pipe.controlnet`).
-    mode: "tokens" (default, tomesd 0.1.3: merge each chosen sub-layer's input, unmerge its output) or
-        "kv": self-attention keeps queries for all N tokens and takes keys/values from the N − r
-        merged ones (no unmerge); merge_crossattn / merge_mlp still merge those sub-layers as tokens.
+    mode: "tokens" (tomesd 0.1.3: merge each chosen sub-layer's input, unmerge its output) or "kv":
+        self-attention keeps queries for all N tokens and takes keys/values from the N − r merged
+        ones (no unmerge); merge_crossattn / merge_mlp still merge those sub-layers as tokens.
+        None (default): tokens, except on Flux, whose rotary positions allow kv only.
     prop_attn: proportional attention: a merged key standing for s tokens gets + log s on its logits.
         None: True in kv mode, False in tokens mode. Needs diffusers attention (an additive mask).
     share_plan: one plan per UNet level per denoiser call, built by the level's first block and used

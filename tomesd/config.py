@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Mapping, Optional, Tuple, Union
 
 RatioSpec = Union[float, Mapping[float, float], Callable[..., float]]
@@ -131,8 +131,9 @@ class ToMeConfig:
 
     max_downsample: None means the model's own highest-resolution transformer level, resolved when
     patching (SD 1.x/2.x: 1, SDXL: 2). mode: "tokens" (merge a sub-layer's input, unmerge its
-    output) or "kv" (self-attention keys/values from the merged tokens, queries from all). prop_attn:
-    None resolves to True in kv mode and False in tokens mode (tomesd 0.1.3's behaviour).
+    output) or "kv" (self-attention keys/values from the merged tokens, queries from all); None is
+    the model's default, resolved when patching (`resolved`): tokens (tomesd 0.1.3's), kv on Flux.
+    prop_attn: None resolves to True in kv mode and False in tokens mode.
     share_plan: one plan per level per call; plan_every: rebuild plans every k-th call.
     """
 
@@ -145,7 +146,7 @@ class ToMeConfig:
     merge_crossattn: bool = False
     merge_mlp: bool = False
     seed: Optional[int] = None
-    mode: str = "tokens"
+    mode: Optional[str] = None
     prop_attn: Optional[bool] = None
     share_plan: bool = False
     plan_every: int = 1
@@ -163,13 +164,19 @@ class ToMeConfig:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.mode is not None and self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
         if self.prop_attn is None:
-            object.__setattr__(self, "prop_attn", self.mode == "kv" and self.merge_attn)
+            if self.mode is not None:
+                object.__setattr__(self, "prop_attn", self.mode == "kv" and self.merge_attn)
         elif not isinstance(self.prop_attn, bool):
             raise TypeError(f"prop_attn must be a bool or None, got {self.prop_attn!r}")
         if self.prop_attn and not self.merge_attn:
             raise ValueError("prop_attn=True needs merge_attn=True: it biases the self-attention over merged tokens")
         object.__setattr__(self, "plan_every", _check_positive_int(self.plan_every, "plan_every"))
         object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))
+
+    def resolved(self, default_mode: str) -> "ToMeConfig":
+        """This config with mode (and a prop_attn left to follow it) resolved for a model whose default
+        mode is `default_mode`."""
+        return self if self.mode is not None else replace(self, mode=default_mode)

@@ -80,7 +80,7 @@ class MergeRecorder:
         host = state.host
         self._handles.append(host.root.register_forward_pre_hook(self._on_call, with_kwargs=True))
         for index, module in enumerate(host.blocks):
-            attn = getattr(module, host.sublayers[0], None)
+            attn = getattr(module, host.sublayers[0].name, None)
             if attn is not None:
                 self._handles.append(attn.register_forward_pre_hook(self._block_hook(state, index)))
         return self

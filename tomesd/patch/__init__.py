@@ -1,4 +1,4 @@
-"""Attaching to hosts. One module per host (diffusers.py, ldm.py); hooks.py holds what they share."""
+"""Attaching to hosts. One module per host (diffusers.py, ldm.py, mmdit.py); hooks.py holds what they share."""
 from __future__ import annotations
 
 import logging
@@ -10,6 +10,7 @@ from torch import nn
 from ..config import ToMeConfig
 from . import diffusers as _diffusers
 from . import ldm as _ldm
+from . import mmdit as _mmdit
 from .hooks import STATE_ATTR, Host, ModelState, attach, detach, is_compiled, owner, unwrap_compiled
 
 __all__ = ["Host", "ModelState", "attach", "detach", "find_host", "attach_to", "detach_from", "patched_state"]
@@ -19,7 +20,7 @@ logger = logging.getLogger("tomesd")
 
 def find_host(model) -> Host:
     """The denoiser and transformer blocks of `model`; TypeError/ValueError if there are none."""
-    for finder in (_ldm.find_host, _diffusers.find_host):
+    for finder in (_ldm.find_host, _mmdit.find_host, _diffusers.find_host):
         host = finder(model)
         if host is not None:
             return host
@@ -29,8 +30,8 @@ def find_host(model) -> Host:
             f"transformer blocks, or an LDM-style model with .model.diffusion_model; got {type(model).__name__}"
         )
     raise ValueError(
-        f"tomesd: {type(model).__name__} holds no transformer blocks (diffusers BasicTransformerBlock or "
-        "LDM-style BasicTransformerBlock) to merge tokens in"
+        f"tomesd: {type(model).__name__} holds no transformer blocks (diffusers BasicTransformerBlock, "
+        "LDM-style BasicTransformerBlock, or an SD 3 / Flux transformer) to merge tokens in"
     )
 
 

@@ -35,7 +35,9 @@ from functools import partial
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
 
 from .. import ops
 from ..config import ToMeConfig
@@ -55,6 +57,24 @@ _OWNERS: "weakref.WeakKeyDictionary[nn.Module, ModelState]" = weakref.WeakKeyDic
 
 
 @dataclass(frozen=True)
+class Sublayer:
+    """A sub-layer of a transformer block that can run on merged tokens.
+
+    name: its attribute on the block. kind: "self" — attention among the image tokens (self- or joint
+    attention): the mode (tokens / kv) applies there and prop_attn biases it; "cross" — attention from
+    the image tokens to the text; "mlp" — the feed-forward. merge_attn / merge_crossattn / merge_mlp
+    choose the kinds.
+    """
+
+    name: str
+    kind: str
+
+
+KIND_FLAGS = {"self": "merge_attn", "cross": "merge_crossattn", "mlp": "merge_mlp"}
+UNET_SUBLAYERS = (Sublayer("attn1", "self"), Sublayer("attn2", "cross"), Sublayer("ff", "mlp"))
+
+
+@dataclass(frozen=True)
 class Host:
     """What patching needs to know about one kind of model.
 
@@ -63,7 +83,7 @@ class Host:
     blocks: its transformer blocks to patch, in module order. top_level: downsample factor of its
     highest-resolution transformer level, in tokens of the patch grid. patch_size: the token grid
     at level 1 is (H // patch_size) × (W // patch_size) (DiT, PixArt: the patch embedding's size).
-    sublayers: (attn1, attn2, ff) attribute names. excluded: blocks found but deliberately not
+    sublayers: the blocks' Sublayers. excluded: blocks found but deliberately not
     patched, with the reason (logged once when patching). sublayer_refusal(sub) → why merging
     before `sub` would be wrong (e.g. it carries a hook replaying cached outputs), or None.
     entry(block) → the name of a block method to wrap as the block's entry instead of forward hooks,
@@ -72,6 +92,14 @@ class Host:
     (kv mode passes the merged tokens there); bias_name: attn1's argument for an additive float bias on
     the attention logits [B, 1, M] (prop_attn), None if the host's attention takes none.
     kv_refusal(attn1) → why keys/values cannot come from a separate input there, or None.
+    joint: where the image tokens sit in the sequence a joint attention (MMDiT: image and text tokens
+    attend together) hands to F.scaled_dot_product_attention, "first" or "last"; kv mode and prop_attn
+    then act on that call's image keys/values (after any rotary embedding). None: attention taking a
+    key/value source and a bias as arguments (kv_name, bias_name).
+    tokens_refusal: why mode="tokens" cannot run in "self" sub-layers (e.g. per-token rotary
+    positions), or None. locate(args, kwargs) → (H, W) of the latent (token grid × patch_size) for a
+    root whose sample is not a [B, C, H, W] latent (Flux: packed tokens and their position ids).
+    default_mode: the mode of `apply_patch(..., mode=None)`.
     """
 
     name: str
@@ -84,13 +112,17 @@ class Host:
     timestep_names: Tuple[str, ...] = ("timestep", "timesteps", "t")
     input_names: Tuple[str, ...] = ("hidden_states", "x")
     mask_names: Tuple[str, ...] = ("attention_mask", "mask")
-    sublayers: Tuple[str, str, str] = ("attn1", "attn2", "ff")
+    sublayers: Tuple[Sublayer, ...] = UNET_SUBLAYERS
     excluded: Tuple[Tuple[nn.Module, str], ...] = ()
     sublayer_refusal: Optional[Callable[[nn.Module], Optional[str]]] = None
     entry: Optional[Callable[[nn.Module], Optional[str]]] = None
     kv_name: str = "encoder_hidden_states"
     bias_name: Optional[str] = "attention_mask"
     kv_refusal: Optional[Callable[[nn.Module], Optional[str]]] = None
+    joint: Optional[str] = None
+    tokens_refusal: Optional[str] = None
+    locate: Optional[Callable[[tuple, dict], Optional[Tuple[int, int]]]] = None
+    default_mode: str = "tokens"
 
 
 @dataclass
@@ -111,6 +143,7 @@ class BlockCall:
     """One block's merge within one denoiser call.
 
     merged: sub-layer name → the plan its input was merged with (its rows, for a batch chunk).
+    joint: sub-layer name → what its attention call must do to the image keys (Joint, for joint hosts).
     rows_done: batch rows of `ff` already run in this call (feed-forward chunked over the batch).
     pushed: the block's entry opened a recompute context, which its exit closes.
     """
@@ -118,6 +151,7 @@ class BlockCall:
     pending: Optional[Pending] = None
     plan: Optional[MergePlan] = None
     merged: Dict[str, MergePlan] = field(default_factory=dict)
+    joint: Dict[str, "Joint"] = field(default_factory=dict)
     rows_done: int = 0
     pushed: bool = False
 
@@ -171,7 +205,7 @@ class ModelState:
     local: per thread, `frames`, the stack of open CallContexts (None for a root call that merges
     nothing), `calls`, how many root calls it made, and `reused`, the plans kept for plan_every.
     live: calls with gradients whose autograd graph is alive (weak; the graph holds them).
-    modes: sub-layer name → the Mode merging there.
+    modes: sub-layer name → the Mode merging there; kinds: sub-layer name → its Sublayer kind.
     """
 
     config: ToMeConfig
@@ -187,6 +221,7 @@ class ModelState:
     warned: set = field(default_factory=set)
     active: bool = True
     modes: Dict[str, "Mode"] = field(default_factory=dict)
+    kinds: Dict[str, str] = field(default_factory=dict)
 
 
 def _warn_once(state: ModelState, tag: str, message: str) -> None:
@@ -302,7 +337,10 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
     frames = _frames(state)
     frames.clear()  # a root call never nests in itself: anything open is left by an interrupted call
     sample, _ = _get_arg(args, kwargs, host.sample_names, state.sample_pos)
-    if not isinstance(sample, Tensor) or sample.ndim not in (4, 5):
+    size = host.locate(args, kwargs) if host.locate is not None and isinstance(sample, Tensor) else None
+    if size is None and isinstance(sample, Tensor) and sample.ndim in (4, 5):
+        size = sample.shape[-2], sample.shape[-1]
+    if size is None:
         _warn_once(state, "root-input", f"tomesd: {type(module).__name__} was called without a latent "
                    f"[B, C, H, W] or [B, C, F, H, W] as its sample argument ({' / '.join(host.sample_names)}); "
                    "token merging is off for such calls")
@@ -310,7 +348,7 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
         return
     timestep, _ = _get_arg(args, kwargs, host.timestep_names, state.timestep_pos)
     key = step_key(state.base_key, timestep, sample.device) if state.config.use_rand else None
-    H, W = sample.shape[-2], sample.shape[-1]
+    H, W = size
     p = host.patch_size
     records = {} if torch.is_grad_enabled() else None
     number = state.local.calls = getattr(state.local, "calls", -1) + 1
@@ -523,43 +561,48 @@ def on_block_done(state: ModelState, index: int, module: nn.Module, args: tuple,
     exit_block(state, index)
 
 
-class EntryWrapper:
-    """Replaces `module.<name>` on the instance by enter_block → the original method → exit_block.
+class MethodWrapper:
+    """Replaces `module.<name>` on the instance by `around(original, args, kwargs)`.
 
-    For blocks whose hooks a checkpoint recompute bypasses (LDM's `checkpoint(self._forward, ...)`).
-    `remove()` restores the instance exactly; once removed, a wrapper still referenced elsewhere only
-    forwards the call.
+    For what module hooks cannot do: run code around a method that a checkpoint recompute calls
+    directly (LDM's `checkpoint(self._forward, ...)`), or keep a context open for exactly the length
+    of a forward. `remove()` restores the instance exactly; once removed, a wrapper still referenced
+    elsewhere only forwards the call.
     """
 
-    def __init__(self, state: ModelState, index: int, module: nn.Module, name: str):
+    def __init__(self, module: nn.Module, name: str, around: Callable):
         self.module, self.name = module, name
         self.had = name in vars(module)
         self.previous = vars(module).get(name)
         original = getattr(module, name)
-        names = state.host.input_names
 
         @functools.wraps(original)
-        def entry(*args, **kwargs):
+        def wrapped(*args, **kwargs):
             if not self.active:
                 return original(*args, **kwargs)
-            x, _ = _get_arg(args, kwargs, names, 0)
-            enter_block(state, index, x)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                exit_block(state, index)
+            return around(original, args, kwargs)
 
         self.active = True
-        self.entry = entry
-        vars(module)[name] = entry
+        self.wrapped = wrapped
+        vars(module)[name] = wrapped
 
     def remove(self) -> None:
         self.active = False
-        if vars(self.module).get(self.name) is self.entry:
+        if vars(self.module).get(self.name) is self.wrapped:
             if self.had:
                 vars(self.module)[self.name] = self.previous
             else:
                 del vars(self.module)[self.name]
+
+
+def _block_entry(state: ModelState, index: int, original, args: tuple, kwargs: dict):
+    """enter_block → the block's method → exit_block (the entry of blocks that checkpoint `_forward`)."""
+    x, _ = _get_arg(args, kwargs, state.host.input_names, 0)
+    enter_block(state, index, x)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        exit_block(state, index)
 
 
 def _build(state: ModelState, p: Pending) -> MergePlan:
@@ -647,6 +690,8 @@ class KVMode(Mode):
 
     def enter(self, state, module, args, kwargs, x, where, plan):
         host = state.host
+        if host.joint is not None:
+            return args, kwargs  # the Joint context merges the image keys/values inside the attention
         if kwargs.get(host.kv_name) is not None or (isinstance(where, int) and len(args) > where + 1):
             raise RuntimeError(f"tomesd: mode='kv' needs a self-attention, but this attn1 was given a key/value "
                                f"source ({host.kv_name}); use mode='tokens' for this model")
@@ -668,6 +713,71 @@ def _size_bias(plan: MergePlan, dtype: torch.dtype) -> Tensor:
     return plan.counts.to(torch.float32).log()[:, None, :].to(dtype)
 
 
+def _merge_heads(t: Tensor, plan: MergePlan) -> Tensor:
+    """Merge keys or values laid out per head: [B, H, N, D] → [B, H, M, D]."""
+    B, H, N, D = t.shape
+    merged = ops.merge(t.transpose(1, 2).reshape(B, N, H * D), plan)
+    return merged.view(B, plan.num_out, H, D).transpose(1, 2)
+
+
+class Joint(TorchFunctionMode):
+    """Open for one joint-attention forward (MMDiT): its first F.scaled_dot_product_attention call gets
+    the image part of its keys and values merged (merge_kv: kv mode) and / or the log-size bias on the
+    image keys' logits (bias: prop_attn). The image part is the first or last `plan.num_in` (kv mode) or
+    `plan.num_out` (tokens mode: already merged) positions of the [B, H, S, D] keys, after every
+    projection, norm and rotary embedding the processor applied. Queries are untouched."""
+
+    def __init__(self, plan: MergePlan, merge_kv: bool, bias: bool, image_first: bool):
+        super().__init__()
+        self.plan, self.merge_kv, self.bias, self.image_first = plan, merge_kv, bias, image_first
+        self.used = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not F.scaled_dot_product_attention or self.used:
+            return func(*args, **kwargs)
+        self.used = True
+        names = ("query", "key", "value", "attn_mask")
+        values = dict(zip(names, args))
+        values.update({n: kwargs.pop(n) for n in names if n in kwargs})
+        rest = args[len(names):]
+        q, k, v = values["query"], values["key"], values["value"]
+        if values.get("attn_mask") is not None:
+            raise RuntimeError("tomesd: mode='kv' / prop_attn on a joint attention that is given an attention "
+                               "mask is not supported")
+        S, plan = k.shape[2], self.plan
+        n = plan.num_in if self.merge_kv else plan.num_out
+        image = slice(0, n) if self.image_first else slice(S - n, S)
+        text = slice(n, S) if self.image_first else slice(0, S - n)
+        if self.merge_kv:
+            parts = [_merge_heads(k[:, :, image], plan), k[:, :, text]]
+            vparts = [_merge_heads(v[:, :, image], plan), v[:, :, text]]
+            if not self.image_first:
+                parts, vparts = parts[::-1], vparts[::-1]
+            k, v = torch.cat(parts, dim=2), torch.cat(vparts, dim=2)
+        mask = None
+        if self.bias:
+            zeros = q.new_zeros(q.shape[0], S - n)
+            size = _size_bias(plan, q.dtype)[:, 0]
+            mask = torch.cat([size, zeros] if self.image_first else [zeros, size], dim=1)[:, None, None, :]
+        return func(q, k, v, mask, *rest, **kwargs)
+
+
+def _joint_forward(state: ModelState, index: int, name: str, original, args: tuple, kwargs: dict):
+    """A joint attention's forward, inside its Joint context when the pre-hook left one."""
+    block = _block_call(state, index)
+    joint = block.joint.pop(name, None) if block is not None else None
+    if joint is None:
+        return original(*args, **kwargs)
+    with joint:
+        out = original(*args, **kwargs)
+    if not joint.used:
+        raise RuntimeError(f"tomesd: {name} of transformer block {index} did not call torch's "
+                           "scaled_dot_product_attention, so its image keys/values cannot be merged "
+                           "(mode='kv' / prop_attn on MMDiT models need the native attention backend)")
+    return out
+
+
 def _rows(plan: MergePlan, start: int, stop: int) -> MergePlan:
     return MergePlan(slot=plan.slot[start:stop], counts=plan.counts[start:stop], num_out=plan.num_out)
 
@@ -682,7 +792,8 @@ def on_sublayer_call(state: ModelState, index: int, name: str, module: nn.Module
         if why is not None:
             _warn_once(state, f"refused-{name}-{why}", f"tomesd: {name} is not merged in blocks where {why}")
             return None
-    if name == host.sublayers[0] and any(kwargs.get(m) is not None for m in host.mask_names):
+    kind = state.kinds[name]
+    if kind == "self" and host.joint is None and any(kwargs.get(m) is not None for m in host.mask_names):
         _warn_once(state, "mask", "tomesd: a self-attention mask was passed to attn1; blocks called with one "
                    "are not merged (the mask is over unmerged tokens)")
         block.pending = block.plan = None
@@ -693,14 +804,17 @@ def on_sublayer_call(state: ModelState, index: int, name: str, module: nn.Module
         _warn_once(state, f"shape-{name}", f"tomesd: {name} was called without [B, N, C] tokens; it is not merged")
         return None
     B, N = plan.slot.shape
-    if x.shape[1] != N:
+    mode = state.modes[name]
+    # a joint attention in kv mode merges inside its SDPA call: its input may hold the text tokens too
+    inside = host.joint is not None and kind == "self" and mode.name == "kv"
+    if x.shape[1] != N and not inside:
         _warn_once(state, f"chunk-{name}", f"tomesd: {name} was called on {x.shape[1]} of a block's {N} tokens "
                    "(feed-forward chunking over the token axis, dim=1); a chunk cannot be merged on its own, so "
                    f"{name} runs unmerged, chunk by chunk, in such blocks. Chunk over the batch (dim=0) to merge it")
         return None
     if x.shape[0] == B:
         used = plan
-    elif name == host.sublayers[2] and block.rows_done + x.shape[0] <= B:
+    elif kind == "mlp" and block.rows_done + x.shape[0] <= B:
         # feed-forward chunking over the batch: this call holds the next rows of the block's batch
         used = _rows(plan, block.rows_done, block.rows_done + x.shape[0])
         block.rows_done += x.shape[0]
@@ -708,9 +822,11 @@ def on_sublayer_call(state: ModelState, index: int, name: str, module: nn.Module
         _warn_once(state, f"shape-{name}", f"tomesd: {name} was called with a batch of {x.shape[0]} rows, not the "
                    f"block's {B}; it is not merged there")
         return None
-    mode = state.modes[name]
     args, kwargs = mode.enter(state, module, args, kwargs, x, where, used)
-    if name == host.sublayers[0] and state.config.prop_attn:
+    prop = kind == "self" and state.config.prop_attn
+    if host.joint is not None and kind == "self" and (prop or mode.name == "kv"):
+        block.joint[name] = Joint(used, merge_kv=mode.name == "kv", bias=prop, image_first=host.joint == "first")
+    elif prop:
         kwargs = dict(kwargs)
         kwargs[host.bias_name] = _size_bias(used, x.dtype)
     if mode.unmerges:
@@ -723,6 +839,8 @@ def on_sublayer_done(state: ModelState, index: int, name: str, module: nn.Module
     plan = block.merged.pop(name, None) if block is not None else None
     if plan is None:
         return None
+    if isinstance(output, tuple):  # a joint attention: (image tokens, text tokens)
+        return (ops.unmerge(output[0], plan),) + output[1:]
     return ops.unmerge(output, plan)
 
 
@@ -750,12 +868,15 @@ def owner(block: nn.Module) -> Optional[ModelState]:
 
 def _check_modes(host: Host, config: ToMeConfig) -> None:
     """Refuse, when patching, what the host's attention cannot do for the chosen mode."""
-    if config.prop_attn and host.bias_name is None:
+    if host.tokens_refusal is not None and config.mode == "tokens" and config.merge_attn:
+        raise ValueError(f"tomesd: mode='tokens' cannot merge the attention of {type(host.root).__name__}: "
+                         f"{host.tokens_refusal}; use mode='kv' (or merge_attn=False)")
+    if config.prop_attn and host.bias_name is None and host.joint is None:
         raise ValueError(f"prop_attn=True needs an attention that takes an additive bias; {host.name} models' "
                          "attention takes none: use prop_attn=False")
-    if config.mode == "kv" and config.merge_attn and host.kv_refusal is not None:
+    if config.mode == "kv" and config.merge_attn and host.kv_refusal is not None and host.joint is None:
         for index, module in enumerate(host.blocks):
-            attn = getattr(module, host.sublayers[0], None)
+            attn = getattr(module, host.sublayers[0].name, None)
             why = host.kv_refusal(attn) if isinstance(attn, nn.Module) else None
             if why is not None:
                 raise ValueError(f"tomesd: mode='kv' cannot run on attn1 of transformer block {index}: {why}")
@@ -763,6 +884,7 @@ def _check_modes(host: Host, config: ToMeConfig) -> None:
 
 def attach(host: Host, config: ToMeConfig) -> ModelState:
     """Register every hook on host's modules; the returned state owns their handles."""
+    config = config.resolved(host.default_mode)
     state = ModelState(
         config=config,
         host=host,
@@ -772,8 +894,8 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
         timestep_pos=arg_position(host.root, host.timestep_names, 1),
     )
     _check_modes(host, config)
-    state.modes = {name: MODES["tokens"] for name in host.sublayers}
-    state.modes[host.sublayers[0]] = MODES[config.mode]
+    state.kinds = {sub.name: sub.kind for sub in host.sublayers}
+    state.modes = {sub.name: MODES[config.mode if sub.kind == "self" else "tokens"] for sub in host.sublayers}
     reasons: Dict[str, int] = {}
     for _, reason in host.excluded:
         reasons[reason] = reasons.get(reason, 0) + 1
@@ -786,20 +908,21 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
     add = state.handles.append
     add(host.root.register_forward_pre_hook(partial(on_root_call, state), with_kwargs=True))
     add(host.root.register_forward_hook(partial(on_root_done, state), with_kwargs=True, always_call=True))
-    wanted = (config.merge_attn, config.merge_crossattn, config.merge_mlp)
-    names = [name for name, on in zip(host.sublayers, wanted) if on]
+    subs = [sub for sub in host.sublayers if getattr(config, KIND_FLAGS[sub.kind])]
     for index, module in enumerate(host.blocks):
         method = host.entry(module) if host.entry is not None else None
         if method is not None:
-            add(EntryWrapper(state, index, module, method))
+            add(MethodWrapper(module, method, partial(_block_entry, state, index)))
         else:
             add(module.register_forward_pre_hook(partial(on_block_call, state, index), with_kwargs=True))
             add(module.register_forward_hook(partial(on_block_done, state, index), with_kwargs=True, always_call=True))
-        for name in names:
-            sub = getattr(module, name, None)
+        for spec in subs:
+            name, sub = spec.name, getattr(module, spec.name, None)
             if isinstance(sub, nn.Module):
                 add(sub.register_forward_pre_hook(partial(on_sublayer_call, state, index, name), with_kwargs=True))
                 add(sub.register_forward_hook(partial(on_sublayer_done, state, index, name), with_kwargs=True))
+                if host.joint is not None and spec.kind == "self":
+                    add(MethodWrapper(sub, "forward", partial(_joint_forward, state, index, name)))
         _OWNERS[module] = state
     setattr(host.root, STATE_ATTR, state)
     return state
