@@ -245,3 +245,73 @@ def controlnet_pipeline(directory):
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+# --- MMDiT helpers (tests/test_mmdit.py) ---
+
+SD3_TRANSFORMER = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=32, caption_projection_dim=16,
+                       pooled_projection_dim=32, out_channels=4, pos_embed_max_size=32, dual_attention_layers=(0,),
+                       qk_norm="rms_norm")
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6))
+
+
+def sd3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(**SD3_TRANSFORMER).eval()
+
+
+def sd3_inputs(batch: int = 2, size: int = 16, seed: int = 1, width=None):
+    """kwargs of one SD3Transformer2DModel call: latent [batch, 4, size, width or size], 5 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(hidden_states=torch.randn(batch, 4, size, width or size, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 32, generator=g),
+                pooled_projections=torch.randn(batch, 32, generator=g), timestep=torch.full((batch,), 500.0))
+
+
+def flux(seed: int = 0):
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(**FLUX_TRANSFORMER).eval()
+
+
+def flux_inputs(batch: int = 2, grid: int = 8, seed: int = 1, width=None):
+    """kwargs of one FluxTransformer2DModel call: grid × (width or grid) packed tokens, 5 text tokens."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = grid, width or grid
+    img_ids = torch.zeros(h, w, 3)
+    img_ids[..., 1] = torch.arange(h)[:, None]
+    img_ids[..., 2] = torch.arange(w)[None, :]
+    return dict(hidden_states=torch.randn(batch, h * w, 16, generator=g),
+                encoder_hidden_states=torch.randn(batch, 5, 32, generator=g),
+                pooled_projections=torch.randn(batch, 16, generator=g), timestep=torch.full((batch,), 0.5),
+                img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3))
+
+
+def mmdit_pipeline(kind: str, directory):
+    """A tiny StableDiffusion3Pipeline (no T5) or FluxPipeline (a tiny T5, the letter tokenizer) with random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(**dict(VAE, shift_factor=0.0, scaling_factor=1.0)).eval()
+    tok = tokenizer(directory)
+    if kind == "sd3":
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline(
+            transformer=sd3(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+            text_encoder=text_encoder(16, projection=True), tokenizer=tok,
+            text_encoder_2=text_encoder(16, projection=True, seed=1), tokenizer_2=tok,
+            text_encoder_3=None, tokenizer_3=None,
+        )
+    from diffusers import FluxPipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(2)
+    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2)).eval()
+    return FluxPipeline(transformer=flux(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
+                        text_encoder=text_encoder(16), tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok)

@@ -1,0 +1,258 @@
+"""SD 3 / 3.5 and Flux (MMDiT): only image tokens merge, tokens and kv modes, Flux's rotary refusal,
+ratios, seeds, removal, gradients with checkpointing, compile, and the pipelines after a save/load."""
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+import tiny
+import tomesd
+from tomesd.patch import patched_state
+
+
+class KeyLengths(TorchFunctionMode):
+    """Records (query length, key length) of every scaled_dot_product_attention call."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            q, k = (args[0], args[1]) if len(args) > 1 else (kwargs["query"], kwargs["key"])
+            self.seen.append((q.shape[2], k.shape[2]))
+        return func(*args, **kwargs)
+
+
+def _run(model, inputs, record=False):
+    with torch.no_grad():
+        if not record:
+            return model(**inputs).sample
+        with KeyLengths() as lengths:
+            model(**inputs)
+        return lengths.seen
+
+
+def _hidden_lengths(model, name):
+    """hidden_states lengths seen by sub-layer `name` of every block."""
+    seen = []
+    for block in patched_state(model).host.blocks:
+        sub = getattr(block, name, None)
+        if sub is not None:
+            sub.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]),
+                                          with_kwargs=True)
+    return seen
+
+
+# SD 3 ----------------------------------------------------------------------------------------------
+
+def test_sd3_tokens_mode_merges_only_image_tokens():
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    want = _run(model, inputs)
+    plain = _run(model, inputs, record=True)
+    assert set(plain) == {(64 + 5, 64 + 5), (64, 64)}  # joint attention (image + text), SD 3.5's attn2
+    tomesd.apply_patch(model, ratio=0.5, merge_mlp=True)
+    attn, attn2, ff = (_hidden_lengths(model, n) for n in ("attn", "attn2", "ff"))
+    merged = _run(model, inputs, record=True)
+    assert set(attn) == set(attn2) == set(ff) == {32}  # 64 image tokens → 32; text tokens are not inputs here
+    assert set(merged) == {(32 + 5, 32 + 5), (32, 32)}  # text tokens keep attending to every merged image token
+    assert not torch.equal(_run(model, inputs), want)
+
+
+def test_sd3_kv_mode_keeps_queries_and_merges_image_keys():
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    tomesd.apply_patch(model, ratio=0.5, mode="kv")
+    assert set(_run(model, inputs, record=True)) == {(64 + 5, 32 + 5), (64, 32)}
+    out = _run(model, inputs)
+    assert out.shape == (2, 4, 16, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(mode="kv"), dict(prop_attn=True, merge_mlp=True)])
+def test_sd3_ratio_zero_and_removal_are_bit_exact(kwargs):
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    want = _run(model, inputs)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    tomesd.apply_patch(model, ratio=0.0, **kwargs)
+    assert torch.equal(_run(model, inputs), want)
+    tomesd.apply_patch(model, ratio=0.6, **kwargs)
+    assert not torch.equal(_run(model, inputs), want)
+    tomesd.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all("forward" not in vars(m) for m in model.modules())
+
+
+def test_sd3_ratio_schedules_seed_and_max_downsample():
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    calls = []
+    tomesd.apply_patch(model, ratio=lambda h, w: calls.append((h, w)) or 0.25)
+    lengths = _hidden_lengths(model, "attn")
+    _run(model, tiny.sd3_inputs(size=16, width=8))
+    assert calls == [(128, 64)] and set(lengths) == {32 - 8}  # a 16×8 latent: 8×4 tokens, px = latent × 8
+    tomesd.apply_patch(model, ratio={64: 0.25, 128: 0.5})
+    lengths = _hidden_lengths(model, "attn")
+    _run(model, inputs)
+    assert set(lengths) == {32}
+    a, b = tiny.sd3(), tiny.sd3()
+    tomesd.apply_patch(a, seed=4)
+    tomesd.apply_patch(b, seed=4)
+    assert torch.equal(_run(a, inputs), _run(b, inputs))
+    tomesd.apply_patch(b, seed=5)
+    assert not torch.equal(_run(a, inputs), _run(b, inputs))
+    tomesd.apply_patch(b, seed=4, max_downsample=8)  # one level: larger values change nothing
+    assert torch.equal(_run(a, inputs), _run(b, inputs))
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(mode="kv", merge_mlp=True)])
+def test_sd3_checkpointed_gradients_equal_plain(kwargs):
+    model = tiny.sd3()
+    tomesd.apply_patch(model, ratio=0.5, seed=2, **kwargs)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        sum(model(**tiny.sd3_inputs(seed=s)).sample.square().mean() for s in (1, 2)).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    want = grads()
+    model.enable_gradient_checkpointing()
+    got = grads()
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kwargs", [dict(), dict(mode="kv")])
+def test_sd3_compiles_fullgraph(kwargs):
+    torch._dynamo.reset()
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    tomesd.apply_patch(model, ratio=0.5, seed=1, **kwargs)
+    eager = _run(model, inputs)
+    torch.testing.assert_close(_run(torch.compile(model, fullgraph=True), inputs), eager, rtol=1e-4, atol=1e-4)
+
+
+# Flux ----------------------------------------------------------------------------------------------
+
+def test_flux_default_is_kv_and_tokens_mode_is_refused():
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    want = _run(model, inputs)
+    plain = _run(model, inputs, record=True)
+    assert set(plain) == {(5 + 64, 5 + 64)}  # double- and single-stream blocks: text then image
+    with pytest.raises(ValueError, match="rotary position embeddings"):
+        tomesd.apply_patch(model, mode="tokens")
+    assert not tomesd.is_patched(model)
+    tomesd.apply_patch(model, ratio=0.5)
+    assert patched_state(model).config.mode == "kv" and patched_state(model).config.prop_attn
+    seen = _run(model, inputs, record=True)
+    assert seen == [(5 + 64, 5 + 32)] * 4  # 2 double + 2 single blocks, every image query kept
+    assert not torch.equal(_run(model, inputs), want)
+    tomesd.apply_patch(model, ratio=0.5, merge_attn=False, merge_mlp=True)  # tokens mode in the MLP only
+    ff = _hidden_lengths(model, "ff")
+    _run(model, inputs)
+    assert set(ff) == {32}
+    tomesd.remove_patch(model)
+    assert torch.equal(_run(model, inputs), want)
+
+
+def test_flux_grid_comes_from_img_ids():
+    model = tiny.flux()
+    calls = []
+    tomesd.apply_patch(model, ratio=lambda h, w: calls.append((h, w)) or 0.5)
+    seen = _run(model, tiny.flux_inputs(grid=4, width=6), record=True)
+    assert calls == [(4 * 16, 6 * 16)]  # packed 2×2 latent patches of an 8-pixel VAE
+    assert set(seen) == {(5 + 24, 5 + 12)}
+
+
+def test_flux_ratio_zero_is_bit_exact_and_gradients_with_checkpointing():
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    want = _run(model, inputs)
+    tomesd.apply_patch(model, ratio=0.0)
+    assert torch.equal(_run(model, inputs), want)
+    tomesd.apply_patch(model, ratio=0.5, seed=3, merge_mlp=True)
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        model(**tiny.flux_inputs()).sample.square().mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    got = grads()
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_kv_needs_torch_sdpa(monkeypatch):
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    tomesd.apply_patch(model, ratio=0.5, mode="kv")
+    from diffusers.models import attention_processor
+
+    def sdpa_elsewhere(q, k, v, *args, **kwargs):  # an attention kernel that is not torch's SDPA
+        return torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v
+
+    monkeypatch.setattr(attention_processor.F, "scaled_dot_product_attention", sdpa_elsewhere)
+    with pytest.raises(RuntimeError, match="native attention backend"):
+        _run(model, inputs)
+
+
+# Pipelines -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_pipelines_after_save_and_load(kind, tmp_path, caplog):
+    from diffusers import DiffusionPipeline
+
+    tiny.mmdit_pipeline(kind, tmp_path / "tok").save_pretrained(tmp_path / "pipe")
+    extra = dict(text_encoder_3=None, tokenizer_3=None) if kind == "sd3" else {}
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "pipe", **extra)
+    pipe.set_progress_bar_config(disable=True)
+    call = dict(prompt="a cat", height=32, width=48, num_inference_steps=2, output_type="pt")
+    if kind == "flux":
+        call["max_sequence_length"] = 16
+
+    def images():
+        return pipe(generator=torch.Generator().manual_seed(0), **call).images
+
+    want = images()
+    tomesd.apply_patch(pipe, ratio=0.5)
+    assert tomesd.is_patched(pipe) and tomesd.is_patched(pipe.transformer)
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        got = images()
+    assert not caplog.records, [r.getMessage() for r in caplog.records]
+    assert got.shape == want.shape == (1, 3, 32, 48) and not torch.equal(got, want)
+    tomesd.remove_patch(pipe)
+    assert torch.equal(images(), want)
+
+
+@pytest.mark.parametrize("image_first", [True, False])
+@pytest.mark.parametrize("merge_kv", [True, False])
+def test_joint_sdpa_merges_the_image_keys_and_biases_their_logits(image_first, merge_kv):
+    """Against attention written out: softmax(q·k/√d + log size) over [merged image keys, text keys]."""
+    from tomesd.matching import build_plan, merge, partition
+    from tomesd.patch.hooks import Joint
+
+    g = torch.Generator().manual_seed(0)
+    B, H, N, T, D = 2, 2, 16, 3, 8
+    tokens = torch.randn(B, N, H * D, generator=g)
+    dst, src = partition(4, 4, 2, 2, None, "cpu")
+    plan = build_plan(tokens, dst, src, 7)
+    n = N if merge_kv else plan.num_out
+    q = torch.randn(B, H, n + T, D, generator=g)
+    k, v = torch.randn(B, H, n + T, D, generator=g), torch.randn(B, H, n + T, D, generator=g)
+    img = slice(0, n) if image_first else slice(T, T + n)
+    txt = slice(n, n + T) if image_first else slice(0, T)
+
+    def heads(t):
+        if not merge_kv:
+            return t
+        return merge(t.transpose(1, 2).reshape(B, N, H * D), plan).view(B, -1, H, D).transpose(1, 2)
+
+    k_img, v_img = heads(k[:, :, img]), heads(v[:, :, img])
+    logits = torch.cat([q @ k_img.transpose(-1, -2) / D ** 0.5 + plan.counts.float().log()[:, None, None, :],
+                        q @ k[:, :, txt].transpose(-1, -2) / D ** 0.5], dim=-1)
+    want = torch.softmax(logits, dim=-1) @ torch.cat([v_img, v[:, :, txt]], dim=2)
+    with Joint(plan, merge_kv=merge_kv, bias=True, image_first=image_first):
+        got = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
