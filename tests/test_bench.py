@@ -90,11 +90,11 @@ def test_oom_is_a_row_and_the_grid_goes_on(monkeypatch):
     real = bench._time_calls
     seen = []
 
-    def flaky(unet, args, kwargs, cfg_):
+    def flaky(unet, args, kwargs, cfg_, **window):
         seen.append(tomesd.is_patched(unet))
         if args[0].shape[-1] == 128 // 8 and tomesd.is_patched(unet):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(unet, args, kwargs, cfg_)
+        return real(unet, args, kwargs, cfg_, **window)
 
     monkeypatch.setattr(bench, "_time_calls", flaky)
     result = bench.run(cfg, progress=False)
@@ -127,13 +127,27 @@ def test_other_errors_stop_the_run(tmp_path):
     (["--arch", "sd3"], "invalid choice"),
     (["--arch", "tiny", "--model", "x"], "not allowed with"),
     (["--steps", "0"], "must be ≥ 1"),
+    (["--calls", "0"], "must be ≥ 1"),
+    (["--set", "ratio=0.5"], "the ratio comes from --ratios"),
+    (["--set", "bogus=1"], "not apply_patch keywords the bench can vary: bogus"),
+    (["--set", "mode=fast"], "setting mode=fast: mode must be one of"),
+    (["--set", "plan_every=1,0"], "setting plan_every=0: plan_every must be a positive int"),
+    (["--set", "mode"], "expected KEY=V1[,V2...]"),
+    (["--set", "mode=kv", "--set", "mode=tokens"], "--set mode: already given"),
+    (["--variant", "mode"], "expected KEY=VALUE[,KEY=VALUE...]"),
+    (["--variant", "mode=kv,mode=tokens"], "mode given twice"),
+    (["--variant", "mode=kv", "--set", "mode=tokens"], "mode is both a --set axis and in a --variant"),
+    (["--variant", "prop_attn=true,merge_attn=false"], "prop_attn=True needs merge_attn=True"),
+    (["--target-speedup", "0"], "must be > 0"),
+    (["--target-speedup", "fast"], "expected a number such as 1.5"),
+    (["--interleave", "--isolate"], "cannot isolate"),
 ])
 def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
         bench.main(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
+    assert message in err.strip().splitlines()[-1] and "Traceback" not in err
 
 
 def test_defaults_per_device():
@@ -215,3 +229,122 @@ def test_backend_comes_from_the_environment(monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.strip().splitlines()[-1] == (
         "tomesd-bench: error: TOMESD_BACKEND='bogus' is not one of auto, torch, cuda (unset it for auto)")
+
+
+def test_settings_are_variants_times_axes_at_every_ratio():
+    cfg = bench.default_config("cpu", arch="tiny", resolutions=(64,), ratios=(0.3, 0.5),
+                               variants=({"mode": "tokens"}, {"mode": "kv", "prop_attn": False}),
+                               grid={"share_plan": (False, True)})
+    assert bench.settings(cfg) == [
+        {"mode": "tokens", "share_plan": False}, {"mode": "tokens", "share_plan": True},
+        {"mode": "kv", "prop_attn": False, "share_plan": False}, {"mode": "kv", "prop_attn": False, "share_plan": True}]
+    points = bench.grid(cfg)
+    assert points[0] == (64, None, {}) and len(points) == 1 + 4 * 2
+    assert points[1:3] == [(64, 0.3, {"mode": "tokens", "share_plan": False}), (64, 0.5, {"mode": "tokens", "share_plan": False})]
+    assert bench.settings(bench.default_config("cpu", arch="tiny")) == [{}]  # apply_patch's defaults
+    plain = bench.default_config("cpu", arch="tiny", calls=3)
+    assert [bench.calls_per_window(plain, {"plan_every": k}) for k in (1, 2, 3, 5)] == [3, 4, 3, 5]
+
+
+def test_plan_every_windows_hold_one_build_per_period_and_vary_the_timestep(monkeypatch):
+    """A reused plan must count at its real rate: every timed window holds whole plan_every periods
+    (exactly one build per plan_every calls), and the timestep changes at every call as in a sampler."""
+    from tomesd.patch import hooks
+
+    cfg = bench.default_config("cpu", arch="tiny", resolutions=(64,), ratios=(0.5,), steps=2, warmup=1, isolate=False,
+                               calls=2, grid={"plan_every": (3,)})
+    unet = bench.load_unet(cfg)
+    calls, builds = [], []
+    unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
+    real_build = hooks._build
+    monkeypatch.setattr(hooks, "_build", lambda state, p: builds.append(len(calls) - 1) or real_build(state, p))
+    row = bench.measure_point(unet, cfg, 64, 0.5, {"plan_every": 3})
+    assert row["calls"] == 3 and row["status"] == "ok" and row["params"] == {"plan_every": 3}
+    assert len(calls) == 1 + 2 * 3 and len(set(calls)) == len(calls) == len(bench.timesteps(0, 7))
+    assert calls == bench.timesteps(0, 7)
+    built_at = sorted(set(builds))
+    assert built_at == [0, 3, 6]  # calls 1-3 and 4-6 are the two windows: one build each
+    assert not tomesd.is_patched(unet)
+
+
+def test_interleaved_run_is_round_robin_with_one_warmup(monkeypatch):
+    cfg = bench.default_config("cpu", arch="tiny", resolutions=(64,), ratios=(0.5,), steps=3, warmup=2,
+                               interleave=True, variants=({"mode": "tokens"}, {"mode": "kv"}))
+    assert not cfg.isolated
+    order = []
+    ms = iter(range(1, 100))
+
+    def fake(unet, args, kwargs, cfg_, calls=1, warmup=None, steps=None, first=0):
+        state = tomesd.patch.patched_state(unet)
+        order.append((state.config.mode if state else "baseline", warmup, steps, first))
+        return [float(next(ms))]
+
+    monkeypatch.setattr(bench, "_time_calls", fake)
+    result = bench.run(cfg, progress=False)
+    # window k of every point before window k + 1 of any; warmup calls only before a point's first window
+    assert order == [(mode, 2 if k == 0 else 0, 1, k) for k in range(3) for mode in ("baseline", "tokens", "kv")]
+    rows = result.rows
+    assert [r["ms_per_step"] for r in rows] == [4.0, 5.0, 6.0]  # medians of windows (1, 4, 7), (2, 5, 8), (3, 6, 9)
+    assert rows[1]["setting"] == "tome 0.5 mode=tokens" and rows[2]["speedup"] == pytest.approx(4 / 6)
+    assert all(r["peak_mem_mib"] is None for r in rows)  # a CPU's peak RSS is not per point in one process
+
+
+def _main_at_fake_speed(monkeypatch, tmp_path, *argv) -> dict:
+    """bench.main(argv) on the toy with the timing replaced by ms = 100 · (1 − ratio), or 1.5× that in kv
+    mode (speedups 1/(1 − r) and 2/(3(1 − r))); returns results.json's "target"."""
+
+    def fake(unet, args, kwargs, cfg_, **window):
+        state = tomesd.patch.patched_state(unet)
+        if state is None:
+            return [100.0]
+        return [100.0 * (1 - state.config.ratio) * (1.5 if state.config.mode == "kv" else 1.0)]
+
+    monkeypatch.setattr(bench, "_time_calls", fake)
+    rc = bench.main(["--arch", "tiny", *argv, "--no-isolate", "--warmup", "0", "--steps", "1", "--no-progress",
+                     "--out", str(tmp_path)])
+    assert rc == 0
+    return json.loads((tmp_path / "results.json").read_text())["target"]
+
+
+def test_target_speedup_prints_a_mapping_ready_for_apply_patch(monkeypatch, tmp_path, capsys):
+    import ast
+
+    target = _main_at_fake_speed(monkeypatch, tmp_path, "--resolutions", "64,128", "--ratios", "0.3,0.5,0.7",
+                                 "--set", "mode=tokens,kv", "--target-speedup", "1.9")
+    out = capsys.readouterr().out.splitlines()
+    # tokens: speedups 1.43 / 2 / 3.33 → 0.5 reaches 1.9x; kv: 0.95 / 1.33 / 2.22 → only 0.7
+    lines = {line.split()[1]: line for line in out if line.startswith("  tome mode=")}
+    assert lines["mode=tokens"].split(None, 2)[2].strip() == "{64: 0.5, 128: 0.5}"
+    assert lines["mode=kv"].split(None, 2)[2].strip() == "{64: 0.7, 128: 0.7}"
+    use = [line for line in out if line.startswith("use: ")]
+    assert use == ["use: apply_patch(model, ratio={64: 0.5, 128: 0.5}, mode='tokens')"]
+    mapping = ast.literal_eval(use[0].split("ratio=", 1)[1].split(", mode")[0])
+    unet = bench.load_unet(bench.default_config("cpu", arch="tiny"))
+    tomesd.apply_patch(unet, ratio=mapping, mode="tokens")  # ready as printed
+    tomesd.remove_patch(unet)
+    assert target["speedup"] == 1.9 and target["best"]["params"] == {"mode": "tokens"}
+    assert target["best"]["ratio"] == {"64": 0.5, "128": 0.5} and target["settings"][1]["not_reached"] == {}
+
+
+def test_target_not_reached_is_said_plainly(monkeypatch, tmp_path, capsys):
+    target = _main_at_fake_speed(monkeypatch, tmp_path, "--resolutions", "64", "--ratios", "0.3,0.5",
+                                 "--variant", "mode=kv", "--target-speedup", "1.5")
+    out = capsys.readouterr().out
+    assert "tome mode=kv  -   not reached at 64 px (best 1.33x at ratio 0.5)" in out
+    assert "no setting reaches 1.5x at any resolution" in out and "use: apply_patch" not in out
+    assert target["best"] is None and target["settings"][0]["not_reached"]["64"]["at_ratio"] == 0.5
+
+
+def test_target_ratios_picks_the_setting_covering_most_resolutions():
+    def row(res, ratio, params, speedup):
+        return dict(resolution=res, method="tome", ratio=ratio, params=params, speedup=speedup, status="ok")
+
+    rows = [dict(resolution=r, method="baseline", ratio=None, params=None, speedup=1.0, status="ok") for r in (512, 768)]
+    rows += [row(512, 0.3, {"mode": "kv"}, 1.6), row(768, 0.3, {"mode": "kv"}, 1.2), row(768, 0.7, {"mode": "kv"}, 1.4),
+             row(512, 0.5, {}, 1.5), row(768, 0.5, {}, 1.5), row(768, 0.3, {}, None)]
+    target = bench.target_ratios(bench.BenchResult(rows=rows), 1.5)
+    kv, plain = target["settings"]
+    assert kv["ratio"] == {512: 0.3} and kv["not_reached"] == {768: {"best_speedup": 1.4, "at_ratio": 0.7}}
+    assert plain["ratio"] == {512: 0.5, 768: 0.5} and target["best"] is plain
+    text = bench.format_target(target)
+    assert "not reached at 768 px (best 1.40x at ratio 0.7)" in text and "use: apply_patch(model, ratio={512: 0.5, 768: 0.5})" in text
