@@ -61,7 +61,8 @@ def _number(kind, low, high=math.inf, low_open=False):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", required=True, help="local diffusers pipeline directory or hub id (SD 1.x, 2.x, XL)")
+    p.add_argument("--model", required=True,
+                   help="local diffusers pipeline directory or hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux)")
     p.add_argument("--prompt", action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--images-per-prompt", type=_number(int, 1), default=1)
@@ -79,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upscale the image by FACTOR and refine it with an img2img pass")
     p.add_argument("--strength", type=_number(float, 0.0, 1.0, low_open=True), default=0.5,
                    help="img2img strength of the --hires-fix pass")
-    p.add_argument("--compile", action="store_true", help="torch.compile the UNet (after patching)")
+    p.add_argument("--mode", choices=("tokens", "kv"), default=None,
+                   help="tomesd merging mode (default: the model's: tokens, kv on Flux)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the UNet / transformer (after patching)")
     p.add_argument("--no-tome", action="store_true", help="baseline: do not apply tomesd")
     return p
 
@@ -121,7 +124,8 @@ def hires_size(height: int, width: int, factor: float):
 def load_pipelines(args, device: str):
     """(text-to-image pipeline, img2img pipeline sharing its components or None)."""
     import torch
-    from diffusers import AutoPipelineForImage2Image, AutoPipelineForText2Image, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import (AutoPipelineForImage2Image, AutoPipelineForText2Image, FluxPipeline,
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
 
     dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
     try:
@@ -130,19 +134,19 @@ def load_pipelines(args, device: str):
             pipe = AutoPipelineForText2Image.from_pretrained(args.model, torch_dtype=dtype)
     except (OSError, ValueError) as error:
         sys.exit(f"error: cannot load --model {args.model!r}: {error}")
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline)):
-        sys.exit(f"error: {type(pipe).__name__} is not a Stable Diffusion 1.x/2.x/XL pipeline")
+    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)):
+        sys.exit(f"error: {type(pipe).__name__} is not a Stable Diffusion 1.x/2.x/XL/3 or Flux pipeline")
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     img2img = AutoPipelineForImage2Image.from_pipe(pipe) if args.hires_fix else None
     if img2img is not None:
         img2img.set_progress_bar_config(disable=True)
     if not args.no_tome:
-        tomesd.apply_patch(pipe, ratio=args.ratio, seed=args.seed)
+        tomesd.apply_patch(pipe, ratio=args.ratio, seed=args.seed, mode=args.mode)
         if img2img is not None and not tomesd.is_patched(img2img):  # from_pipe shares the (patched) UNet
-            tomesd.apply_patch(img2img, ratio=args.ratio, seed=args.seed)
+            tomesd.apply_patch(img2img, ratio=args.ratio, seed=args.seed, mode=args.mode)
     if args.compile:
-        pipe.unet.compile()
+        (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
     return pipe, img2img
 
 

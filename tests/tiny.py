@@ -292,8 +292,16 @@ def flux_inputs(batch: int = 2, grid: int = 8, seed: int = 1, width=None):
                 img_ids=img_ids.reshape(-1, 3), txt_ids=torch.zeros(5, 3))
 
 
+def _tiny_t5(seed: int = 2):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2)).eval()
+
+
 def mmdit_pipeline(kind: str, directory):
-    """A tiny StableDiffusion3Pipeline (no T5) or FluxPipeline (a tiny T5, the letter tokenizer) with random weights."""
+    """A tiny StableDiffusion3Pipeline or FluxPipeline with random weights: tiny CLIP and T5 encoders,
+    the letter tokenizer for all of them (no download)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
@@ -306,12 +314,9 @@ def mmdit_pipeline(kind: str, directory):
             transformer=sd3(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
             text_encoder=text_encoder(16, projection=True), tokenizer=tok,
             text_encoder_2=text_encoder(16, projection=True, seed=1), tokenizer_2=tok,
-            text_encoder_3=None, tokenizer_3=None,
+            text_encoder_3=_tiny_t5(), tokenizer_3=tok,
         )
     from diffusers import FluxPipeline
-    from transformers import T5Config, T5EncoderModel
 
-    torch.manual_seed(2)
-    t5 = T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_ff=64, d_kv=16, num_layers=1, num_heads=2)).eval()
     return FluxPipeline(transformer=flux(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                        text_encoder=text_encoder(16), tokenizer=tok, text_encoder_2=t5, tokenizer_2=tok)
+                        text_encoder=text_encoder(16), tokenizer=tok, text_encoder_2=_tiny_t5(), tokenizer_2=tok)

@@ -98,3 +98,88 @@ TINY = Arch(
 )
 
 ARCHS: Dict[str, Arch] = {a.name: a for a in (SD15, SD21, SDXL, TINY)}
+
+
+@dataclass(frozen=True)
+class TransformerArch:
+    """An MMDiT (SD 3 / 3.5, Flux) transformer: `family` "sd3" (SD3Transformer2DModel(**config)) or
+    "flux" (FluxTransformer2DModel(**config)). text_len: text tokens of encoder_hidden_states (SD 3.5:
+    77 CLIP + 256 T5; Flux: 512 T5). depth_key(s): the config keys counting its blocks, which
+    `build_transformer(..., layers=k)` cuts to k each (every block runs at the full token grid, so a
+    cut model keeps the per-block cost and ToMe's per-block speed-up, in less time and memory)."""
+
+    name: str
+    description: str
+    family: str
+    config: Dict[str, Any] = field(repr=False)
+    text_len: int
+    depth_keys: tuple = ()
+    toy: bool = False
+
+
+SD35M = TransformerArch(
+    "sd3",
+    "Stable Diffusion 3.5 Medium transformer (MMDiT, 2.5B parameters; dual attention in blocks 0-12)",
+    "sd3",
+    dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+         out_channels=16, pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm"),
+    text_len=333,
+    depth_keys=("num_layers",),
+)
+
+FLUX_DEV = TransformerArch(
+    "flux",
+    "Flux.1 dev transformer (12B parameters: 19 double-stream, 38 single-stream blocks)",
+    "flux",
+    dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+         num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+         axes_dims_rope=(16, 56, 56)),
+    text_len=512,
+    depth_keys=("num_layers", "num_single_layers"),
+)
+
+TRANSFORMER_ARCHS: Dict[str, TransformerArch] = {a.name: a for a in (SD35M, FLUX_DEV)}
+
+
+def build_transformer(arch: TransformerArch, layers=None):
+    """The transformer of `arch` with random weights; `layers`: keep this many blocks of each kind."""
+    config = dict(arch.config)
+    if layers is not None:
+        for key in arch.depth_keys:
+            config[key] = min(config[key], layers)
+        if "dual_attention_layers" in config:
+            config["dual_attention_layers"] = tuple(i for i in config["dual_attention_layers"] if i < config["num_layers"])
+    if arch.family == "sd3":
+        from diffusers import SD3Transformer2DModel
+
+        return SD3Transformer2DModel(**config)
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**config)
+
+
+def transformer_inputs(arch: TransformerArch, batch: int, height_px: int, width_px: int, dtype, device,
+                       vae_scale_factor: int = 8, seed: int = 0) -> Dict[str, Any]:
+    """Keyword arguments of one denoiser call of `arch` for an image of height_px × width_px."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    h, w = height_px // vae_scale_factor, width_px // vae_scale_factor
+    c = arch.config
+    text = torch.randn(batch, arch.text_len, c["joint_attention_dim"], generator=g)
+    pooled = torch.randn(batch, c["pooled_projection_dim"], generator=g)
+    if arch.family == "sd3":
+        kwargs = dict(hidden_states=torch.randn(batch, c["in_channels"], h, w, generator=g),
+                      encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.full((batch,), 500.0))
+    else:
+        gh, gw = h // 2, w // 2  # Flux packs 2×2 latent patches into one token
+        ids = torch.zeros(gh, gw, 3)
+        ids[..., 1] = torch.arange(gh)[:, None]
+        ids[..., 2] = torch.arange(gw)[None, :]
+        kwargs = dict(hidden_states=torch.randn(batch, gh * gw, c["in_channels"], generator=g),
+                      encoder_hidden_states=text, pooled_projections=pooled, timestep=torch.full((batch,), 0.5),
+                      img_ids=ids.reshape(-1, 3), txt_ids=torch.zeros(arch.text_len, 3),
+                      guidance=torch.full((batch,), 3.5) if c.get("guidance_embeds") else None)
+    return {k: (v.to(device=device, dtype=dtype) if isinstance(v, torch.Tensor) and v.is_floating_point()
+                else v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in kwargs.items()}
