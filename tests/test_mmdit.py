@@ -272,3 +272,18 @@ def test_generate_highres_example_runs_mmdit_pipelines(kind, tmp_path, capsys):
 
     assert Image.open(out).size == (64, 64)
     assert "ratio 0.5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["sd3", "flux"])
+def test_bench_runs_the_mmdit_architectures(arch, tmp_path):
+    from tomesd import archs, bench
+
+    cfg = bench.default_config("cpu", arch=arch, layers=1, resolutions=(64,), ratios=(0.5,), steps=1, warmup=0,
+                               isolate=False)
+    assert bench.denoiser_batch(cfg) == (1 if arch == "flux" else 2)
+    result = bench.run(cfg, progress=False)
+    rows = {r["method"]: r for r in result.rows}
+    assert rows.keys() == {"baseline", "tome"} and all(r["status"] == "ok" for r in rows.values())
+    assert "cut to 1 block(s)" in result.env["arch"] and archs.TRANSFORMER_ARCHS[arch].description in result.env["arch"]
+    with pytest.raises(ValueError, match="layers must be"):
+        bench.default_config("cpu", arch="sd15", layers=2)

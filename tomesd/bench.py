@@ -67,7 +67,7 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from .archs import ARCHS
+from .archs import ARCHS, TRANSFORMER_ARCHS, build_transformer, transformer_inputs
 from .config import ToMeConfig, max_ratio
 from .quality import _assignment, parse_value
 
@@ -96,6 +96,9 @@ class BenchConfig:
     calls: consecutive UNet calls per timed window (raised to a multiple of each setting's plan_every);
     steps: timed windows per point. interleave: round-robin over the points, in one process.
     target_speedup: also find, per setting and resolution, the smallest ratio reaching it.
+    layers: for an MMDiT arch (sd3, flux), keep this many blocks of each kind (None: all); every block
+    runs at the full token grid, so a cut model has the full model's per-block speed-up. Flux is not
+    guided: its denoiser sees `batch` images, not 2 × batch.
     """
 
     arch: Optional[str] = "sd15"
@@ -116,6 +119,7 @@ class BenchConfig:
     calls: int = 1
     interleave: bool = False
     target_speedup: Optional[float] = None
+    layers: Optional[int] = None
 
     def __post_init__(self):
         self.resolutions = tuple(int(r) for r in self.resolutions)
@@ -125,8 +129,13 @@ class BenchConfig:
         problems = []
         if (self.arch is None) == (self.model is None):
             problems.append("give exactly one of arch and model")
-        if self.arch is not None and self.arch not in ARCHS:
-            problems.append(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
+        if self.arch is not None and self.arch not in ARCHS and self.arch not in TRANSFORMER_ARCHS:
+            problems.append(f"arch must be one of {sorted(ARCHS) + sorted(TRANSFORMER_ARCHS)}, got {self.arch!r}")
+        if self.layers is not None and (self.arch not in TRANSFORMER_ARCHS or self.layers < 1):
+            problems.append(f"layers must be ≥ 1 and needs an MMDiT arch ({', '.join(sorted(TRANSFORMER_ARCHS))}), "
+                            f"got layers={self.layers} with arch={self.arch!r}")
+        if self.arch in TRANSFORMER_ARCHS and self.attention != "sdpa":
+            problems.append(f"attention must be 'sdpa' for the {self.arch} transformer")
         if not self.resolutions or any(r < 64 or r % 8 for r in self.resolutions):
             problems.append(f"resolutions must be multiples of 8, at least 64, got {self.resolutions}")
         hi = max_ratio(2, 2)
@@ -176,7 +185,7 @@ class BenchConfig:
     @property
     def toy(self) -> bool:
         """A built-in toy architecture: its speed-ups are not those of a real model."""
-        return self.arch is not None and ARCHS[self.arch].toy
+        return self.arch in ARCHS and ARCHS[self.arch].toy
 
     @property
     def isolated(self) -> bool:
@@ -261,6 +270,11 @@ def load_unet(cfg: BenchConfig):
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     dtype = _torch_dtype(cfg.dtype)
+    if cfg.arch in TRANSFORMER_ARCHS:
+        torch.manual_seed(cfg.seed)
+        with torch.device(cfg.device), _quiet_diffusers():
+            model = build_transformer(TRANSFORMER_ARCHS[cfg.arch], layers=cfg.layers).to(dtype)
+        return model.eval().requires_grad_(False)
     if cfg.model is not None:
         with warnings.catch_warnings():  # newer diffusers call it `dtype`; 0.32 knows only `torch_dtype`
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
@@ -302,6 +316,11 @@ def unet_inputs(unet, cfg: BenchConfig, resolution: int, text_len: int = 77) -> 
     six time ids."""
     import torch
 
+    if cfg.arch in TRANSFORMER_ARCHS:
+        arch = TRANSFORMER_ARCHS[cfg.arch]
+        kwargs = transformer_inputs(arch, denoiser_batch(cfg), resolution, resolution, _torch_dtype(cfg.dtype), cfg.device,
+                                    seed=cfg.seed)
+        return (), kwargs
     config = unet.config
     g = torch.Generator(device="cpu").manual_seed(cfg.seed)
     dtype, device = _torch_dtype(cfg.dtype), cfg.device
@@ -322,8 +341,14 @@ def unet_inputs(unet, cfg: BenchConfig, resolution: int, text_len: int = 77) -> 
     return (sample, timestep), kwargs
 
 
+def denoiser_batch(cfg: BenchConfig) -> int:
+    """Rows per denoiser call: 2 × batch (classifier-free guidance), batch for the unguided Flux."""
+    guided = not (cfg.arch in TRANSFORMER_ARCHS and TRANSFORMER_ARCHS[cfg.arch].family == "flux")
+    return 2 * cfg.batch if guided else cfg.batch
+
+
 def _text_len(cfg: BenchConfig) -> int:
-    return ARCHS[cfg.arch].text_len if cfg.arch is not None else 77
+    return ARCHS[cfg.arch].text_len if cfg.arch in ARCHS else 77
 
 
 def is_oom(error: BaseException) -> bool:
@@ -377,19 +402,25 @@ def timesteps(first: int, count: int) -> List[int]:
 def _time_calls(unet, args, kwargs, cfg: BenchConfig, calls: int = 1, warmup: Optional[int] = None,
                 steps: Optional[int] = None, first: int = 0) -> List[float]:
     """Milliseconds per call of each of `steps` (default cfg.steps) timed windows of `calls`
-    consecutive calls, after `warmup` (default cfg.warmup) untimed calls. args = (sample, timestep):
-    call i of the run gets timesteps(first, ...)[i]."""
+    consecutive calls, after `warmup` (default cfg.warmup) untimed calls. args = (sample, timestep),
+    or () with the timestep in kwargs (MMDiT archs; Flux's scaled to [0, 1]): call i of the run gets
+    timesteps(first, ...)[i]."""
     import torch
 
     warmup = cfg.warmup if warmup is None else warmup
     steps = cfg.steps if steps is None else steps
-    sample, timestep = args[0], args[1]
-    ts = [torch.full_like(torch.as_tensor(timestep), t) for t in timesteps(first, warmup + steps * calls)]
-    per_call = iter([(sample, t, *args[2:]) for t in ts])
+    timestep = args[1] if args else kwargs["timestep"]
+    scale = 1000.0 if cfg.arch in TRANSFORMER_ARCHS and TRANSFORMER_ARCHS[cfg.arch].family == "flux" else 1
+    ts = [torch.full_like(torch.as_tensor(timestep), t / scale) for t in timesteps(first, warmup + steps * calls)]
+    if args:
+        per_call = iter([((args[0], t, *args[2:]), kwargs) for t in ts])
+    else:
+        per_call = iter([((), {**kwargs, "timestep": t}) for t in ts])
     times = []
     with torch.inference_mode():
         for _ in range(warmup):
-            unet(*next(per_call), **kwargs)
+            a, kw = next(per_call)
+            unet(*a, **kw)
         window = [[next(per_call) for _ in range(calls)] for _ in range(steps)]
         if cfg.on_gpu:
             torch.cuda.synchronize(cfg.device)
@@ -397,15 +428,15 @@ def _time_calls(unet, args, kwargs, cfg: BenchConfig, calls: int = 1, warmup: Op
             if cfg.on_gpu:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
-                for a in call_args:
-                    unet(*a, **kwargs)
+                for a, kw in call_args:
+                    unet(*a, **kw)
                 end.record()
                 end.synchronize()
                 times.append(start.elapsed_time(end) / calls)
             else:
                 t0 = time.perf_counter()
-                for a in call_args:
-                    unet(*a, **kwargs)
+                for a, kw in call_args:
+                    unet(*a, **kw)
                 times.append((time.perf_counter() - t0) * 1000.0 / calls)
     return times
 
@@ -416,7 +447,7 @@ Point = Tuple[int, Optional[float], Dict[str, Any]]
 def _new_row(cfg: BenchConfig, resolution: int, ratio: Optional[float], params: Dict[str, Any]) -> Dict[str, Any]:
     label = "baseline" if ratio is None else " ".join(filter(None, (f"tome {ratio:g}", setting_label(params))))
     return dict(resolution=resolution, method="baseline" if ratio is None else "tome", ratio=ratio, setting=label,
-                status="ok", batch=2 * cfg.batch, steps=cfg.steps,
+                status="ok", batch=denoiser_batch(cfg), steps=cfg.steps,
                 calls=cfg.calls if ratio is None else calls_per_window(cfg, params),
                 params=None if ratio is None else dict(params))
 
@@ -595,7 +626,8 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
         config=asdict(cfg),
     )
     if cfg.arch is not None:
-        env["arch"] = ARCHS[cfg.arch].description
+        arch = ARCHS.get(cfg.arch) or TRANSFORMER_ARCHS[cfg.arch]
+        env["arch"] = arch.description + (f" (cut to {cfg.layers} block(s) of each kind)" if cfg.layers else "")
         env["toy"] = cfg.toy
     return env
 
@@ -855,8 +887,9 @@ def build_parser() -> argparse.ArgumentParser:
         "minutes on 2 cores). --arch tiny is a toy at 1/10 width for quick checks: its speed-ups are not SD 1.5's.",
     )
     which = p.add_mutually_exclusive_group()
-    which.add_argument("--arch", choices=sorted(ARCHS),
-                       help="built-in UNet with random weights (default sd15; tiny is a toy for quick checks)")
+    which.add_argument("--arch", choices=sorted(ARCHS) + sorted(TRANSFORMER_ARCHS),
+                       help="built-in model with random weights (default sd15; tiny is a toy for quick checks; "
+                       "sd3 = SD 3.5 Medium and flux = Flux.1 dev transformers, see --layers)")
     which.add_argument("--model", help="local diffusers model directory (or UNet directory), or a hub id")
     p.add_argument("--resolutions", type=_comma_list(int), help="image sides in px, comma-separated")
     p.add_argument("--ratios", type=_comma_list(float), help="ToMe ratios, comma-separated")
@@ -869,6 +902,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive, help="timed windows per point (median reported); a window is --calls UNet calls")
     p.add_argument("--warmup", type=int, help="untimed calls before them")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--layers", type=_positive, help="with --arch sd3 / flux: keep K blocks of each kind (every block "
+                   "runs at the full token grid, so the per-block speed-up is the full model's; Flux.1 dev needs "
+                   "~48 GB in fp32)")
     g = p.add_argument_group("ToMe settings (other apply_patch keywords; every setting runs at every --ratios value)")
     g.add_argument("--set", dest="assign", action="append", type=_assignment, default=[], metavar="KEY=V1[,V2]",
                    help="an axis: an apply_patch keyword and its values, e.g. --set mode=tokens,kv --set plan_every=1,2,5 "
@@ -928,7 +964,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if problem:
             parser.error(f"--model {problem}")
     overrides = {k: getattr(args, k) for k in (
-        "arch", "model", "resolutions", "ratios", "dtype", "steps", "warmup", "isolate", "calls", "target_speedup")
+        "arch", "model", "resolutions", "ratios", "dtype", "steps", "warmup", "isolate", "calls", "target_speedup",
+        "layers")
         if getattr(args, k) is not None}
     axes: Dict[str, tuple] = {}
     for key, values in args.assign:
@@ -947,7 +984,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as error:
         parser.error(str(error))
     where = cfg.model or f"--arch {cfg.arch} ({'TOY architecture, ' if cfg.toy else ''}random weights)"
-    print(f"tomesd.bench: {where}, {cfg.dtype} on {cfg.device}, batch {cfg.batch} (x2 CFG), "
+    print(f"tomesd.bench: {where}, {cfg.dtype} on {cfg.device}, batch {cfg.batch} ({denoiser_batch(cfg)} rows per call), "
           f"{cfg.warmup} warmup calls + {cfg.steps} timed windows of {cfg.calls}+ calls per point, {len(grid(cfg))} "
           f"points{', interleaved' if cfg.interleave else ''}", file=sys.stderr)
     if not available("matplotlib"):
