@@ -12,7 +12,7 @@ export TOMESD_BUILD_VERBOSE=1
 echo "== build (JIT) and info" | tee "$OUT/summary.txt"
 python -m tomesd.info >"$OUT/info.log" 2>&1
 build_rc=$?
-tail -n 4 "$OUT/info.log" | tee -a "$OUT/summary.txt"
+grep -E "^(device|extension|kernel self-check|backend for|refused)" "$OUT/info.log" | tee -a "$OUT/summary.txt"
 
 echo "== GPU tests" | tee -a "$OUT/summary.txt"
 python -m pytest -q -m gpu tests/test_cuda_kernels.py -rs >"$OUT/gpu_tests.log" 2>&1
