@@ -1,5 +1,6 @@
 """SD 3 / 3.5 and Flux (MMDiT): only image tokens merge, tokens and kv modes, Flux's rotary refusal,
 ratios, seeds, removal, gradients with checkpointing, compile, and the pipelines after a save/load."""
+import inspect
 import logging
 
 import pytest
@@ -10,6 +11,19 @@ from torch.overrides import TorchFunctionMode
 import tiny
 import tomesd
 from tomesd.patch import patched_state
+
+
+def _flux_single_blocks_split() -> bool:
+    from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock
+
+    return "encoder_hidden_states" in inspect.signature(FluxSingleTransformerBlock.forward).parameters
+
+
+# Older diffusers (0.32) hand Flux's single-stream blocks the concatenated text + image sequence, which is
+# no token grid: those blocks are not merged there (logged), so exact counts of merged calls differ.
+needs_split_single_blocks = pytest.mark.skipif(not _flux_single_blocks_split(),
+                                               reason="this diffusers' Flux single-stream blocks take text + image "
+                                                      "concatenated; they are not merged")
 
 
 class KeyLengths(TorchFunctionMode):
@@ -136,6 +150,7 @@ def test_sd3_compiles_fullgraph(kwargs):
 
 # Flux ----------------------------------------------------------------------------------------------
 
+@needs_split_single_blocks
 def test_flux_default_is_kv_and_tokens_mode_is_refused():
     model, inputs = tiny.flux(), tiny.flux_inputs()
     want = _run(model, inputs)
@@ -157,6 +172,7 @@ def test_flux_default_is_kv_and_tokens_mode_is_refused():
     assert torch.equal(_run(model, inputs), want)
 
 
+@needs_split_single_blocks
 def test_flux_grid_comes_from_img_ids():
     model = tiny.flux()
     calls = []
@@ -200,7 +216,7 @@ def test_kv_needs_torch_sdpa(monkeypatch):
 
 # Pipelines -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["sd3", "flux"])
+@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=needs_split_single_blocks)])
 def test_pipelines_after_save_and_load(kind, tmp_path, caplog):
     from diffusers import DiffusionPipeline
 

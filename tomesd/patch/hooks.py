@@ -218,6 +218,7 @@ class ModelState:
     local: threading.local = field(default_factory=threading.local)
     live: "weakref.WeakValueDictionary[int, CallContext]" = field(default_factory=weakref.WeakValueDictionary)
     ids: Any = field(default_factory=itertools.count)
+    lock: Any = field(default_factory=threading.Lock)
     warned: set = field(default_factory=set)
     active: bool = True
     modes: Dict[str, "Mode"] = field(default_factory=dict)
@@ -370,7 +371,13 @@ def _keep_for_backward(state: ModelState, ctx: CallContext, output: Optional[Ten
     if node is None:
         return  # nothing can backpropagate into this call
     node.metadata.setdefault(GRAPH_KEY, []).append(ctx)
-    state.live[next(state.ids)] = ctx
+    with state.lock:
+        state.live[next(state.ids)] = ctx
+
+
+def _live_calls(state: ModelState) -> List[CallContext]:
+    with state.lock:
+        return list(state.live.values())
 
 
 def _first_tensor(output) -> Optional[Tensor]:
@@ -430,7 +437,7 @@ def _recompute_context(state: ModelState, index: int, x: Tensor):
     matches x's values, narrowed to the one whose input had x's memory (a reentrant checkpoint that
     dropped the original but kept its storage). RuntimeError when calls that merge differently remain.
     """
-    calls = [c for c in list(state.live.values()) if c.records and index in c.records]
+    calls = [c for c in _live_calls(state) if c.records and index in c.records]
     memory = _memory(x)
     calls = [c for c in calls if c.records[index].memory[:1] + c.records[index].memory[2:4] == memory[:1] + memory[2:4]]
     if len(calls) > 1:
@@ -494,7 +501,7 @@ def enter_block(state: ModelState, index: int, x) -> None:
     else:
         found = _recompute_context(state, index, x) if torch.is_grad_enabled() and isinstance(x, Tensor) else None
         if found is None:
-            if not any(c.records for c in list(state.live.values())):
+            if not any(c.records for c in _live_calls(state)):
                 _warn_once(state, f"no-root-{index}", f"tomesd: transformer block {index} was called outside a "
                            f"call of {type(state.host.root).__name__}, so its token grid is unknown; it is not "
                            "merged in such calls")
