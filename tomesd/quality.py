@@ -39,6 +39,8 @@ ROW_FIELDS = (
     "setting", "images", "s_per_image", "speedup", "psnr", "psnr_min", "ssim", "lpips", "accuracy", "identical", "params",
 )
 SUBLAYERS = ("attn", "crossattn", "mlp")
+SHEET_PAD, SHEET_HEAD_H, SHEET_LINE_H = 4, 16, 11  # contact sheet layout, px
+SHEET_TEXT_H = 4 * SHEET_LINE_H + 2  # under each tile: the setting (two lines), s/img, PSNR
 MERGE_AXIS = "merge"  # grid key whose values are {merge_attn, merge_crossattn, merge_mlp} dicts
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 _NOT_GRID = {"model"}  # apply_patch parameters that are not settings
@@ -108,8 +110,8 @@ class QualityConfig:
 
     @property
     def columns(self) -> List[Tuple[str, int]]:
-        """(prompt, seed) of each image, prompt-major."""
-        return [(p, s) for p in self.prompts for s in self.seeds]
+        """(prompt, seed) of each image, seed-major: the contact sheet's first columns show every prompt."""
+        return [(p, s) for s in self.seeds for p in self.prompts]
 
 
 def grid_settings(grid: Dict[str, Sequence[Any]]) -> List[Dict[str, Any]]:
@@ -371,7 +373,7 @@ def contact_sheet(result: QualityResult, path: Optional[str] = None, tile: int =
 
     font = ImageFont.load_default()
     cols = min(len(result.columns), max_columns)
-    pad, text_h, head_h = 4, 36, 16
+    pad, text_h, head_h = SHEET_PAD, SHEET_TEXT_H, SHEET_HEAD_H
     cell_w, cell_h = tile + 2 * pad, tile + text_h + pad
     sheet = Image.new("RGB", (cols * cell_w, head_h + len(result.rows) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
@@ -386,18 +388,32 @@ def contact_sheet(result: QualityResult, path: Optional[str] = None, tile: int =
             x, y = j * cell_w + pad, head_h + i * cell_h
             sheet.paste(img, (x, y))
             psnr = result.tile_psnr[i][j]
-            lines = (_clip(row["setting"], tile), f"{row['s_per_image']:.3f} s/img",
+            lines = (*_wrap(row["setting"], tile, 2), f"{row['s_per_image']:.3f} s/img",
                      "PSNR inf" if math.isinf(psnr) else f"PSNR {psnr:.1f} dB")
             for k, text in enumerate(lines):
-                draw.text((x, y + tile + 1 + 11 * k), text, fill="black", font=font)
+                draw.text((x, y + tile + 1 + SHEET_LINE_H * k), text, fill="black", font=font)
     if path is not None:
         sheet.save(path, format="PNG")
     return sheet
 
 
 def _clip(text: str, width_px: int) -> str:
-    limit = max(4, width_px // 6)
+    limit = max(4, width_px // 6)  # the default font is about 6 px per character
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _wrap(text: str, width_px: int, max_lines: int) -> List[str]:
+    """text in at most max_lines lines of width_px, broken at spaces; the last line clipped."""
+    limit = max(4, width_px // 6)
+    lines: List[str] = []
+    for word in text.split(" "):
+        if lines and len(lines[-1]) + 1 + len(word) <= limit:
+            lines[-1] += " " + word
+        else:
+            lines.append(word)
+    if len(lines) > max_lines:
+        lines = lines[:max_lines - 1] + [" ".join(lines[max_lines - 1:])]
+    return [_clip(line, width_px) for line in lines]
 
 
 def write_results(result: QualityResult, out_dir: str, tile: int = 128, max_columns: int = 10) -> Dict[str, str]:
