@@ -5,7 +5,7 @@ with random weights and downloads nothing. sd15, sd21 and sdxl are the `unet/con
 Stable Diffusion 1.5, 2.1 and XL 1.0 base (the keys that differ from UNet2DConditionModel's defaults);
 `tiny` is a toy: SD 1.5's layout (four levels, attention at /1, /2, /4) at 1/10 width, for quick
 checks. Attention dominates it far more than SD 1.5, so ToMe's speed-ups on it are much larger (2.1x
-at ratio 0.5 and 512 px on a CPU, against about 1.2x for the real SD 1.5 UNet).
+at ratio 0.5 and 512 px on a CPU, against 1.05-1.2x for the real SD 1.5 UNet; see BENCHMARKS.md).
 
 Each entry also says what the UNet is called with: the text sequence length and, for SDXL, the
 size of the pooled text embedding that goes with the six time ids.
