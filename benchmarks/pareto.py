@@ -1,13 +1,14 @@
-"""Speed (tomesd.bench) against quality (tomesd.quality): one table per resolution and its Pareto front.
+"""Speed (tomesd.bench / bench_modes.py) against quality (tomesd.quality): a table per resolution, Pareto front.
 
-Reads one bench results.json (speed: per resolution, setting and ratio) and one or more quality
-results.json (PSNR / SSIM / accuracy against the unpatched model), matches their settings on
-(ratio, mode, prop_attn, share_plan, plan_every) with apply_patch's defaults filled in (prop_attn:
-on in kv mode), and prints Markdown: for each resolution of the bench, every setting measured by both,
-a mark on those on the Pareto front (no other setting has at least its speedup and at least its PSNR,
-one of them higher), and how each compares with tokens mode at ratio 0.5.
+Reads speed (tomesd.bench results.json, or benchmarks/bench_modes.py JSON: per resolution, setting
+and ratio, the SD 1.5 per-step speed-up) and one or more tomesd.quality results.json (PSNR / SSIM /
+accuracy against the unpatched model), matches their settings on (ratio, mode, prop_attn,
+share_plan, plan_every) with apply_patch's defaults filled in (prop_attn: on in kv mode), and prints
+Markdown: for each resolution, every setting measured by both, whether it is on the Pareto front (no
+other setting has at least its speed-up and at least its PSNR, one of them higher), and its speed-up
+over tokens mode at ratio 0.5's, marked when ≥ 1.3× at no lower PSNR (the issue's target).
 
-    python benchmarks/pareto.py --speed bench/results.json --quality q1/results.json q2/results.json
+    python benchmarks/pareto.py --speed modes512.json modes768.json --quality q1/results.json q2/results.json
 """
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ import argparse
 import json
 import math
 from typing import Any, Dict, List, Tuple
-
-KEYS = ("mode", "prop_attn", "share_plan", "plan_every")
-
 
 def canonical(params: Dict[str, Any], ratio: float) -> Tuple:
     """(ratio, mode, prop_attn, share_plan, plan_every) with apply_patch's defaults for a UNet."""
@@ -68,41 +66,54 @@ def _f(value, spec: str) -> str:
     return format(value, spec)
 
 
-def tables(speed_path: str, quality_paths: List[str]) -> str:
-    with open(speed_path) as f:
-        speed_rows = json.load(f)["rows"]
+def load_speed(path: str) -> Dict[int, List[Tuple[Tuple, float, float]]]:
+    """resolution → [(canonical key, per-step speedup, ms or None)] from a tomesd.bench results.json
+    or a benchmarks/bench_modes.py JSON (speedup: its SD 1.5 step estimate)."""
+    with open(path) as f:
+        data = json.load(f)
+    out: Dict[int, List[Tuple[Tuple, float, float]]] = {}
+    if "rows" in data:  # tomesd.bench
+        for r in data["rows"]:
+            if r["method"] == "tome" and r["speedup"] is not None:
+                out.setdefault(r["resolution"], []).append((canonical(r["params"] or {}, r["ratio"]), r["speedup"], r["ms_per_step"]))
+        return out
+    for res, block in data["resolutions"].items():
+        for r in block["rows"]:
+            if r["ratio"] is not None:
+                out.setdefault(int(res), []).append((canonical(r["params"], r["ratio"]), r["step_speedup"], None))
+    return out
+
+
+def tables(speed_paths: List[str], quality_paths: List[str]) -> str:
+    speed: Dict[int, List[Tuple[Tuple, float, float]]] = {}
+    for path in speed_paths:
+        for res, rows in load_speed(path).items():
+            speed.setdefault(res, []).extend(rows)
     quality = load_quality(quality_paths)
+    ref_key = canonical({}, 0.5)
+    ref_psnr = quality.get(ref_key, {}).get("psnr")
     out = []
-    for res in dict.fromkeys(r["resolution"] for r in speed_rows):
-        rows = []
-        for r in speed_rows:
-            if r["resolution"] != res or r["method"] != "tome" or r["speedup"] is None:
-                continue
-            key = canonical(r["params"] or {}, r["ratio"])
-            q = quality.get(key)
-            if q is not None:
-                rows.append((key, r, q))
-        ref = next((r["speedup"] for key, r, _ in rows if key == canonical({}, 0.5)), None)
-        front = pareto([(r["speedup"], q["psnr"]) for _, r, q in rows])
-        ref_psnr = quality.get(canonical({}, 0.5), {}).get("psnr")
-        out.append(f"\n{res} px (speed: SD 1.5 UNet; quality: reference digits model)\n")
-        out.append("| setting | ms/step | speedup | ÷ tokens@0.5 speedup | PSNR dB | SSIM | accuracy | Pareto |")
-        out.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
-        order = sorted(range(len(rows)), key=lambda i: -rows[i][1]["speedup"])
-        for i in order:
-            key, r, q = rows[i]
-            rel = r["speedup"] / ref if ref else None
-            mark = "**front**" if front[i] else ""
+    for res, measured in speed.items():
+        rows = [(key, s, q) for key, s, _ in measured for q in [quality.get(key)] if q is not None]
+        ref = next((s for key, s, _ in rows if key == ref_key), None)
+        front = pareto([(s, q["psnr"]) for _, s, q in rows])
+        out.append(f"\n{res} px (speed-up: SD 1.5 step; quality: reference digits model)\n")
+        out.append("| setting | speed-up | ÷ tokens 0.5's | PSNR dB | SSIM | accuracy | Pareto front |")
+        out.append("| --- | --- | --- | --- | --- | --- | --- |")
+        for i in sorted(range(len(rows)), key=lambda i: -rows[i][1]):
+            key, s, q = rows[i]
+            rel = s / ref if ref else None
+            mark = "yes" if front[i] else ""
             if rel is not None and rel >= 1.3 and ref_psnr is not None and q["psnr"] >= ref_psnr:
-                mark += " (≥1.3× at ≥ PSNR)"
-            out.append(f"| {label(key)} | {_f(r['ms_per_step'], '.0f')} | {_f(r['speedup'], '.2f')}x | {_f(rel, '.2f')}x | "
-                       f"{_f(q['psnr'], '.2f')} | {_f(q['ssim'], '.4f')} | {_f(q['accuracy'], '.2f')} | {mark} |")
+                mark += " (≥ 1.3× tokens 0.5 at ≥ its PSNR)"
+            out.append(f"| {label(key)} | {_f(s, '.2f')}x | {_f(rel, '.2f')}x | {_f(q['psnr'], '.1f')} | "
+                       f"{_f(q['ssim'], '.4f')} | {_f(q['accuracy'], '.2f')} | {mark} |")
     return "\n".join(out)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--speed", required=True, help="tomesd.bench results.json")
+    p.add_argument("--speed", nargs="+", required=True, help="tomesd.bench results.json or bench_modes.py JSON files")
     p.add_argument("--quality", nargs="+", required=True, help="tomesd.quality results.json files")
     args = p.parse_args()
     print(tables(args.speed, args.quality))
