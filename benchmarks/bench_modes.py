@@ -1,22 +1,22 @@
 """Per-step speed-up of tomesd's modes and plan options on SD 1.5, resolved on a shared CPU.
 
-Every setting (mode, prop_attn, share_plan, plan_every, ratio) changes only the level-1 transformer
-blocks: SD 1.5's five Transformer2DModels at the latent's full resolution (2 down, 3 up). The rest of
-the UNet step is the same work whatever the setting. On a shared CPU a whole SD 1.5 step varies by
-±30% with the load, which drowns differences of a few percent between settings (`python -m
-tomesd.bench --interleave` over the same grid showed it). So this measures the two parts apart:
+Every setting here (mode, prop_attn, share_plan, plan_every, merge_mlp, sx/sy, ratio, max_downsample
+≤ 2) changes only the transformer blocks of SD 1.5's two finest levels: the five Transformer2DModels at
+the latent's resolution (2 down, 3 up, C = 320) and the five at half of it (C = 640). The rest of the
+UNet step is the same work whatever the setting. On a shared CPU a whole SD 1.5 step varies by ±30%
+with the load, which drowns differences of a few percent between settings. So this measures two parts:
 
 1. f: the fraction of an unpatched SD 1.5 UNet step (random weights, fp32, classifier-free-guidance
-   batch 2) spent in its level-1 Transformer2DModels, timed by forward hooks inside --full-calls
-   steps per resolution (after one warm-up): one ratio of two times taken in the same calls.
-2. t(setting): one call of those same five modules (taken from the SD 1.5 UNet, real sizes, run in
-   UNet order on [2, 320, H/8, W/8] with 77 text tokens) as a denoiser of their own, which tomesd
-   patches as it patches the UNet: one level, share_plan across the five blocks, plan_every across
-   calls. All settings are timed round-robin for --rounds rounds (tomesd.bench's timing: windows of
-   whole plan_every periods, the timestep changing at every call, the patch applied per window); medians.
+   batch 2) spent in those ten Transformer2DModels, timed by forward hooks inside --full-calls steps
+   per resolution (after one warm-up): one ratio of two times taken in the same calls.
+2. t(setting): one call of those same ten modules (taken from the SD 1.5 UNet, real sizes, in UNet
+   order, see Levels) as a denoiser of their own, which tomesd patches as it patches the UNet:
+   share_plan within a level, plan_every across calls. All settings are timed round-robin for --rounds
+   rounds (tomesd.bench's timing: windows of whole plan_every periods, the timestep changing at every
+   call, the patch applied per window); medians.
 3. per-step speed-up on SD 1.5 = 1 / (1 − f + f · t(setting) / t(no ToMe)).
 
-    python benchmarks/bench_modes.py --resolutions 512,768 --out modes.json
+    python benchmarks/bench_modes.py --resolutions 512,768 --extra --out modes.json
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tomesd  # noqa: E402
 from tomesd import bench  # noqa: E402
 
-SETTINGS = (  # name → apply_patch keywords (ratio apart)
+BASE = (  # the issue's grid: name → apply_patch keywords (ratio apart), at --ratios
     ("tokens", dict(mode="tokens")),
     ("tokens+prop", dict(mode="tokens", prop_attn=True)),
     ("kv+prop", dict(mode="kv", prop_attn=True)),
@@ -46,68 +46,105 @@ SETTINGS = (  # name → apply_patch keywords (ratio apart)
     ("tokens plan_every 2", dict(mode="tokens", plan_every=2)),
     ("tokens plan_every 5", dict(mode="tokens", plan_every=5)),
     ("kv+prop share_plan", dict(mode="kv", prop_attn=True, share_plan=True)),
+    ("kv+prop plan_every 2", dict(mode="kv", prop_attn=True, plan_every=2)),
+    ("kv+prop plan_every 5", dict(mode="kv", prop_attn=True, plan_every=5)),
+)
+EXTRA = (  # where kv's quality margin can be spent (--extra): name, keywords, ratios
+    ("tokens md2", dict(mode="tokens", max_downsample=2), (0.3, 0.5, 0.7)),
+    ("kv+prop md2", dict(mode="kv", max_downsample=2), (0.3, 0.5, 0.7)),
+    ("tokens mlp", dict(mode="tokens", merge_mlp=True), (0.5, 0.7)),
+    ("kv+prop mlp", dict(mode="kv", merge_mlp=True), (0.5, 0.7)),
+    ("tokens mlp share_plan", dict(mode="tokens", merge_mlp=True, share_plan=True), (0.5, 0.7)),
+    ("kv+prop mlp share_plan", dict(mode="kv", merge_mlp=True, share_plan=True), (0.5, 0.7)),
+    ("kv+prop sx4", dict(mode="kv", sx=4, sy=4), (0.7, 0.8, 0.9)),
+    ("kv+prop sx4 share_plan", dict(mode="kv", sx=4, sy=4, share_plan=True), (0.7, 0.8, 0.9)),
+    ("kv+prop sx4 md2", dict(mode="kv", sx=4, sy=4, max_downsample=2), (0.7, 0.8, 0.9)),
+    ("kv+prop sx4 md2 share_plan", dict(mode="kv", sx=4, sy=4, max_downsample=2, share_plan=True), (0.7, 0.8, 0.9)),
+    ("tokens sx4 mlp", dict(mode="tokens", sx=4, sy=4, merge_mlp=True), (0.7, 0.9)),
+    ("kv+prop sx4 mlp", dict(mode="kv", sx=4, sy=4, merge_mlp=True), (0.7, 0.9)),
 )
 
 
-class TopLevel(nn.Module):
-    """SD 1.5's level-1 Transformer2DModels in UNet order, as a denoiser: forward(sample [B, 320, h, w],
-    timestep, encoder_hidden_states) → the chained output."""
+class Levels(nn.Module):
+    """SD 1.5's Transformer2DModels of the two finest levels (real sizes), as a denoiser of their own:
+    forward(sample [B, 320, h, w], timestep, encoder_hidden_states) runs the level-1 down blocks on the
+    sample, the level-2 blocks (down then up) on a [B, 640, h/2, w/2] tensor made from it, then the
+    level-1 up blocks: the UNet's order. tomesd patches it as it patches the UNet (the levels follow from
+    the token counts), so one level's plan is shared across its blocks (share_plan) and plans are reused
+    across calls (plan_every) exactly as in the UNet."""
 
     def __init__(self, unet):
         super().__init__()
-        self.blocks = nn.ModuleList([*unet.down_blocks[0].attentions, *unet.up_blocks[-1].attentions])
+        self.down1 = nn.ModuleList(unet.down_blocks[0].attentions)
+        self.level2 = nn.ModuleList([*unet.down_blocks[1].attentions, *unet.up_blocks[-2].attentions])
+        self.up1 = nn.ModuleList(unet.up_blocks[-1].attentions)
+        channels = unet.config.block_out_channels
+        self.widen = channels[1] // channels[0]
+
+    def blocks(self, level: int):
+        return [*self.down1, *self.up1] if level == 1 else list(self.level2)
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        for block in self.blocks:
+        for block in self.down1:
             sample = block(sample, encoder_hidden_states=encoder_hidden_states).sample
-        return sample
+        half = sample[:, :, ::2, ::2].repeat(1, self.widen, 1, 1)
+        for block in self.level2:
+            half = block(half, encoder_hidden_states=encoder_hidden_states).sample
+        for block in self.up1:
+            sample = block(sample, encoder_hidden_states=encoder_hidden_states).sample
+        return sample, half
 
 
-def top_fraction(unet, cfg, resolution: int, calls: int) -> Dict[str, Any]:
-    """Share of unpatched SD 1.5 steps spent in the level-1 Transformer2DModels (one warm-up call)."""
-    blocks = TopLevel(unet).blocks
-    spent = [0.0]
+def level_fractions(unet, cfg, resolution: int, calls: int) -> Dict[str, Any]:
+    """Share of unpatched SD 1.5 steps spent in the level-1 and level-2 Transformer2DModels (one warm-up
+    call; forward hooks inside the timed steps)."""
+    levels = Levels(unet)
+    spent = {1: 0.0, 2: 0.0}
     start = {}
     handles = []
-    for block in blocks:
-        handles.append(block.register_forward_pre_hook(lambda m, a: start.__setitem__(id(m), time.perf_counter())))
-        handles.append(block.register_forward_hook(
-            lambda m, a, o: spent.__setitem__(0, spent[0] + time.perf_counter() - start[id(m)])))
+    for level in (1, 2):
+        for block in levels.blocks(level):
+            handles.append(block.register_forward_pre_hook(lambda m, a: start.__setitem__(id(m), time.perf_counter())))
+            handles.append(block.register_forward_hook(
+                lambda m, a, o, level=level: spent.__setitem__(level, spent[level] + time.perf_counter() - start[id(m)])))
     args, kwargs = bench.unet_inputs(unet, cfg, resolution)
-    fractions, steps = [], []
+    shares = {1: [], 2: []}
+    steps = []
     with torch.inference_mode():
         unet(*args, **kwargs)
         for _ in range(calls):
-            spent[0] = 0.0
+            spent.update({1: 0.0, 2: 0.0})
             t0 = time.perf_counter()
             unet(*args, **kwargs)
             step = time.perf_counter() - t0
-            fractions.append(spent[0] / step)
+            for level in (1, 2):
+                shares[level].append(spent[level] / step)
             steps.append(step * 1000)
     for handle in handles:
         handle.remove()
-    return dict(fraction=statistics.median(fractions), fractions=fractions, step_ms=steps)
+    return dict(fraction=statistics.median([a + b for a, b in zip(shares[1], shares[2])]),
+                level1=statistics.median(shares[1]), level2=statistics.median(shares[2]),
+                fractions=[a + b for a, b in zip(shares[1], shares[2])], step_ms=steps)
 
 
-def top_times(top, cfg, resolution: int, ratios, rounds: int) -> List[Dict[str, Any]]:
-    """Round-robin timing of the five blocks unpatched and with every setting at every ratio."""
-    g = torch.Generator().manual_seed(0)
-    side = resolution // 8
-    sample = torch.randn(2, 320, side, side, generator=g)
-    text = torch.randn(2, 77, 768, generator=g)
-    args, kwargs = (sample, torch.tensor(500)), dict(encoder_hidden_states=text)
-    points = [("no ToMe", None, {})] + [(name, r, params) for name, params in SETTINGS for r in ratios]
+def level_times(model, unet, cfg, resolution: int, points, rounds: int) -> List[Dict[str, Any]]:
+    """Round-robin timing of the level-1 and level-2 blocks unpatched and with every (setting, ratio)."""
+    (latent, timestep), kwargs = bench.unet_inputs(unet, cfg, resolution)  # the guided batch and text states
+    g = torch.Generator().manual_seed(cfg.seed)
+    sample = torch.randn(latent.shape[0], unet.config.block_out_channels[0], *latent.shape[2:], generator=g)
+    args, kwargs = (sample, timestep), dict(encoder_hidden_states=kwargs["encoder_hidden_states"])
+    points = [("no ToMe", None, {})] + list(points)
     times: List[List[float]] = [[] for _ in points]
     for k in range(rounds):
         for i, (name, ratio, params) in enumerate(points):
             calls = bench.calls_per_window(cfg, params)
             if ratio is not None:
-                tomesd.apply_patch(top, ratio=ratio, seed=0, **params)
+                tomesd.apply_patch(model, ratio=ratio, seed=0, **params)
             try:
-                times[i] += bench._time_calls(top, args, kwargs, cfg, calls=calls, warmup=1 if k == 0 else 0, steps=1,
+                times[i] += bench._time_calls(model, args, kwargs, cfg, calls=calls, warmup=1 if k == 0 else 0, steps=1,
                                               first=k * calls)
             finally:
-                tomesd.remove_patch(top)
+                tomesd.remove_patch(model)
         print(f"  {resolution} px: round {k + 1}/{rounds} done", file=sys.stderr, flush=True)
     return [dict(setting=name, ratio=ratio, params=params, ms=statistics.median(t), ms_all=t)
             for (name, ratio, params), t in zip(points, times)]
@@ -122,38 +159,53 @@ def load() -> Optional[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="sd15", help="a UNet architecture of tomesd.archs (default sd15; tiny for a smoke run)")
     p.add_argument("--resolutions", default="512,768")
-    p.add_argument("--ratios", default="0.3,0.5,0.7")
+    p.add_argument("--ratios", default="0.3,0.5,0.7", help="ratios of the issue's grid (BASE)")
+    p.add_argument("--extra", action="store_true", help="also the EXTRA settings (second level, MLP, 4x4 cells)")
+    p.add_argument("--only", help="comma-separated setting names to run (default: all selected)")
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the settings (median)")
     p.add_argument("--full-calls", type=int, default=2, help="timed SD 1.5 steps per resolution for f")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args()
     resolutions = [int(v) for v in args.resolutions.split(",")]
     ratios = [float(v) for v in args.ratios.split(",")]
-    cfg = bench.default_config("cpu", arch="sd15", resolutions=tuple(resolutions), ratios=tuple(ratios), isolate=False)
+    points = [(name, r, params) for name, params in BASE for r in ratios]
+    if args.extra:
+        points += [(name, r, params) for name, params, rs in EXTRA for r in rs]
+    if args.only:
+        keep = set(args.only.split(","))
+        unknown = keep - {name for name, _, _ in points}
+        if unknown:
+            p.error(f"--only: unknown setting(s) {sorted(unknown)}; known: {sorted({n for n, _, _ in points})}")
+        points = [pt for pt in points if pt[0] in keep]
+    cfg = bench.default_config("cpu", arch=args.arch, resolutions=tuple(resolutions), ratios=tuple(ratios), isolate=False)
     result: Dict[str, Any] = dict(torch=torch.__version__, threads=torch.get_num_threads(), load_before=load(),
                                   resolutions={})
     unet = bench.load_unet(cfg)
-    top = TopLevel(unet).eval()
+    model = Levels(unet).eval()
     for res in resolutions:
-        frac = top_fraction(unet, cfg, res, args.full_calls)
-        print(f"{res} px: level-1 transformer blocks take {frac['fraction']:.1%} of an SD 1.5 step "
-              f"({', '.join(f'{v:.1%}' for v in frac['fractions'])}; steps {', '.join(f'{v:.0f}' for v in frac['step_ms'])} ms)",
-              flush=True)
-        rows = top_times(top, cfg, res, ratios, args.rounds)
+        frac = level_fractions(unet, cfg, res, args.full_calls)
+        print(f"{res} px: level-1 / level-2 transformer blocks take {frac['level1']:.1%} / {frac['level2']:.1%} of an "
+              f"SD 1.5 step (sum per step {', '.join(f'{v:.1%}' for v in frac['fractions'])}; steps "
+              f"{', '.join(f'{v:.0f}' for v in frac['step_ms'])} ms)", flush=True)
+        rows = level_times(model, unet, cfg, res, points, args.rounds)
         base = rows[0]["ms"]
         f = frac["fraction"]
         for row in rows:
-            row["top_speedup"] = base / row["ms"]
+            row["blocks_speedup"] = base / row["ms"]
             row["step_speedup"] = 1.0 / (1.0 - f + f * row["ms"] / base)
-            print(f"  {row['setting']:22s} {'' if row['ratio'] is None else format(row['ratio'], 'g'):>4s}  "
-                  f"top {row['ms']:8.1f} ms ({row['top_speedup']:.2f}x, {min(row['ms_all']):.1f}-{max(row['ms_all']):.1f})"
-                  f"  SD 1.5 step {row['step_speedup']:.2f}x", flush=True)
+            print(f"  {row['setting']:28s} {'' if row['ratio'] is None else format(row['ratio'], 'g'):>4s}  "
+                  f"blocks {row['ms']:8.1f} ms ({row['blocks_speedup']:.2f}x, "
+                  f"{min(row['ms_all']):.1f}-{max(row['ms_all']):.1f})  step {row['step_speedup']:.2f}x", flush=True)
         result["resolutions"][res] = dict(fraction=frac, rows=rows)
+        if args.out:  # after every resolution: a partial run still leaves its numbers
+            with open(args.out, "w") as fh:
+                json.dump(dict(result, load_after=load()), fh, indent=2)
     result["load_after"] = load()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=2)
+        with open(args.out, "w") as fh:
+            json.dump(result, fh, indent=2)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,15 @@ python benchmarks/bench_kernels.py --out "$OUT" >"$OUT/bench.log" 2>&1
 bench_rc=$?
 cat "$OUT/bench.log" | tee -a "$OUT/summary.txt" >/dev/null
 
+echo "== prop_attn cost in SDPA (issue 11; needs diffusers)" | tee -a "$OUT/summary.txt"
+if python -c "import diffusers" 2>/dev/null; then
+  python benchmarks/bench_prop_attn.py --device cuda --resolutions 512,1024,2048 --ratios 0.5,0.7 \
+    --out "$OUT/prop_attn.json" >"$OUT/prop_attn.log" 2>&1 || echo "bench_prop_attn failed (see prop_attn.log)"
+  grep -o "^[0-9]* px ratio [0-9.]*:.*bias costs.*" "$OUT/prop_attn.log" | sed 's/:.*bias costs/: bias costs/' | tee -a "$OUT/summary.txt"
+else
+  echo "skipped: diffusers is not installed (carry its wheel)" | tee -a "$OUT/summary.txt"
+fi
+
 echo
 echo "info rc=$build_rc  gpu tests rc=$tests_rc  benchmark rc=$bench_rc  (logs in $OUT)"
 cat "$OUT/bench.log"

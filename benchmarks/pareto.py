@@ -17,17 +17,32 @@ import json
 import math
 from typing import Any, Dict, List, Tuple
 
+DEFAULTS = dict(share_plan=False, plan_every=1, merge_mlp=False, merge_crossattn=False, sx=2, sy=2, max_downsample=1)
+
+
 def canonical(params: Dict[str, Any], ratio: float) -> Tuple:
-    """(ratio, mode, prop_attn, share_plan, plan_every) with apply_patch's defaults for a UNet."""
+    """(ratio, mode, prop_attn, share_plan, plan_every, merge_mlp, merge_crossattn, sx, sy, max_downsample)
+    with apply_patch's defaults for a UNet filled in (prop_attn: on in kv mode)."""
     mode = params.get("mode") or "tokens"
     prop = params.get("prop_attn")
     prop = mode == "kv" if prop is None else bool(prop)
-    return (round(float(ratio), 4), mode, prop, bool(params.get("share_plan", False)), int(params.get("plan_every", 1)))
+    rest = {k: params.get(k, v) for k, v in DEFAULTS.items()}
+    return (round(float(ratio), 4), mode, prop, bool(rest["share_plan"]), int(rest["plan_every"]),
+            bool(rest["merge_mlp"]), bool(rest["merge_crossattn"]), int(rest["sx"]), int(rest["sy"]),
+            int(rest["max_downsample"]))
 
 
 def label(key: Tuple) -> str:
-    ratio, mode, prop, share, every = key
+    ratio, mode, prop, share, every, mlp, cross, sx, sy, md = key
     parts = [mode + ("+prop" if prop else (" no prop" if mode == "kv" else ""))]
+    if mlp:
+        parts.append("mlp")
+    if cross:
+        parts.append("crossattn")
+    if (sx, sy) != (2, 2):
+        parts.append(f"{sx}x{sy} cells")
+    if md != 1:
+        parts.append(f"max_downsample {md}")
     if share:
         parts.append("share_plan")
     if every > 1:
