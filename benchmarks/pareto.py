@@ -99,7 +99,7 @@ def load_speed(path: str) -> Dict[int, List[Tuple[Tuple, float, float]]]:
     return out
 
 
-def tables(speed_paths: List[str], quality_paths: List[str]) -> str:
+def tables(speed_paths: List[str], quality_paths: List[str], front_only: bool = False) -> str:
     speed: Dict[int, List[Tuple[Tuple, float, float]]] = {}
     for path in speed_paths:
         for res, rows in load_speed(path).items():
@@ -117,12 +117,20 @@ def tables(speed_paths: List[str], quality_paths: List[str]) -> str:
         out.append("| --- | --- | --- | --- | --- | --- | --- |")
         for i in sorted(range(len(rows)), key=lambda i: -rows[i][1]):
             key, s, q = rows[i]
+            if front_only and not front[i] and key != ref_key:
+                continue
             rel = s / ref if ref else None
             mark = "yes" if front[i] else ""
             if rel is not None and rel >= 1.3 and ref_psnr is not None and q["psnr"] >= ref_psnr:
                 mark += " (≥ 1.3× tokens 0.5 at ≥ its PSNR)"
             out.append(f"| {label(key)} | {_f(s, '.2f')}x | {_f(rel, '.2f')}x | {_f(q['psnr'], '.1f')} | "
                        f"{_f(q['ssim'], '.4f')} | {_f(q['accuracy'], '.2f')} | {mark} |")
+        if ref is not None and ref_psnr is not None:
+            fair = [(s, key, q) for key, s, q in rows if q["psnr"] >= ref_psnr and key != ref_key]
+            if fair:
+                s, key, q = max(fair, key=lambda t: t[0])
+                out.append(f"\nFastest at PSNR ≥ tokens 0.5's ({ref_psnr:.1f} dB): {label(key)}, {s:.2f}x "
+                           f"({s / ref:.2f}x tokens 0.5's {ref:.2f}x), {q['psnr']:.1f} dB.")
     return "\n".join(out)
 
 
@@ -130,8 +138,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--speed", nargs="+", required=True, help="tomesd.bench results.json or bench_modes.py JSON files")
     p.add_argument("--quality", nargs="+", required=True, help="tomesd.quality results.json files")
+    p.add_argument("--front", action="store_true", help="only the Pareto front (and tokens @ 0.5, the reference)")
     args = p.parse_args()
-    print(tables(args.speed, args.quality))
+    print(tables(args.speed, args.quality, front_only=args.front))
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def modes_json(tmp_path_factory):
     out = tmp_path_factory.mktemp("modes") / "modes.json"
     proc = run("benchmarks/bench_modes.py", "--arch", "tiny", "--resolutions", "64", "--ratios", "0.5",
                "--rounds", "2", "--full-calls", "1", "--extra",
-               "--only", "tokens,kv+prop plan_every 5,kv+prop sx4 md2 share_plan", "--out", str(out))
+               "--only", "tokens,kv+prop plan_every 5,kv+prop sx4 md2", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     return json.loads(out.read_text())
 
@@ -36,13 +36,13 @@ def test_bench_modes_rows_and_formula(modes_json):
     rows = block["rows"]
     names = [(r["setting"], r["ratio"]) for r in rows]
     assert names == [("no ToMe", None), ("tokens", 0.5), ("kv+prop plan_every 5", 0.5),
-                     ("kv+prop sx4 md2 share_plan", 0.7), ("kv+prop sx4 md2 share_plan", 0.8),
-                     ("kv+prop sx4 md2 share_plan", 0.9)]
+                     ("kv+prop sx4 md2", 0.7), ("kv+prop sx4 md2", 0.8),
+                     ("kv+prop sx4 md2", 0.9)]
     base = rows[0]["ms"]
     for r in rows:
         assert len(r["ms_all"]) == 2  # one timed window (ms per call) per round
         assert r["step_speedup"] == pytest.approx(1 / (1 - f + f * r["ms"] / base))
-    assert rows[3]["params"] == dict(mode="kv", sx=4, sy=4, max_downsample=2, share_plan=True)
+    assert rows[3]["params"] == dict(mode="kv", prop_attn=True, sx=4, sy=4, max_downsample=2)
 
 
 def test_bench_modes_unknown_setting_is_an_error():
@@ -59,7 +59,7 @@ def test_pareto_joins_on_filled_in_defaults(modes_json, tmp_path):
                  ssim=0.99, accuracy=1.0),
             # kv with prop_attn left to its default (on in kv mode)
             dict(params=dict(ratio=0.5, mode="kv", plan_every=5), psnr=60.0, ssim=1.0, accuracy=1.0),
-            dict(params=dict(ratio=0.9, mode="kv", sx=4, sy=4, max_downsample=2, share_plan=True), psnr=30.0,
+            dict(params=dict(ratio=0.9, mode="kv", sx=4, sy=4, max_downsample=2), psnr=30.0,
                  ssim=0.9, accuracy=0.9)]
     quality = tmp_path / "q.json"
     quality.write_text(json.dumps(dict(rows=rows)))
@@ -68,9 +68,15 @@ def test_pareto_joins_on_filled_in_defaults(modes_json, tmp_path):
     assert len(lines) == 3  # the two 4x4 rows at 0.7 / 0.8 have no quality: left out
     by_label = {line.split(" | ")[0][2:]: line for line in lines}
     assert set(by_label) == {"tokens @ 0.5", "kv+prop, plan_every 5 @ 0.5",
-                             "kv+prop, 4x4 cells, max_downsample 2, share_plan @ 0.9"}
+                             "kv+prop, 4x4 cells, max_downsample 2 @ 0.9"}
     assert " 40.0 " in by_label["tokens @ 0.5"] and " 60.0 " in by_label["kv+prop, plan_every 5 @ 0.5"]
     assert "1.00x" in by_label["tokens @ 0.5"]  # ÷ tokens 0.5's own speed-up
+    # the only setting at ≥ tokens 0.5's PSNR (40 dB) is kv+prop plan_every 5 (60 dB), whatever the speeds
+    assert "Fastest at PSNR ≥ tokens 0.5's (40.0 dB): kv+prop, plan_every 5 @ 0.5," in table
+    front = pareto.tables([str(speed)], [str(quality)], front_only=True)
+    kept = [line for line in front.splitlines() if line.startswith("| ") and "@" in line]
+    assert all("| yes" in line or line.startswith("| tokens @ 0.5 ") for line in kept)
+    assert len(kept) >= 2 and any(line.startswith("| tokens @ 0.5 ") for line in kept)
 
 
 def test_pareto_front():

@@ -303,3 +303,28 @@ def test_bench_runs_the_mmdit_architectures(arch, tmp_path):
     assert "cut to 1 block(s)" in result.env["arch"] and archs.TRANSFORMER_ARCHS[arch].description in result.env["arch"]
     with pytest.raises(ValueError, match="layers must be"):
         bench.default_config("cpu", arch="sd15", layers=2)
+
+
+@pytest.mark.parametrize("order", ["cache first", "tomesd first"])
+def test_attention_output_cache_is_refused_on_sd3(order, caplog):
+    """A diffusers hook that may replay an attention output from another step (pyramid attention
+    broadcast) makes tomesd leave that attention unmerged, with a warning, whichever came first."""
+    hooks = pytest.importorskip("diffusers.hooks")
+    if not hasattr(hooks, "apply_pyramid_attention_broadcast"):
+        pytest.skip("this diffusers has no pyramid attention broadcast")
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    steps = [500]
+    config = hooks.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2, spatial_attention_timestep_skip_range=(0, 1000),
+        spatial_attention_block_identifiers=("transformer_blocks",), current_timestep_callback=lambda: steps[0])
+    if order == "cache first":
+        hooks.apply_pyramid_attention_broadcast(model, config)
+    tomesd.apply_patch(model, ratio=0.5, merge_mlp=True)
+    if order == "tomesd first":
+        hooks.apply_pyramid_attention_broadcast(model, config)
+    attn, ff = _hidden_lengths(model, "attn"), _hidden_lengths(model, "ff")
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        _run(model, inputs)
+    assert attn and set(attn) == {64}  # the joint attention sees every image token
+    assert ff and set(ff) == {32}  # the feed-forward, without such a hook, still merges
+    assert "attn is not merged" in caplog.text and "pyramid_attention_broadcast" in caplog.text

@@ -94,6 +94,20 @@ def test_proportional_attention_is_exact_for_duplicated_tokens(mode):
     assert not torch.allclose(plain, want, rtol=1e-4, atol=1e-5)  # without the size bias it is not exact
 
 
+@pytest.mark.parametrize("mode", ["kv", "tokens"])
+@pytest.mark.parametrize("options", [dict(share_plan=True), dict(merge_mlp=True), dict(plan_every=2),
+                                     dict(share_plan=True, merge_mlp=True, plan_every=2)])
+def test_proportional_attention_stays_exact_with_plan_options(mode, options):
+    """Shared and reused plans carry their group sizes: three blocks, the later ones on the first's plan
+    (share_plan) or on the previous call's (plan_every), stay exact on duplicated tokens."""
+    model, x, text = _duplicated_model_and_input(num_layers=3)
+    with torch.no_grad():
+        want = model(x, encoder_hidden_states=text).sample
+        tomesd.apply_patch(model, ratio=0.5, mode=mode, prop_attn=True, use_rand=False, **options)
+        for _ in range(2):  # the second call reuses the first's plans under plan_every=2
+            torch.testing.assert_close(model(x, encoder_hidden_states=text).sample, want, rtol=1e-4, atol=1e-5)
+
+
 def test_prop_attn_defaults_follow_the_mode():
     assert tomesd.ToMeConfig(mode="kv").prop_attn is True
     assert tomesd.ToMeConfig().resolved("tokens").prop_attn is False
