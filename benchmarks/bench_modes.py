@@ -40,28 +40,36 @@ from tomesd import bench  # noqa: E402
 BASE = (  # the issue's grid: name → apply_patch keywords (ratio apart), at --ratios
     ("tokens", dict(mode="tokens")),
     ("tokens+prop", dict(mode="tokens", prop_attn=True)),
-    ("kv+prop", dict(mode="kv", prop_attn=True)),
     ("kv", dict(mode="kv", prop_attn=False)),
+    ("kv+prop", dict(mode="kv", prop_attn=True)),
     ("tokens share_plan", dict(mode="tokens", share_plan=True)),
+    ("tokens+prop share_plan", dict(mode="tokens", prop_attn=True, share_plan=True)),
+    ("kv+prop share_plan", dict(mode="kv", prop_attn=True, share_plan=True)),
     ("tokens plan_every 2", dict(mode="tokens", plan_every=2)),
     ("tokens plan_every 5", dict(mode="tokens", plan_every=5)),
-    ("kv+prop share_plan", dict(mode="kv", prop_attn=True, share_plan=True)),
+    ("tokens+prop plan_every 2", dict(mode="tokens", prop_attn=True, plan_every=2)),
+    ("tokens+prop plan_every 5", dict(mode="tokens", prop_attn=True, plan_every=5)),
     ("kv+prop plan_every 2", dict(mode="kv", prop_attn=True, plan_every=2)),
     ("kv+prop plan_every 5", dict(mode="kv", prop_attn=True, plan_every=5)),
 )
-EXTRA = (  # where kv's quality margin can be spent (--extra): name, keywords, ratios
-    ("tokens md2", dict(mode="tokens", max_downsample=2), (0.3, 0.5, 0.7)),
-    ("kv+prop md2", dict(mode="kv", max_downsample=2), (0.3, 0.5, 0.7)),
-    ("tokens mlp", dict(mode="tokens", merge_mlp=True), (0.5, 0.7)),
-    ("kv+prop mlp", dict(mode="kv", merge_mlp=True), (0.5, 0.7)),
-    ("tokens mlp share_plan", dict(mode="tokens", merge_mlp=True, share_plan=True), (0.5, 0.7)),
-    ("kv+prop mlp share_plan", dict(mode="kv", merge_mlp=True, share_plan=True), (0.5, 0.7)),
-    ("kv+prop sx4", dict(mode="kv", sx=4, sy=4), (0.7, 0.8, 0.9)),
-    ("kv+prop sx4 share_plan", dict(mode="kv", sx=4, sy=4, share_plan=True), (0.7, 0.8, 0.9)),
-    ("kv+prop sx4 md2", dict(mode="kv", sx=4, sy=4, max_downsample=2), (0.7, 0.8, 0.9)),
-    ("kv+prop sx4 md2 share_plan", dict(mode="kv", sx=4, sy=4, max_downsample=2, share_plan=True), (0.7, 0.8, 0.9)),
-    ("tokens sx4 mlp", dict(mode="tokens", sx=4, sy=4, merge_mlp=True), (0.7, 0.9)),
-    ("kv+prop sx4 mlp", dict(mode="kv", sx=4, sy=4, merge_mlp=True), (0.7, 0.9)),
+TOK, TOKP, KVP = dict(mode="tokens"), dict(mode="tokens", prop_attn=True), dict(mode="kv", prop_attn=True)
+EXTRA = (  # where prop_attn's quality margin can be spent (--extra): name, keywords, ratios
+    ("tokens md2", dict(TOK, max_downsample=2), (0.3, 0.5, 0.7)),
+    ("tokens+prop md2", dict(TOKP, max_downsample=2), (0.3, 0.5, 0.7)),
+    ("kv+prop md2", dict(KVP, max_downsample=2), (0.3, 0.5, 0.7)),
+    ("tokens mlp", dict(TOK, merge_mlp=True), (0.5, 0.7)),
+    ("tokens+prop mlp", dict(TOKP, merge_mlp=True), (0.5, 0.7)),
+    ("kv+prop mlp", dict(KVP, merge_mlp=True), (0.5, 0.7)),
+    ("tokens+prop mlp share_plan", dict(TOKP, merge_mlp=True, share_plan=True), (0.5, 0.7)),
+    ("kv+prop mlp share_plan", dict(KVP, merge_mlp=True, share_plan=True), (0.5, 0.7)),
+    ("tokens+prop sx4", dict(TOKP, sx=4, sy=4), (0.7, 0.8, 0.9)),
+    ("kv+prop sx4", dict(KVP, sx=4, sy=4), (0.7, 0.8, 0.9)),
+    ("tokens+prop sx4 md2", dict(TOKP, sx=4, sy=4, max_downsample=2), (0.7, 0.8, 0.9)),
+    ("kv+prop sx4 md2", dict(KVP, sx=4, sy=4, max_downsample=2), (0.7, 0.8, 0.9)),
+    ("tokens+prop sx4 mlp", dict(TOKP, sx=4, sy=4, merge_mlp=True), (0.7, 0.9)),
+    ("kv+prop sx4 mlp", dict(KVP, sx=4, sy=4, merge_mlp=True), (0.7, 0.9)),
+    ("tokens+prop md2 mlp", dict(TOKP, max_downsample=2, merge_mlp=True), (0.5, 0.7)),
+    ("kv+prop md2 mlp", dict(KVP, max_downsample=2, merge_mlp=True), (0.5, 0.7)),
 )
 
 
@@ -150,6 +158,25 @@ def level_times(model, unet, cfg, resolution: int, points, rounds: int) -> List[
             for (name, ratio, params), t in zip(points, times)]
 
 
+def refit(path: str, unet, cfg, resolutions, calls: int) -> None:
+    """Measure f again (e.g. on a quieter machine) and recompute an earlier output's step speed-ups."""
+    with open(path) as fh:
+        data = json.load(fh)
+    for res in resolutions:
+        block = data["resolutions"][str(res)]
+        frac = level_fractions(unet, cfg, res, calls)
+        f = frac["fraction"]
+        print(f"{res} px: f {block['fraction']['fraction']:.1%} → {f:.1%} (level 1 {frac['level1']:.1%}, "
+              f"level 2 {frac['level2']:.1%}; steps {', '.join(f'{v:.0f}' for v in frac['step_ms'])} ms)", flush=True)
+        block["fraction_before_refit"] = block["fraction"]
+        block["fraction"] = dict(frac, load=load())
+        base = block["rows"][0]["ms"]
+        for row in block["rows"]:
+            row["step_speedup"] = 1.0 / (1.0 - f + f * row["ms"] / base)
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=2)
+
+
 def load() -> Optional[str]:
     try:
         return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
@@ -167,6 +194,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="round-robin rounds over the settings (median)")
     p.add_argument("--full-calls", type=int, default=2, help="timed SD 1.5 steps per resolution for f")
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--refit", metavar="JSON", help="only measure f again at --resolutions and recompute the step "
+                   "speed-ups of this earlier output in place (the old f is kept as fraction_before_refit)")
     args = p.parse_args()
     resolutions = [int(v) for v in args.resolutions.split(",")]
     ratios = [float(v) for v in args.ratios.split(",")]
@@ -183,6 +212,9 @@ def main() -> None:
     result: Dict[str, Any] = dict(torch=torch.__version__, threads=torch.get_num_threads(), load_before=load(),
                                   resolutions={})
     unet = bench.load_unet(cfg)
+    if args.refit:
+        refit(args.refit, unet, cfg, resolutions, args.full_calls)
+        return
     model = Levels(unet).eval()
     for res in resolutions:
         frac = level_fractions(unet, cfg, res, args.full_calls)

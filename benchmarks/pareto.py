@@ -99,11 +99,39 @@ def load_speed(path: str) -> Dict[int, List[Tuple[Tuple, float, float]]]:
     return out
 
 
-def tables(speed_paths: List[str], quality_paths: List[str], front_only: bool = False) -> str:
-    speed: Dict[int, List[Tuple[Tuple, float, float]]] = {}
-    for path in speed_paths:
+def merged_speed(paths: List[str]) -> Dict[int, List[Tuple[Tuple, float, float]]]:
+    """resolution → rows over all files; a setting measured in several files: the first file's wins."""
+    speed: Dict[int, Dict[Tuple, Tuple[Tuple, float, float]]] = {}
+    for path in paths:
         for res, rows in load_speed(path).items():
-            speed.setdefault(res, []).extend(rows)
+            for row in rows:
+                speed.setdefault(res, {}).setdefault(row[0], row)
+    return {res: list(rows.values()) for res, rows in speed.items()}
+
+
+def combined(speed_paths: List[str], quality_paths: List[str]) -> str:
+    """One row per setting measured for quality and at ≥ 1 resolution: per-step speed-up (and ÷ tokens
+    0.5's) per resolution, then quality. Ordered as the quality files list them."""
+    speed = merged_speed(speed_paths)
+    quality = load_quality(quality_paths)
+    ref_key = canonical({}, 0.5)
+    by_res = {res: {key: s for key, s, _ in rows} for res, rows in sorted(speed.items())}
+    head = "| setting | " + " | ".join(f"{res} px" for res in by_res) + " | PSNR dB | min PSNR dB | SSIM | accuracy |"
+    out = [head, "| --- " * (head.count("|") - 1) + "|"]
+    for key, q in quality.items():
+        cells = []
+        for res, table in by_res.items():
+            s, ref = table.get(key), table.get(ref_key)
+            cells.append("-" if s is None else f"{s:.2f}x" + (f" ({s / ref:.2f})" if ref and key != ref_key else ""))
+        if all(c == "-" for c in cells):
+            continue
+        out.append(f"| {label(key)} | " + " | ".join(cells) + f" | {_f(q['psnr'], '.1f')} | {_f(q.get('psnr_min'), '.1f')} | "
+                   f"{_f(q['ssim'], '.4f')} | {_f(q['accuracy'], '.2f')} |")
+    return "\n".join(out)
+
+
+def tables(speed_paths: List[str], quality_paths: List[str], front_only: bool = False) -> str:
+    speed = merged_speed(speed_paths)
     quality = load_quality(quality_paths)
     ref_key = canonical({}, 0.5)
     ref_psnr = quality.get(ref_key, {}).get("psnr")
@@ -139,8 +167,10 @@ def main() -> None:
     p.add_argument("--speed", nargs="+", required=True, help="tomesd.bench results.json or bench_modes.py JSON files")
     p.add_argument("--quality", nargs="+", required=True, help="tomesd.quality results.json files")
     p.add_argument("--front", action="store_true", help="only the Pareto front (and tokens @ 0.5, the reference)")
+    p.add_argument("--combined", action="store_true", help="one table: a speed-up column per resolution "
+                   "(÷ tokens 0.5's in brackets), then quality")
     args = p.parse_args()
-    print(tables(args.speed, args.quality, front_only=args.front))
+    print(combined(args.speed, args.quality) if args.combined else tables(args.speed, args.quality, front_only=args.front))
 
 
 if __name__ == "__main__":

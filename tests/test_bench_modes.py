@@ -82,3 +82,40 @@ def test_pareto_joins_on_filled_in_defaults(modes_json, tmp_path):
 def test_pareto_front():
     assert pareto.pareto([(1.0, 40.0), (1.2, 50.0), (1.5, 30.0), (1.1, 45.0)]) == [False, True, True, False]
     assert pareto.pareto([(1.0, 40.0), (1.0, 40.0)]) == [True, True]  # ties dominate nothing
+
+
+def test_bench_modes_refit_recomputes_step_speedups(modes_json, tmp_path):
+    path = tmp_path / "modes.json"
+    path.write_text(json.dumps(modes_json))
+    proc = run("benchmarks/bench_modes.py", "--arch", "tiny", "--resolutions", "64", "--full-calls", "1",
+               "--refit", str(path))
+    assert proc.returncode == 0, proc.stderr
+    block = json.loads(path.read_text())["resolutions"]["64"]
+    assert block["fraction_before_refit"] == modes_json["resolutions"]["64"]["fraction"]
+    f, rows = block["fraction"]["fraction"], block["rows"]
+    assert [r["ms"] for r in rows] == [r["ms"] for r in modes_json["resolutions"]["64"]["rows"]]  # times kept
+    for r in rows:
+        assert r["step_speedup"] == pytest.approx(1 / (1 - f + f * r["ms"] / rows[0]["ms"]))
+
+
+def test_pareto_combined_table_and_first_file_wins(modes_json, tmp_path):
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps(modes_json))
+    other = json.loads(json.dumps(modes_json))
+    for row in other["resolutions"]["64"]["rows"]:
+        row["step_speedup"] = 9.99  # a second file's value for the same settings: ignored
+    other["resolutions"]["128"] = other["resolutions"].pop("64")  # ... but it adds a resolution
+    second.write_text(json.dumps(other))
+    quality = tmp_path / "q.json"
+    quality.write_text(json.dumps(dict(rows=[
+        dict(params=dict(ratio=0.5), psnr=41.0, psnr_min=30.0, ssim=0.99, accuracy=1.0),
+        dict(params=dict(ratio=0.5, mode="kv", plan_every=5), psnr=60.0, psnr_min=50.0, ssim=1.0, accuracy=1.0)])))
+    table = pareto.combined([str(first), str(second), str(second)], [str(quality)])
+    lines = table.splitlines()
+    assert lines[0].startswith("| setting | 64 px | 128 px | PSNR dB | min PSNR dB |")
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in lines[2:]}
+    want = {r["setting"]: r["step_speedup"] for r in modes_json["resolutions"]["64"]["rows"] if r["ratio"] == 0.5}
+    assert rows["tokens @ 0.5"][1] == f"{want['tokens']:.2f}x" and rows["tokens @ 0.5"][2] == "9.99x"
+    kv = rows["kv+prop, plan_every 5 @ 0.5"]
+    assert kv[1] == f"{want['kv+prop plan_every 5']:.2f}x ({want['kv+prop plan_every 5'] / want['tokens']:.2f})"
+    assert kv[2] == "9.99x (1.00)" and kv[3] == "60.0" and kv[4] == "50.0"
