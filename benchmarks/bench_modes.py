@@ -103,6 +103,11 @@ class Levels(nn.Module):
         return sample, half
 
 
+def step_speedup(f: float, ms: float, base_ms: float) -> float:
+    """Per-step speed-up when a share f of the step takes ms instead of base_ms (the rest unchanged)."""
+    return 1.0 / (1.0 - f + f * ms / base_ms)
+
+
 def level_fractions(unet, cfg, resolution: int, calls: int) -> Dict[str, Any]:
     """Share of unpatched SD 1.5 steps spent in the level-1 and level-2 Transformer2DModels (one warm-up
     call; forward hooks inside the timed steps)."""
@@ -172,7 +177,7 @@ def refit(path: str, unet, cfg, resolutions, calls: int) -> None:
         block["fraction"] = dict(frac, load=load())
         base = block["rows"][0]["ms"]
         for row in block["rows"]:
-            row["step_speedup"] = 1.0 / (1.0 - f + f * row["ms"] / base)
+            row["step_speedup"] = step_speedup(f, row["ms"], base)
     with open(path, "w") as fh:
         json.dump(data, fh, indent=2)
 
@@ -226,7 +231,7 @@ def main() -> None:
         f = frac["fraction"]
         for row in rows:
             row["blocks_speedup"] = base / row["ms"]
-            row["step_speedup"] = 1.0 / (1.0 - f + f * row["ms"] / base)
+            row["step_speedup"] = step_speedup(f, row["ms"], base)
             print(f"  {row['setting']:28s} {'' if row['ratio'] is None else format(row['ratio'], 'g'):>4s}  "
                   f"blocks {row['ms']:8.1f} ms ({row['blocks_speedup']:.2f}x, "
                   f"{min(row['ms_all']):.1f}-{max(row['ms_all']):.1f})  step {row['step_speedup']:.2f}x", flush=True)
