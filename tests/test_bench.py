@@ -250,15 +250,15 @@ def test_settings_are_variants_times_axes_at_every_ratio():
 def test_plan_every_windows_hold_one_build_per_period_and_vary_the_timestep(monkeypatch):
     """A reused plan must count at its real rate: every timed window holds whole plan_every periods
     (exactly one build per plan_every calls), and the timestep changes at every call as in a sampler."""
-    from tomesd.patch import hooks
+    from tomesd.patch import PlanProvider
 
     cfg = bench.default_config("cpu", arch="tiny", resolutions=(64,), ratios=(0.5,), steps=2, warmup=1, isolate=False,
                                calls=2, grid={"plan_every": (3,)})
     unet = bench.load_unet(cfg)
     calls, builds = [], []
     unet.register_forward_pre_hook(lambda m, args: calls.append(int(args[1])))
-    real_build = hooks._build
-    monkeypatch.setattr(hooks, "_build", lambda state, p: builds.append(len(calls) - 1) or real_build(state, p))
+    real_build = PlanProvider.build
+    monkeypatch.setattr(PlanProvider, "build", lambda self, request: builds.append(len(calls) - 1) or real_build(self, request))
     row = bench.measure_point(unet, cfg, 64, 0.5, {"plan_every": 3})
     assert row["calls"] == 3 and row["status"] == "ok" and row["params"] == {"plan_every": 3}
     assert len(calls) == 1 + 2 * 3 and len(set(calls)) == len(calls) == len(bench.timesteps(0, 7))

@@ -275,7 +275,7 @@ def test_zero_ratio_is_exact():
 
 
 def test_random_partition_varies_with_timestep_and_block_but_not_between_calls(monkeypatch):
-    import tomesd.patch.hooks as hooks
+    import tomesd.matching
 
     dsts = []
 
@@ -284,8 +284,8 @@ def test_random_partition_varies_with_timestep_and_block_but_not_between_calls(m
         dsts.append(dst_idx.clone())
         return dst_idx, src_idx
 
-    partition = hooks.partition
-    monkeypatch.setattr(hooks, "partition", recording_partition)
+    partition = tomesd.matching.partition
+    monkeypatch.setattr(tomesd.matching, "partition", recording_partition)
     unet = tiny.unet("sd1")
     tomesd.apply_patch(unet, ratio=0.5, seed=1, sx=1, sy=2)
     args, kwargs = tiny.unet_inputs("sd1")

@@ -15,7 +15,7 @@ import ldm_like
 import tiny
 import tomesd
 from tomesd.matching import MergePlan, merge
-from tomesd.patch import hooks, patched_state
+from tomesd.patch import level_of, patched_state
 
 # Four levels, attention at /1, /2, /4 and (mid block) /8, like SD 1.5.
 FOUR_LEVELS = dict(
@@ -248,11 +248,11 @@ def test_levels_follow_the_grid_chain(height, width):
 
 
 def test_level_of():
-    assert hooks.level_of(57, 41, 8 * 6) == (8, 8, 6)
-    assert hooks.level_of(49, 49, 25 * 25) == (2, 25, 25)
-    assert hooks.level_of(9, 9, 9) == (4, 3, 3)
-    assert hooks.level_of(5, 5, 1) == (8, 1, 1)
-    assert hooks.level_of(16, 16, 100) is None
+    assert level_of(57, 41, 8 * 6) == (8, 8, 6)
+    assert level_of(49, 49, 25 * 25) == (2, 25, 25)
+    assert level_of(9, 9, 9) == (4, 3, 3)
+    assert level_of(5, 5, 1) == (8, 1, 1)
+    assert level_of(16, 16, 100) is None
 
 
 # 9. Silent no-ops -------------------------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-_MASK32 = 0xFFFFFFFF
+from .keys import cell_keys
+
 # Element budget of one [B, rows, D] fp32 score tile: 2**24 elements = 64 MiB.
 SCORE_TILE_ELEMS = 1 << 24
 
@@ -42,13 +43,6 @@ class MergePlan:
         return self.slot.shape[1]
 
 
-def mix32(x: Tensor) -> Tensor:
-    """Integer hash of int64 values in [0, 2**32) (no overflow: every product stays below 2**59)."""
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    x = ((x >> 16) ^ x) * 0x45D9F3B & _MASK32
-    return (x >> 16) ^ x
-
-
 def dst_offsets(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tensor:
     """Position of the dst token inside each sy × sx cell: [h//sy, w//sx] int64 in [0, sy·sx).
 
@@ -58,8 +52,7 @@ def dst_offsets(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device)
     hsy, wsx = h // sy, w // sx
     if key is None:
         return torch.zeros(hsy, wsx, dtype=torch.int64, device=device)
-    cell = torch.arange(hsy * wsx, dtype=torch.int64, device=device)
-    return (mix32((key.to(device) + cell * 0x9E3779B9) & _MASK32) % (sx * sy)).view(hsy, wsx)
+    return (cell_keys(key, hsy * wsx, device) % (sx * sy)).view(hsy, wsx)
 
 
 def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tuple[Tensor, Tensor]:
@@ -135,9 +128,10 @@ def _flat_rows(plan: MergePlan) -> Tensor:
     return (plan.slot + offsets).flatten()
 
 
-def merge(x: Tensor, plan: MergePlan) -> Tensor:
-    """Segment mean by slot: x [B, N, C] → [B, M, C].
+def merge(x: Tensor, plan: MergePlan, mean: bool = True) -> Tensor:
+    """Segment mean (mean=False: sum) by slot: x [B, N, C] → [B, M, C].
 
+    The one CPU segment reduction: the PyTorch path and the CPU impl of torch.ops.tomesd.merge.
     Sums accumulate in fp32 (fp64 for fp64 input), as the CUDA kernels do: a flat region can send
     thousands of tokens to one dst, whose fp16 sum would overflow (65504) or lose precision.
     """
@@ -145,7 +139,8 @@ def merge(x: Tensor, plan: MergePlan) -> Tensor:
     acc = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(B * plan.num_out, C, dtype=acc, device=x.device)
     out.index_add_(0, _flat_rows(plan), x.reshape(B * N, C).to(acc))
-    return (out.view(B, plan.num_out, C) / plan.counts[..., None]).to(x.dtype)
+    out = out.view(B, plan.num_out, C)
+    return (out / plan.counts[..., None] if mean else out).to(x.dtype)
 
 
 def unmerge(y: Tensor, plan: MergePlan) -> Tensor:

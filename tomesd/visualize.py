@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .patch import patched_state
-from .patch.hooks import current_plan, level_of
+from .patch import current_plan, level_of
 
 GREY = (128, 128, 128)
 _M24 = (1 << 24) - 1

@@ -8,17 +8,25 @@ calls `torch.utils.checkpoint.checkpoint(self._forward, ...)`): a recompute in b
 directly, past the module's hooks, so such a block's entry is a wrapper of its `_forward`."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 from torch import nn
 
-from .hooks import Host, top_level, unwrap_compiled
+from ..compiled import unwrap_compiled
+from ..levels import top_level
+from .base import ArgAttention, Host
 
 
-def _root(model) -> Optional[nn.Module]:
-    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
-    if isinstance(inner, nn.Module):
-        return unwrap_compiled(inner)
+def is_wrapper(model) -> bool:
+    """An LDM-style wrapper: `.model.diffusion_model` is a module."""
+    return isinstance(getattr(getattr(model, "model", None), "diffusion_model", None), nn.Module)
+
+
+def root_of(model) -> Optional[nn.Module]:
+    """The denoiser of an LDM-style model: its `.model.diffusion_model`, or the module itself."""
+    if is_wrapper(model):
+        return unwrap_compiled(model.model.diffusion_model)
     return unwrap_compiled(model) if isinstance(model, nn.Module) else None
 
 
@@ -33,14 +41,18 @@ def is_block(module: nn.Module) -> bool:
     )
 
 
-def entry(block: nn.Module) -> Optional[str]:
-    """"_forward" if the block's forward delegates to it (through a checkpoint), else None."""
-    return "_forward" if callable(getattr(type(block), "_forward", None)) else None
+@dataclass
+class LDMHost(Host):
+    """openaimodel UNets: blocks called as block(x, context); attention without an additive bias."""
+
+    def entry(self, block):
+        """"_forward" if the block's forward delegates to it (through a checkpoint), else None."""
+        return "_forward" if callable(getattr(type(block), "_forward", None)) else None
 
 
 def find_host(model) -> Optional[Host]:
     """Host for an LDM-style model, or None if it holds no LDM-style transformer blocks."""
-    root = _root(model)
+    root = root_of(model)
     if root is None:
         return None
     blocks = [m for m in root.modules() if is_block(m)]
@@ -52,6 +64,6 @@ def find_host(model) -> Optional[Host]:
         blocks,
         lambda stage: any(type(m).__name__ == "Downsample" for m in stage.modules()),
     )
-    return Host(name="ldm", root=root, blocks=blocks, top_level=level,
-                sample_names=("x", "sample"), timestep_names=("timesteps", "timestep", "t"), entry=entry,
-                kv_name="context", bias_name=None)
+    return LDMHost(name="ldm", root=root, blocks=blocks, top_level=level,
+                   attention=ArgAttention("context", None), sample_names=("x", "sample"),
+                   timestep_names=("timesteps", "timestep", "t"))

@@ -8,11 +8,14 @@ they are left alone and that is logged when patching.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import List, Optional
 
 from torch import nn
 
-from .hooks import Host, top_level, unwrap_compiled
+from ..compiled import unwrap_compiled
+from ..levels import top_level
+from .base import ArgAttention, Host
 
 DENOISER_ATTRS = ("unet", "transformer")
 # Modules whose BasicTransformerBlocks attend across frames.
@@ -64,7 +67,7 @@ def _patch_size(root: nn.Module) -> int:
     return int(size) if isinstance(size, int) and size > 0 else 1
 
 
-def _vae_scale_factor(model) -> int:
+def vae_scale_factor(model) -> int:
     """Pixels per latent cell: the pipeline's vae_scale_factor, else its VAE's depth, else 8."""
     factor = getattr(model, "vae_scale_factor", None)
     if isinstance(factor, int) and factor > 0:
@@ -73,21 +76,19 @@ def _vae_scale_factor(model) -> int:
     return 2 ** (len(channels) - 1) if channels else 8
 
 
-def sublayer_refusal(module: nn.Module) -> Optional[str]:
-    """Why merging `module`'s input is wrong, or None: a diffusers hook on it that may replay outputs.
+def cache_hook_refusals(module: nn.Module) -> List[str]:
+    """Why merging `module`'s input is wrong ([] if it is not): a diffusers hook on it that may replay outputs.
 
     Such caches reuse a sub-layer's output across steps and assume a fixed token layout, but each step
     merges different tokens (the partition follows the timestep and the matching follows the input).
     """
     registry = getattr(module, "_diffusers_hook", None)
     hooks = getattr(registry, "hooks", None)
-    if not hooks:
-        return None
-    unsafe = sorted(name for name in hooks if name not in WEIGHT_ONLY_HOOKS)
+    unsafe = sorted(name for name in hooks or () if name not in WEIGHT_ONLY_HOOKS)
     if not unsafe:
-        return None
-    return (f"it carries diffusers hook(s) {', '.join(unsafe)}, which may return outputs cached at another "
-            "step, whose tokens were merged with another partition")
+        return []
+    return [f"it carries diffusers hook(s) {', '.join(unsafe)}, which may return outputs cached at another "
+            "step, whose tokens were merged with another partition"]
 
 
 def kv_refusal(attn: nn.Module) -> Optional[str]:
@@ -102,6 +103,14 @@ def kv_refusal(attn: nn.Module) -> Optional[str]:
     if getattr(attn, "norm_cross", None):
         return "it would apply its cross-attention norm (norm_cross) to the merged tokens"
     return None
+
+
+@dataclass
+class DiffusersHost(Host):
+    """diffusers UNets and transformers built of BasicTransformerBlocks."""
+
+    def sublayer_refusals(self, module):
+        return cache_hook_refusals(module)
 
 
 def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
@@ -127,14 +136,13 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
         blocks,
         lambda stage: getattr(stage, "downsamplers", None) is not None,
     )
-    return Host(
+    return DiffusersHost(
         name="diffusers",
         root=root,
         blocks=blocks,
         top_level=level,
-        vae_scale_factor=_vae_scale_factor(model),
+        attention=ArgAttention("encoder_hidden_states", "attention_mask", kv_refusal=kv_refusal),
+        vae_scale_factor=vae_scale_factor(model),
         patch_size=_patch_size(root),
         excluded=tuple((m, TEMPORAL_REASON) for m in found if id(m) in temporal),
-        sublayer_refusal=sublayer_refusal,
-        kv_refusal=kv_refusal,
     )

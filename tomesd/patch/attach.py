@@ -1,0 +1,159 @@
+"""Attaching a configuration to a host's modules (and taking it off again), and to whole models:
+hooks only, never a copied forward; removing them restores the model exactly."""
+from __future__ import annotations
+
+import logging
+from functools import partial
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+from .. import keys
+from ..config import ToMeConfig
+from . import hosts, modes
+from .args import arg_position
+from .calls import block_entry, on_block_call, on_block_done, on_root_call, on_root_done
+from .compiled import is_compiled
+from .hosts import KIND_FLAGS, Host
+from .plans import PlanProvider
+from .state import STATE_ATTR, ModelState, claim, owner, release
+from .sublayers import on_sublayer_call, on_sublayer_done
+from .wrappers import MethodWrapper
+
+logger = logging.getLogger("tomesd")
+
+
+def attach(host: Host, config: ToMeConfig) -> ModelState:
+    """Register every hook on host's modules; the returned state owns their handles."""
+    config = config.resolved(host.default_mode)
+    reasons = host.refusals(config)
+    if reasons:
+        raise ValueError("tomesd: " + "; ".join(reasons))
+    state = ModelState(
+        config=config,
+        host=host,
+        max_downsample=config.max_downsample or host.top_level,
+        base_key=keys.base_key(config.seed) if config.use_rand else 0,
+        sample_pos=arg_position(host.root, host.sample_names, 0),
+        timestep_pos=arg_position(host.root, host.timestep_names, 1),
+        plans=PlanProvider(config),
+    )
+    state.modes = {sub.name: modes.make(config.mode, config.prop_attn) if sub.kind == "self" else modes.make("tokens", False)
+                   for sub in host.sublayers}
+    _log_exclusions(state)
+    add = state.handles.append
+    add(host.root.register_forward_pre_hook(partial(on_root_call, state), with_kwargs=True))
+    add(host.root.register_forward_hook(partial(on_root_done, state), with_kwargs=True, always_call=True))
+    subs = [sub for sub in host.sublayers if getattr(config, KIND_FLAGS[sub.kind])]
+    for index, module in enumerate(host.blocks):
+        method = host.entry(module)
+        if method is not None:
+            add(MethodWrapper(module, method, partial(block_entry, state, index)))
+        else:
+            add(module.register_forward_pre_hook(partial(on_block_call, state, index), with_kwargs=True))
+            add(module.register_forward_hook(partial(on_block_done, state, index), with_kwargs=True, always_call=True))
+        for spec in subs:
+            sub = getattr(module, spec.name, None)
+            if isinstance(sub, nn.Module):
+                pre = partial(on_sublayer_call, state, index, spec.name, spec.kind)
+                add(sub.register_forward_pre_hook(pre, with_kwargs=True))
+                add(sub.register_forward_hook(partial(on_sublayer_done, state, index, spec.name), with_kwargs=True))
+                if spec.kind == "self":
+                    handle = host.attention.wrap(state, index, spec.name, sub)
+                    if handle is not None:
+                        add(handle)
+        claim(module, state)
+    setattr(host.root, STATE_ATTR, state)
+    return state
+
+
+def _log_exclusions(state: ModelState) -> None:
+    host = state.host
+    counts: Dict[str, int] = {}
+    for _, reason in host.excluded:
+        counts[reason] = counts.get(reason, 0) + 1
+    for reason, count in counts.items():
+        logger.info("tomesd: %d transformer block(s) of %s are not patched: %s", count, type(host.root).__name__, reason)
+    if state.max_downsample < host.top_level:
+        logger.warning("tomesd: max_downsample=%d but the highest-resolution transformer level of %s is /%d: "
+                       "nothing is merged (use max_downsample=None for that level, or a larger value)",
+                       state.max_downsample, type(host.root).__name__, host.top_level)
+
+
+def detach(root: nn.Module) -> None:
+    """Remove every hook `attach` put on root's model; a no-op if it is not patched."""
+    state = getattr(root, STATE_ATTR, None)
+    if state is None:
+        return
+    state.active = False
+    for handle in state.handles:
+        handle.remove()
+    state.handles.clear()
+    for module in state.host.blocks:
+        release(module, state)
+    delattr(root, STATE_ATTR)
+
+
+def _claim(host: Host) -> None:
+    """One patch per block: a patch of a module inside host's root gives way (logged); a patch of a
+    module around it is an error, since it already merges in these blocks."""
+    others = {}
+    for block in host.blocks:
+        state = owner(block)
+        if state is not None and state.host.root is not host.root:
+            others[id(state)] = state
+    inside = {id(m) for m in host.root.modules()}
+    for state in others.values():
+        other = state.host.root
+        if id(other) not in inside:
+            raise ValueError(
+                f"tomesd: {type(other).__name__} is patched and holds the transformer blocks of this "
+                f"{type(host.root).__name__}; remove_patch it first, or patch only one of them"
+            )
+        logger.info("tomesd: replacing the patch of %s, which is inside %s", type(other).__name__,
+                    type(host.root).__name__)
+        detach(other)
+
+
+def _after_change(model, roots: List[nn.Module]) -> None:
+    """Compiled code does not see hooks added or removed after tracing: recompile on the next call."""
+    if any(is_compiled(m) for m in hosts.wrappers(model) + roots):
+        logger.warning("tomesd: the model is compiled (torch.compile); compiled code does not see hooks "
+                       "added or removed after it was traced, so torch.compiler.reset() was called and the next "
+                       "call recompiles. Patch before compiling to avoid the recompile")
+        torch.compiler.reset()
+
+
+def attach_to(model, config: ToMeConfig, controlnet: bool = False) -> None:
+    """Attach `config` to model's denoiser (and its ControlNets), replacing earlier patches."""
+    found = [hosts.find_host(model)] + (hosts.controlnet_hosts(model) if controlnet else [])
+    _detach_roots(model)
+    for host in found:
+        _claim(host)
+    for host in found:
+        attach(host, config)
+    _after_change(model, [host.root for host in found])
+
+
+def detach_from(model) -> None:
+    """Remove tomesd from model's denoiser and, for a pipeline, its ControlNets."""
+    roots = _detach_roots(model)
+    if roots:
+        _after_change(model, roots)
+
+
+def _detach_roots(model) -> List[nn.Module]:
+    roots = [root for root in hosts.roots(model) if getattr(root, STATE_ATTR, None) is not None]
+    for root in roots:
+        detach(root)
+    return roots
+
+
+def patched_state(model):
+    """The ModelState of a patched model (pipeline, denoiser or LDM wrapper), else None."""
+    for root in hosts.roots(model):
+        state = getattr(root, STATE_ATTR, None)
+        if state is not None:
+            return state
+    return None

@@ -1,0 +1,189 @@
+"""The life of one denoiser call: the root's hooks open and close its CallContext, each block's
+entry resolves its level, ratio and random key into a MergeRequest (planned lazily, by the block's
+first merged sub-layer), and its exit closes it.
+
+A root call never nests in itself: a stack still open when a root call starts was left by an
+interrupted call and is dropped. A block entered outside any root call with gradients enabled is a
+checkpoint recompute and finds its call through `recompute.find_call`.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from .. import keys
+from ..matching import MergePlan
+from . import recompute
+from .args import first_tensor, get_arg
+from .levels import level_of
+from .state import BlockCall, CallContext, MergeRequest, ModelState, log_once
+
+
+def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    host = state.host
+    frames = state.frames
+    if frames:  # left open by an interrupted call
+        frames.clear()
+        state.plans.drop()
+    sample, _ = get_arg(args, kwargs, host.sample_names, state.sample_pos)
+    size = host.locate(args, kwargs) if isinstance(sample, Tensor) else None
+    if size is None and isinstance(sample, Tensor) and sample.ndim in (4, 5):
+        size = sample.shape[-2], sample.shape[-1]
+    if size is None:
+        state.warn_once("root-input", f"tomesd: {type(module).__name__} was called without a latent "
+                        f"[B, C, H, W] or [B, C, F, H, W] as its sample argument ({' / '.join(host.sample_names)}); "
+                        "token merging is off for such calls")
+        frames.append(None)
+        return
+    timestep, _ = get_arg(args, kwargs, host.timestep_names, state.timestep_pos)
+    key = keys.step_key(state.base_key, timestep, sample.device) if state.config.use_rand else None
+    H, W = size
+    p = host.patch_size
+    records = {} if torch.is_grad_enabled() else None
+    ctx = CallContext(height=H, width=W, grid_h=H // p, grid_w=W // p, key=key, timestep=timestep, records=records)
+    state.plans.begin_call(ctx)
+    frames.append(ctx)
+
+
+def on_root_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    frames = state.frames
+    ctx = frames.pop() if frames else None
+    if output is None:  # the forward raised (always_call hooks run with no output)
+        state.plans.drop()
+        frames.clear()
+        return
+    if ctx is not None and ctx.records:
+        recompute.keep_for_backward(state, ctx, first_tensor(output))
+
+
+@torch.compiler.disable
+def _timestep_value(timestep) -> Optional[float]:
+    """The call's timestep as a float (one host sync per call; only for a ratio that takes it)."""
+    if timestep is None:
+        return None
+    return float(torch.as_tensor(timestep).reshape(-1)[0].item())
+
+
+def _ratio(state: ModelState, ctx: CallContext, downsample: int) -> float:
+    schedule = state.config.schedule
+    level = downsample if schedule.fn_takes_level else 0
+    if level not in ctx.ratios:
+        scale = state.host.vae_scale_factor
+        t = _timestep_value(ctx.timestep) if schedule.fn_takes_timestep else None
+        ctx.ratios[level] = schedule.resolve(ctx.height * scale, ctx.width * scale, downsample, t)
+    return ctx.ratios[level]
+
+
+def _open(state: ModelState, index: int, x) -> Optional[tuple]:
+    """(the call block `index` runs in, the plan to replay or None); None if it runs in none."""
+    frames = state.frames
+    if frames and frames[-1] is not None and frames[-1].recompute:
+        frames.pop()  # a recompute interrupted inside its block: blocks never nest
+    if frames:
+        ctx = frames[-1]
+        return None if ctx is None else (ctx, None)  # None: the root's latent was not found (warned there)
+    found = recompute.find_call(state, index, x) if torch.is_grad_enabled() and isinstance(x, Tensor) else None
+    if found is None:
+        if not any(c.records for c in recompute.live_calls(state)):
+            state.warn_once(f"no-root-{index}", f"tomesd: transformer block {index} was called outside a "
+                            f"call of {type(state.host.root).__name__}, so its token grid is unknown; it is not "
+                            "merged in such calls")
+        return None
+    frames.append(found[0])
+    return found
+
+
+def enter_block(state: ModelState, index: int, x) -> None:
+    """A block starts: open its BlockCall in the current call (or in its recompute's call)."""
+    opened = _open(state, index, x)
+    if opened is None:
+        return
+    ctx, replay = opened
+    block = ctx.blocks[index] = BlockCall(pushed=ctx.recompute)
+    if replay is not None:
+        block.plan = replay  # the very plan of the forward
+        return
+    request = _request(state, ctx, index, x)
+    if request is not None:
+        block.request = request
+        if ctx.records is not None:
+            recompute.record(ctx, index, x)
+
+
+def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[MergeRequest]:
+    """What block `index` merges in call ctx (level, r, key), or None if it merges nothing."""
+    if not isinstance(x, Tensor) or x.ndim != 3:
+        state.warn_once(f"block-input-{index}", f"tomesd: transformer block {index} was called "
+                        "without [B, N, C] tokens as hidden_states; it is not merged")
+        return None
+    B, N, _ = x.shape
+    if N not in ctx.levels:
+        ctx.levels[N] = level_of(ctx.grid_h, ctx.grid_w, N)
+    level = ctx.levels[N]
+    if level is None:
+        state.warn_once(f"grid-{index}", f"tomesd: transformer block {index} has {N} tokens, which is no level "
+                        f"of the {ctx.grid_h}×{ctx.grid_w} token grid of the latent (halving each side, rounding "
+                        "up); it is not merged")
+        return None
+    downsample, h, w = level
+    if downsample > state.max_downsample:
+        return None
+    cfg = state.config
+    dst = (h // cfg.sy) * (w // cfg.sx)
+    if dst == 0:
+        log_once(state, f"narrow-{downsample}-{h}x{w}", f"tomesd: the /{downsample} level's {h}×{w} token grid "
+                 f"is narrower than one sy×sx = {cfg.sy}×{cfg.sx} dst cell, so it has no dst tokens; it is not "
+                 "merged", logging.INFO)
+        return None
+    r = min(int(N * _ratio(state, ctx, downsample)), N - dst)
+    if r <= 0:
+        return None
+    key = ctx.key
+    if key is not None and B % 2 == 1:
+        log_once(state, "odd-batch", f"tomesd: batch of odd size {B}: random dst selection is off for it "
+                 "(as in ToMe for SD: the conditional and unconditional halves must share a partition)", logging.INFO)
+        key = None
+    if key is not None:
+        key = keys.block_key(key, index)
+    return MergeRequest(metric=x, h=h, w=w, r=r, key=key, downsample=downsample)
+
+
+def exit_block(state: ModelState, index: int) -> None:
+    frames = state.frames
+    ctx = frames[-1] if frames else None
+    block = ctx.blocks.pop(index, None) if ctx is not None else None
+    if block is not None and block.pushed:
+        frames.pop()
+
+
+def plan_of(state: ModelState, index: int, block: BlockCall) -> Optional[MergePlan]:
+    """The block's MergePlan for this call, provided on first use."""
+    if block.plan is None and block.request is not None:
+        request, block.request = block.request, None
+        ctx = state.current()
+        block.plan = state.plans.provide(ctx, index, request)
+        if ctx.records is not None and index in ctx.records:
+            ctx.records[index].plan = block.plan
+    return block.plan
+
+
+def on_block_call(state: ModelState, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    x, _ = get_arg(args, kwargs, state.host.input_names, 0)
+    enter_block(state, index, x)
+
+
+def on_block_done(state: ModelState, index: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    exit_block(state, index)
+
+
+def block_entry(state: ModelState, index: int, original, args: tuple, kwargs: dict):
+    """enter_block → the block's method → exit_block (the entry of blocks that checkpoint `_forward`)."""
+    x, _ = get_arg(args, kwargs, state.host.input_names, 0)
+    enter_block(state, index, x)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        exit_block(state, index)

@@ -1,0 +1,163 @@
+"""What the engine needs to know about a kind of model (a Host), and how its self-attention takes
+keys/values from merged tokens and an additive bias (an Attention)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ... import ops
+from ...config import ToMeConfig
+from ...matching import MergePlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..modes.base import SublayerCall
+    from ..state import ModelState
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """A sub-layer of a transformer block that can run on merged tokens.
+
+    name: its attribute on the block. kind: "self" — attention among the image tokens (self- or joint
+    attention): the mode (tokens / kv) applies there and prop_attn biases it; "cross" — attention from
+    the image tokens to the text; "mlp" — the feed-forward. merge_attn / merge_crossattn / merge_mlp
+    choose the kinds.
+    """
+
+    name: str
+    kind: str
+
+
+KIND_FLAGS = {"self": "merge_attn", "cross": "merge_crossattn", "mlp": "merge_mlp"}
+UNET_SUBLAYERS = (Sublayer("attn1", "self"), Sublayer("attn2", "cross"), Sublayer("ff", "mlp"))
+
+
+def size_bias(plan: MergePlan, dtype: torch.dtype) -> Tensor:
+    """[B, 1, M] log of each merged token's size: a key standing for s tokens gets + log s on its logits,
+    so a group of identical tokens is attended to exactly as its members would be (proportional attention)."""
+    return plan.counts.to(torch.float32).log()[:, None, :].to(dtype)
+
+
+class Attention:
+    """How a host's self-attention sub-layer takes keys/values from merged tokens (kv mode) and a
+    log-size bias on its logits (prop_attn).
+
+    kv_inside: keys/values are merged inside the attention's own computation (its input may then
+    hold more than the block's image tokens). prepare(...) → the sub-layer's (args, kwargs) for the
+    call. refusals(host, config) → why the config cannot run on this host's attention (at patching).
+    masked(kwargs): the call passes an attention mask over unmerged tokens (the block is not merged).
+    wrap(state, index, name, module) → a handle (with .remove()) around the sub-layer's forward, if the
+    attention needs one.
+    """
+
+    kv_inside = False
+
+    def prepare(self, call: "SublayerCall", args: tuple, kwargs: dict, plan: MergePlan, merge_kv: bool,
+                bias: bool) -> Tuple[tuple, dict]:
+        raise NotImplementedError
+
+    def refusals(self, host: "Host", config: ToMeConfig) -> List[str]:
+        return []
+
+    def masked(self, kwargs: dict) -> bool:
+        return False
+
+    def wrap(self, state: "ModelState", index: int, name: str, module: nn.Module):
+        return None
+
+
+class ArgAttention(Attention):
+    """An attention module taking the key/value source as argument `kv_name` and an additive float
+    bias on its logits as `bias_name` (None: it takes none); `kv_refusal(module)` → why keys/values
+    cannot come from a separate input there, or None."""
+
+    def __init__(self, kv_name: str, bias_name: Optional[str], mask_names: Sequence[str] = ("attention_mask", "mask"),
+                 kv_refusal=None):
+        self.kv_name, self.bias_name, self.mask_names, self.kv_refusal = kv_name, bias_name, tuple(mask_names), kv_refusal
+
+    def masked(self, kwargs):
+        return any(kwargs.get(m) is not None for m in self.mask_names)
+
+    def refusals(self, host, config):
+        reasons = []
+        if config.prop_attn and self.bias_name is None:
+            reasons.append(f"prop_attn=True needs an attention that takes an additive bias; {host.name} models' "
+                           "attention takes none: use prop_attn=False")
+        if config.mode == "kv" and config.merge_attn and self.kv_refusal is not None:
+            for index, module in enumerate(host.blocks):
+                attn = getattr(module, host.sublayers[0].name, None)
+                why = self.kv_refusal(attn) if isinstance(attn, nn.Module) else None
+                if why is not None:
+                    reasons.append(f"mode='kv' cannot run on attn1 of transformer block {index}: {why}")
+                    break
+        return reasons
+
+    def prepare(self, call, args, kwargs, plan, merge_kv, bias):
+        if merge_kv:
+            if kwargs.get(self.kv_name) is not None or (isinstance(call.where, int) and len(args) > call.where + 1):
+                raise RuntimeError(f"tomesd: mode='kv' needs a self-attention, but this attn1 was given a key/value "
+                                   f"source ({self.kv_name}); use mode='tokens' for this model")
+            why = self.kv_refusal(call.module) if self.kv_refusal is not None else None
+            if why is not None:
+                raise RuntimeError(f"tomesd: mode='kv' cannot run on this attn1: {why}")
+            kwargs = dict(kwargs)
+            kwargs[self.kv_name] = ops.merge(call.x, plan)
+        if bias:
+            kwargs = dict(kwargs)
+            kwargs[self.bias_name] = size_bias(plan, call.x.dtype)
+        return args, kwargs
+
+
+@dataclass
+class Host:
+    """What patching needs to know about one kind of model.
+
+    root: the denoiser whose forward takes the latent [B, C, H, W] (or [B, C, F, H, W] /
+    [B, F, C, H, W]; H, W are always the last two dims) as its sample argument.
+    blocks: its transformer blocks to patch, in module order. top_level: downsample factor of its
+    highest-resolution transformer level, in tokens of the patch grid. patch_size: the token grid
+    at level 1 is (H // patch_size) × (W // patch_size) (DiT, PixArt: the patch embedding's size).
+    sublayers: the blocks' Sublayers. excluded: blocks found but deliberately not patched, with the
+    reason (logged once when patching). attention: how its self-attention takes merged keys/values and
+    a bias. tokens_refusal: why mode="tokens" cannot run in "self" sub-layers (e.g. per-token rotary
+    positions), or None. default_mode: the mode of `apply_patch(..., mode=None)`.
+    Methods a host kind may override: entry, locate, sublayer_refusals.
+    """
+
+    name: str
+    root: nn.Module
+    blocks: Sequence[nn.Module]
+    top_level: int
+    attention: Attention
+    vae_scale_factor: int = 8
+    patch_size: int = 1
+    sample_names: Tuple[str, ...] = ("sample", "x", "hidden_states")
+    timestep_names: Tuple[str, ...] = ("timestep", "timesteps", "t")
+    input_names: Tuple[str, ...] = ("hidden_states", "x")
+    sublayers: Tuple[Sublayer, ...] = UNET_SUBLAYERS
+    excluded: Tuple[Tuple[nn.Module, str], ...] = ()
+    tokens_refusal: Optional[str] = None
+    default_mode: str = "tokens"
+
+    def entry(self, block: nn.Module) -> Optional[str]:
+        """The name of a block method to wrap as the block's entry instead of forward hooks, or None."""
+        return None
+
+    def locate(self, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
+        """(H, W) of the latent for a root whose sample is not a [B, C, H, W] latent, else None."""
+        return None
+
+    def sublayer_refusals(self, module: nn.Module) -> List[str]:
+        """Why merging before sub-layer `module` would be wrong at this call ([] if it is fine)."""
+        return []
+
+    def refusals(self, config: ToMeConfig) -> List[str]:
+        """Why `config` cannot run on this model (checked when patching)."""
+        reasons = []
+        if self.tokens_refusal is not None and config.mode == "tokens" and config.merge_attn:
+            reasons.append(f"mode='tokens' cannot merge the attention of {type(self.root).__name__}: "
+                           f"{self.tokens_refusal}; use mode='kv' (or merge_attn=False)")
+        return reasons + self.attention.refusals(self, config)

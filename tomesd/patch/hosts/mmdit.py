@@ -1,0 +1,165 @@
+"""MMDiT hosts (diffusers): Stable Diffusion 3 / 3.5 (`SD3Transformer2DModel`, `JointTransformerBlock`)
+and Flux (`FluxTransformer2DModel`: double-stream `FluxTransformerBlock`s, then single-stream
+`FluxSingleTransformerBlock`s), and their pipelines' `.transformer`.
+
+Image and text tokens attend jointly, every block at the full token grid (one level, /1). Only image
+tokens are merged; the metric is a block's image-token input. In a joint attention the processor
+concatenates image and text queries, keys and values and calls F.scaled_dot_product_attention once:
+- tokens mode merges the image tokens before the attention (and SD 3.5's image-only `attn2`, and the
+  feed-forward with merge_mlp) and unmerges the image output after; text tokens attend to the merged
+  image tokens and are never merged themselves;
+- kv mode (and prop_attn) act inside that SDPA call on the image part of the keys and values, after
+  every projection, q/k norm and (Flux) rotary embedding, so queries keep their positions.
+Flux applies rotary embeddings per token: merged tokens fed to its attention would carry no valid
+position, so tokens mode is refused there: mode="kv" is the supported mode and Flux's default (its
+feed-forwards may still merge as tokens with merge_mlp). Single-stream blocks take the image tokens apart from the text on diffusers
+versions whose `FluxSingleTransformerBlock.forward` has `encoder_hidden_states`; on older ones their
+input is the concatenated sequence, which is no token grid, so they are not merged (logged).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from ... import ops
+from ...matching import MergePlan
+from ..args import get_arg
+from ..wrappers import MethodWrapper
+from .base import Attention, Sublayer, size_bias
+from .diffusers import DiffusersHost, denoiser, vae_scale_factor
+
+SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("ff", "mlp"))
+FLUX_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("ff", "mlp"))
+FLUX_TOKENS_REFUSAL = ("Flux applies rotary position embeddings per token, and merged tokens have no single "
+                       "position")
+
+
+def _merge_heads(t: Tensor, plan: MergePlan) -> Tensor:
+    """Merge keys or values laid out per head: [B, H, N, D] → [B, H, M, D]."""
+    B, H, N, D = t.shape
+    merged = ops.merge(t.transpose(1, 2).reshape(B, N, H * D), plan)
+    return merged.view(B, plan.num_out, H, D).transpose(1, 2)
+
+
+def joint_attention(sdpa, q: Tensor, k: Tensor, v: Tensor, plan: MergePlan, merge_kv: bool, bias: bool,
+                    image_first: bool, *rest, **kwargs) -> Tensor:
+    """A joint attention `sdpa(q, k, v, mask, ...)` ([B, H, S, D] queries, keys, values) whose image keys
+    and values are merged (merge_kv: kv mode) and / or biased by log size (bias: prop_attn). The image
+    part is the first or last `plan.num_in` (kv mode) or `plan.num_out` (tokens mode: already merged)
+    positions of the keys; queries are untouched."""
+    S = k.shape[2]
+    n = plan.num_in if merge_kv else plan.num_out
+    image = slice(0, n) if image_first else slice(S - n, S)
+    text = slice(n, S) if image_first else slice(0, S - n)
+    if merge_kv:
+        parts = [_merge_heads(k[:, :, image], plan), k[:, :, text]]
+        vparts = [_merge_heads(v[:, :, image], plan), v[:, :, text]]
+        if not image_first:
+            parts, vparts = parts[::-1], vparts[::-1]
+        k, v = torch.cat(parts, dim=2), torch.cat(vparts, dim=2)
+    mask = None
+    if bias:
+        zeros = q.new_zeros(q.shape[0], S - n)
+        size = size_bias(plan, q.dtype)[:, 0]
+        mask = torch.cat([size, zeros] if image_first else [zeros, size], dim=1)[:, None, None, :]
+    return sdpa(q, k, v, mask, *rest, **kwargs)
+
+
+class Joint(TorchFunctionMode):
+    """Open for one joint-attention forward (MMDiT): its first F.scaled_dot_product_attention call runs as
+    `joint_attention`, after every projection, norm and rotary embedding the processor applied."""
+
+    def __init__(self, plan: MergePlan, merge_kv: bool, bias: bool, image_first: bool):
+        super().__init__()
+        self.plan, self.merge_kv, self.bias, self.image_first = plan, merge_kv, bias, image_first
+        self.used = False
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is not F.scaled_dot_product_attention or self.used:
+            return func(*args, **kwargs)
+        self.used = True
+        names = ("query", "key", "value", "attn_mask")
+        values = dict(zip(names, args))
+        values.update({n: kwargs.pop(n) for n in names if n in kwargs})
+        if values.get("attn_mask") is not None:
+            raise RuntimeError("tomesd: mode='kv' / prop_attn on a joint attention that is given an attention "
+                               "mask is not supported")
+        return joint_attention(func, values["query"], values["key"], values["value"], self.plan, self.merge_kv,
+                               self.bias, self.image_first, *args[len(names):], **kwargs)
+
+
+class JointAttention(Attention):
+    """A joint attention (image and text tokens in one SDPA call, the image part first or last):
+    kv mode and prop_attn act inside that call, through a Joint opened for the sub-layer's forward."""
+
+    kv_inside = True
+
+    def __init__(self, image_first: bool):
+        self.image_first = image_first
+
+    def prepare(self, call, args, kwargs, plan, merge_kv, bias):
+        if merge_kv or bias:
+            call.block.extra[call.name] = Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first)
+        return args, kwargs
+
+    def wrap(self, state, index, name, module):
+        return MethodWrapper(module, "forward", partial(_joint_forward, state, index, name))
+
+
+def _joint_forward(state, index: int, name: str, original, args: tuple, kwargs: dict):
+    """A joint attention's forward, inside its Joint context when the pre-hook left one."""
+    block = state.block(index)
+    joint = block.extra.pop(name, None) if block is not None else None
+    if joint is None:
+        return original(*args, **kwargs)
+    with joint:
+        out = original(*args, **kwargs)
+    if not joint.used:
+        raise RuntimeError(f"tomesd: {name} of transformer block {index} did not call torch's "
+                           "scaled_dot_product_attention, so its image keys/values cannot be merged "
+                           "(mode='kv' / prop_attn on MMDiT models need the native attention backend)")
+    return out
+
+
+@dataclass
+class FluxHost(DiffusersHost):
+    """Flux: packed 2×2 latent tokens whose grid comes from img_ids."""
+
+    def locate(self, args, kwargs):
+        """(H, W) of the latent behind Flux's packed 2×2 tokens, from img_ids [N, 3] = (0, row, col)."""
+        ids, _ = get_arg(args, kwargs, ("img_ids",), None)
+        if not isinstance(ids, Tensor) or ids.shape[-1] != 3:
+            return None
+        ids = ids.reshape(-1, 3)
+        rows, cols = ids[:, 1].max(), ids[:, 2].max()
+        return 2 * (int(rows) + 1), 2 * (int(cols) + 1)
+
+
+def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost]:
+    """Host for an SD 3 / 3.5 or Flux transformer (or pipeline), or None if `model` is neither."""
+    root = denoiser(model) if root is None else root
+    if root is None:
+        return None
+    name = type(root).__name__
+    if name == "SD3Transformer2DModel":
+        from diffusers.models.attention import JointTransformerBlock
+
+        blocks = [m for m in root.modules() if isinstance(m, JointTransformerBlock)]
+        return DiffusersHost(name="sd3", root=root, blocks=blocks, top_level=1, attention=JointAttention(True),
+                             vae_scale_factor=vae_scale_factor(model), patch_size=int(root.config.patch_size),
+                             sample_names=("hidden_states",), sublayers=SD3_SUBLAYERS)
+    if name == "FluxTransformer2DModel":
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+        blocks = [m for m in root.modules() if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))]
+        return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=JointAttention(False),
+                        vae_scale_factor=vae_scale_factor(model), patch_size=2, sample_names=("hidden_states",),
+                        sublayers=FLUX_SUBLAYERS, tokens_refusal=FLUX_TOKENS_REFUSAL, default_mode="kv")
+    return None

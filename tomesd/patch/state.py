@@ -1,0 +1,196 @@
+"""Typed state: one ModelState per patched model, one CallContext per denoiser call.
+
+The model-level state holds only the configuration, the host, the modes and the hook handles. What
+describes one denoiser call (latent size, random key, resolved ratios, plans) lives in a CallContext
+on a stack local to the calling thread (`Calls`), so two threads never share one and a call
+interrupted half-way leaves nothing that the next call uses.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..config import ToMeConfig
+from ..matching import MergePlan
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .hosts.base import Host
+    from .modes import Mode
+    from .plans import PlanProvider
+
+logger = logging.getLogger("tomesd")
+
+STATE_ATTR = "_tomesd"
+
+
+@dataclass
+class MergeRequest:
+    """A block call's merge, resolved but not yet planned: the metric [B, N, C] on the h × w grid of
+    level /downsample, r tokens to merge, the block's random key (None: each cell's first token)."""
+
+    metric: Tensor
+    h: int
+    w: int
+    r: int
+    key: Optional[Tensor]
+    downsample: int = 1
+
+
+@dataclass
+class BlockCall:
+    """One block's merge within one denoiser call.
+
+    request: what to plan, until the block's first merged sub-layer builds `plan` from it.
+    merged: sub-layer name → the plan its input was merged with (its rows, for a batch chunk), until
+    its output is unmerged. extra: per-sub-layer objects a host's attention keeps between a sub-layer's
+    pre-hook and its forward (MMDiT: what the joint attention call must do). rows_done: batch rows of
+    `ff` already run in this call (feed-forward chunked over the batch). pushed: the block's entry
+    opened a recompute context, which its exit closes.
+    """
+
+    request: Optional[MergeRequest] = None
+    plan: Optional[MergePlan] = None
+    merged: Dict[str, MergePlan] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+    rows_done: int = 0
+    pushed: bool = False
+
+
+@dataclass
+class Record:
+    """What a merged block's input was in a call with gradients, to find the call in a recompute.
+
+    ref: weak reference to the input; memory: (shape, stride, dtype, device, data_ptr, version);
+    probe: a strided sample of its values [B, ≤8, ≤8] fp32; plan: the plan the block merged with (a
+    recompute replays it, whether it was built, shared or reused in the forward).
+    """
+
+    ref: "weakref.ref[Tensor]"
+    memory: tuple
+    probe: Tensor
+    plan: Optional[MergePlan] = None
+
+
+@dataclass
+class CallContext:
+    """One denoiser call: latent size, random key, and what was resolved during it.
+
+    height, width: the latent's size; grid_h, grid_w: its token grid at level 1 (latent / patch size).
+    timestep: the call's timestep tensor (or number), if any. levels: token count → (downsample, h, w)
+    of the level with that many tokens (None: no level). ratios: level → resolved ratio. blocks: block
+    index → its BlockCall while the block runs. records: block index → Record, for calls made with
+    gradients (None otherwise). recompute: this is a copy opened by a checkpoint recompute of one
+    block. shared: level → the plan its blocks share in this call (share_plan).
+    """
+
+    height: int
+    width: int
+    grid_h: int
+    grid_w: int
+    key: Optional[Tensor]
+    timestep: Any = None
+    levels: Dict[int, Optional[Tuple[int, int, int]]] = field(default_factory=dict)
+    ratios: Dict[int, float] = field(default_factory=dict)
+    blocks: Dict[int, BlockCall] = field(default_factory=dict)
+    records: Optional[Dict[int, Record]] = None
+    recompute: bool = False
+    shared: Dict[int, MergePlan] = field(default_factory=dict)
+
+
+class Calls(threading.local):
+    """Per thread: `frames`, the stack of open CallContexts (None for a root call that merges
+    nothing). Every attribute exists from a thread's first access, so compiled code guarding on them
+    sees the same layout at every call."""
+
+    def __init__(self):
+        self.frames: List[Optional[CallContext]] = []
+
+
+@dataclass
+class ModelState:
+    """One patched model: configuration, host, modes and hook handles. Per-call state lives in
+    CallContexts (`calls`).
+
+    live: calls with gradients whose autograd graph is alive (weak; the graph holds them).
+    modes: sub-layer name → the Mode merging there. plans: where block plans come from.
+    """
+
+    config: ToMeConfig
+    host: "Host"
+    max_downsample: int
+    base_key: int
+    sample_pos: Optional[int] = 0
+    timestep_pos: Optional[int] = 1
+    handles: List[Any] = field(default_factory=list)
+    calls: Calls = field(default_factory=Calls)
+    live: "weakref.WeakValueDictionary[int, CallContext]" = field(default_factory=weakref.WeakValueDictionary)
+    ids: Any = field(default_factory=itertools.count)
+    lock: Any = field(default_factory=threading.Lock)
+    warned: set = field(default_factory=set)
+    active: bool = True
+    modes: Dict[str, "Mode"] = field(default_factory=dict)
+    plans: Optional["PlanProvider"] = None
+
+    @property
+    def frames(self) -> List[Optional[CallContext]]:
+        """This thread's stack of open calls of the model."""
+        return self.calls.frames
+
+    def current(self) -> Optional[CallContext]:
+        """This thread's innermost open call (None outside a call, or in one that merges nothing)."""
+        frames = self.calls.frames
+        return frames[-1] if frames else None
+
+    def block(self, index: int) -> Optional[BlockCall]:
+        """Block `index`'s BlockCall in this thread's current call, if it is running and merges."""
+        ctx = self.current()
+        return None if ctx is None else ctx.blocks.get(index)
+
+    def warn_once(self, tag: str, message: str) -> None:
+        log_once(self, tag, message, logging.WARNING)
+
+
+@torch.compiler.disable
+def _log(state: ModelState, tag: str, message: str, level: int) -> None:
+    if tag not in state.warned:
+        state.warned.add(tag)
+        logger.log(level, message)
+
+
+def log_once(state: ModelState, tag: str, message: str, level: int) -> None:
+    """Log `message` the first time `tag` is seen on this model. Once logged, compiled code does not
+    reach the (compile-disabled) logger again: the check is traced, not a graph break per call."""
+    if tag not in state.warned:
+        _log(state, tag, message, level)
+
+
+def current_plan(state: ModelState, index: int) -> Optional[MergePlan]:
+    """The plan block `index` merges with in this thread's current call (None if not built)."""
+    block = state.block(index)
+    return None if block is None else block.plan
+
+
+# Blocks patched by some model's state (one patch per block).
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, ModelState]" = weakref.WeakKeyDictionary()
+
+
+def owner(block: nn.Module) -> Optional[ModelState]:
+    """The state of the patch that merges in `block`, if any."""
+    state = _OWNERS.get(block)
+    return state if state is not None and state.active else None
+
+
+def claim(block: nn.Module, state: ModelState) -> None:
+    _OWNERS[block] = state
+
+
+def release(block: nn.Module, state: ModelState) -> None:
+    if _OWNERS.get(block) is state:
+        del _OWNERS[block]
