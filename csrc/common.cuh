@@ -31,17 +31,6 @@ struct alignas(sizeof(T) * W) Pack {
   T v[W];
 };
 
-// Largest W in {16 / sizeof(T), ..., 1} with C % W == 0 and every base pointer aligned to W elements.
-template <typename T>
-inline int pack_width(int C, const void* p0, const void* p1) {
-  int w = 16 / static_cast<int>(sizeof(T));
-  while (w > 1 && (C % w != 0 || reinterpret_cast<uintptr_t>(p0) % (w * sizeof(T)) != 0 ||
-                   reinterpret_cast<uintptr_t>(p1) % (w * sizeof(T)) != 0)) {
-    w /= 2;
-  }
-  return w;
-}
-
 template <typename F>
 inline void dispatch_dtype(DType dtype, F&& f) {
   switch (dtype) {
@@ -55,6 +44,14 @@ inline void dispatch_dtype(DType dtype, F&& f) {
       f(__nv_bfloat16{});
       break;
   }
+}
+
+// idx[i] when i < count and idx[i] is a token in [0, N), else -1 (a missing row): a malformed
+// partition then gives unspecified scores, never a read outside the metric.
+__device__ __forceinline__ int64_t token_at(const int64_t* __restrict__ idx, int i, int count, int N) {
+  if (i >= count) return -1;
+  const int64_t t = idx[i];
+  return t >= 0 && t < N ? t : -1;
 }
 
 inline unsigned blocks_for(int64_t items, int threads) {

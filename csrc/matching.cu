@@ -8,6 +8,8 @@
 // into slices whose partial (max, argmax) are combined by a second kernel (ties: lowest dst).
 // Ranking is torch.max's (rules.h): a NaN score (from a NaN or Inf token, as in the PyTorch path)
 // beats every number, so a row of NaN scores still gets a valid dst position.
+// Grid: x = batch row x src tile (folded, so any batch size fits; y and z are limited to 65,535),
+// y = dst slice. Token indices outside [0, N) read as missing rows (token_at): never out of bounds.
 #include <mma.h>
 
 #include <cfloat>
@@ -45,11 +47,11 @@ __device__ __forceinline__ void store_best(float v, int i, int b, int split, int
 }
 
 // ---- CUDA-core tile: 64 src x 64 dst per step, 256 threads, 4 x 4 outputs per thread. ----
-constexpr int kSimtS = 64, kSimtD = 64, kSimtK = 16, kSimtPad = 4;
+constexpr int kSimtK = 16, kSimtPad = 4;  // kSimtS, kSimtD: rules.h
 
 template <typename T>
 __global__ void __launch_bounds__(256) best_dst_simt(MatchArgs a, const float* __restrict__ inv_norm,
-                                                     int tiles_per_split, float* __restrict__ part_val,
+                                                     int per_split, float* __restrict__ part_val,
                                                      int* __restrict__ part_idx) {
   __shared__ __align__(16) float As[kSimtK][kSimtS + kSimtPad];
   __shared__ __align__(16) float Bs[kSimtK][kSimtD + kSimtPad];
@@ -57,13 +59,13 @@ __global__ void __launch_bounds__(256) best_dst_simt(MatchArgs a, const float* _
   __shared__ float ia[kSimtS], ib[kSimtD];
 
   const int tid = threadIdx.x, tx = tid % 16, ty = tid / 16;
-  const int b = blockIdx.z, split = blockIdx.y, s0 = blockIdx.x * kSimtS;
+  const int stiles = (a.S + kSimtS - 1) / kSimtS;
+  const int b = blockIdx.x / stiles, split = blockIdx.y, s0 = (blockIdx.x % stiles) * kSimtS;
   const T* xb = static_cast<const T*>(a.metric) + static_cast<int64_t>(b) * a.N * a.C;
   const float* nb = inv_norm + static_cast<int64_t>(b) * a.N;
   for (int i = tid; i < kSimtS; i += blockDim.x) {
-    const int s = s0 + i;
-    arow[i] = s < a.S ? a.src_idx[s] : -1;
-    ia[i] = s < a.S ? nb[arow[i]] : 0.f;
+    arow[i] = token_at(a.src_idx, s0 + i, a.S, a.N);
+    ia[i] = arow[i] >= 0 ? nb[arow[i]] : 0.f;
   }
   float best_v[4];
   int best_i[4];
@@ -72,14 +74,14 @@ __global__ void __launch_bounds__(256) best_dst_simt(MatchArgs a, const float* _
     best_i[i] = kNoDst;
   }
   const int dtiles = (a.D + kSimtD - 1) / kSimtD;
-  const int t1 = min(dtiles, (split + 1) * tiles_per_split);
-  for (int t = split * tiles_per_split; t < t1; ++t) {
+  const int t1 = min(dtiles, (split + 1) * per_split);
+  for (int t = split * per_split; t < t1; ++t) {
     __syncthreads();  // the previous tile is done with bcol / ib
     for (int j = tid; j < kSimtD; j += blockDim.x) {
-      const int d = t * kSimtD + j;
-      bcol[j] = d < a.D ? a.dst_idx[d] : -1;
-      ib[j] = d < a.D ? nb[bcol[j]] : 0.f;
+      bcol[j] = token_at(a.dst_idx, t * kSimtD + j, a.D, a.N);
+      ib[j] = bcol[j] >= 0 ? nb[bcol[j]] : 0.f;
     }
+    __syncthreads();  // ib is read below even when C = 0 (no k step, so no barrier there)
     float acc[4][4] = {};
     for (int k0 = 0; k0 < a.C; k0 += kSimtK) {
       __syncthreads();
@@ -134,7 +136,7 @@ __global__ void __launch_bounds__(256) best_dst_simt(MatchArgs a, const float* _
 }
 
 // ---- Tensor-core tile (fp16 / bf16, sm_80+): 128 src x 64 dst per step, 8 warps of 32 x 32. ----
-constexpr int kTcS = 128, kTcD = 64, kTcK = 32, kTcLdk = kTcK + 8, kTcLdc = kTcD + 4;
+constexpr int kTcK = 32, kTcLdk = kTcK + 8, kTcLdc = kTcD + 4;
 
 template <typename T>
 struct TcSmem {
@@ -170,32 +172,31 @@ __device__ __forceinline__ void load_tile(const T* __restrict__ xb, int C, int k
 
 template <typename T, bool Vec>
 __global__ void __launch_bounds__(256) best_dst_wmma(MatchArgs a, const float* __restrict__ inv_norm,
-                                                     int tiles_per_split, float* __restrict__ part_val,
+                                                     int per_split, float* __restrict__ part_val,
                                                      int* __restrict__ part_idx) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   using namespace nvcuda;
   __shared__ __align__(32) TcSmem<T> sm;
   const int tid = threadIdx.x, warp = tid / 32, wr = warp / 2, wc = warp % 2;
-  const int b = blockIdx.z, split = blockIdx.y, s0 = blockIdx.x * kTcS;
+  const int stiles = (a.S + kTcS - 1) / kTcS;
+  const int b = blockIdx.x / stiles, split = blockIdx.y, s0 = (blockIdx.x % stiles) * kTcS;
   const T* xb = static_cast<const T*>(a.metric) + static_cast<int64_t>(b) * a.N * a.C;
   const float* nb = inv_norm + static_cast<int64_t>(b) * a.N;
   for (int i = tid; i < kTcS; i += blockDim.x) {
-    const int s = s0 + i;
-    sm.arow[i] = s < a.S ? a.src_idx[s] : -1;
-    sm.ia[i] = s < a.S ? nb[sm.arow[i]] : 0.f;
+    sm.arow[i] = token_at(a.src_idx, s0 + i, a.S, a.N);
+    sm.ia[i] = sm.arow[i] >= 0 ? nb[sm.arow[i]] : 0.f;
   }
   // Reduction phase: thread tid scans half (tid % 2) of row tid / 2's 64 columns.
   const int row = tid / 2, half = tid % 2;
   float best_v = -FLT_MAX;
   int best_i = kNoDst;
   const int dtiles = (a.D + kTcD - 1) / kTcD;
-  const int t1 = min(dtiles, (split + 1) * tiles_per_split);
-  for (int t = split * tiles_per_split; t < t1; ++t) {
+  const int t1 = min(dtiles, (split + 1) * per_split);
+  for (int t = split * per_split; t < t1; ++t) {
     __syncthreads();  // the previous tile is done with C, bcol and ib
     for (int j = tid; j < kTcD; j += blockDim.x) {
-      const int d = t * kTcD + j;
-      sm.bcol[j] = d < a.D ? a.dst_idx[d] : -1;
-      sm.ib[j] = d < a.D ? nb[sm.bcol[j]] : 0.f;
+      sm.bcol[j] = token_at(a.dst_idx, t * kTcD + j, a.D, a.N);
+      sm.ib[j] = sm.bcol[j] >= 0 ? nb[sm.bcol[j]] : 0.f;
     }
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
 #pragma unroll
@@ -341,9 +342,9 @@ void launch_best_dst(const MatchArgs& a, const float* inv_norm, int splits, floa
   int* idx = splits > 1 ? part_idx : dst_pos;
   if (use_tensor_cores(a, device)) {
     const int dtiles = (a.D + kTcD - 1) / kTcD;
-    const dim3 grid((a.S + kTcS - 1) / kTcS, splits, a.B);
-    const int per = (dtiles + splits - 1) / splits;
-    const bool vec = a.C % 8 == 0 && reinterpret_cast<uintptr_t>(a.metric) % 16 == 0;
+    const dim3 grid(static_cast<unsigned>(a.B) * ((a.S + kTcS - 1) / kTcS), splits);
+    const int per = tiles_per_split(dtiles, splits);
+    const bool vec = vector_loads(a.C, reinterpret_cast<uintptr_t>(a.metric));
     auto launch = [&](auto zero) {
       using T = decltype(zero);
       if (vec) {
@@ -360,8 +361,8 @@ void launch_best_dst(const MatchArgs& a, const float* inv_norm, int splits, floa
     }
   } else {
     const int dtiles = (a.D + kSimtD - 1) / kSimtD;
-    const dim3 grid((a.S + kSimtS - 1) / kSimtS, splits, a.B);
-    const int per = (dtiles + splits - 1) / splits;
+    const dim3 grid(static_cast<unsigned>(a.B) * ((a.S + kSimtS - 1) / kSimtS), splits);
+    const int per = tiles_per_split(dtiles, splits);
     dispatch_dtype(a.dtype, [&](auto zero) {
       using T = decltype(zero);
       best_dst_simt<T><<<grid, 256, 0, stream>>>(a, inv_norm, per, val, idx);

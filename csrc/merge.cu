@@ -2,8 +2,11 @@
 //
 // One thread per (row, pack of W channels): merge reads its row's members in raster order and
 // accumulates in fp32 (deterministic, no atomics), each x row read once; unmerge copies one pack
-// from y[b, slot[b, n]]. Packs are 16 bytes whenever C and the pointers allow it.
+// from y[b, slot[b, n]]. Packs are 16 bytes whenever C and the pointers allow it. Plans that are not
+// a CSR of N tokens into M rows give unspecified outputs, never an access outside the buffers:
+// offsets are clamped to [0, N], members outside [0, N) are skipped, a slot outside [0, M) gives 0.
 #include "common.cuh"
+#include "rules.h"
 
 namespace tomesd {
 namespace {
@@ -18,12 +21,15 @@ __global__ void merge_kernel(const T* __restrict__ x, const int* __restrict__ of
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int v = static_cast<int>(i % V);
     const int64_t bm = i / V, b = bm / M, m = bm % M;
-    const int o0 = offsets[b * (M + 1) + m], o1 = offsets[b * (M + 1) + m + 1];
+    const int o0 = min(max(offsets[b * (M + 1) + m], 0), N);
+    const int o1 = min(max(offsets[b * (M + 1) + m + 1], o0), N);
     const int* mem = members + b * N;
     const T* xb = x + b * N * C + static_cast<int64_t>(v) * W;
     float acc[W] = {};
     for (int p = o0; p < o1; ++p) {
-      const P pk = *reinterpret_cast<const P*>(xb + static_cast<int64_t>(mem[p]) * C);
+      const int n = mem[p];
+      if (n < 0 || n >= N) continue;
+      const P pk = *reinterpret_cast<const P*>(xb + static_cast<int64_t>(n) * C);
 #pragma unroll
       for (int w = 0; w < W; ++w) acc[w] += to_float(pk.v[w]);
     }
@@ -44,9 +50,15 @@ __global__ void unmerge_kernel(const T* __restrict__ y, const int64_t* __restric
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < total;
        i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int v = static_cast<int>(i % V);
-    const int64_t bn = i / V, b = bn / N;
-    const int64_t src = (b * M + slot[bn]) * C + static_cast<int64_t>(v) * W;
-    *reinterpret_cast<P*>(out + bn * C + static_cast<int64_t>(v) * W) = *reinterpret_cast<const P*>(y + src);
+    const int64_t bn = i / V, b = bn / N, m = slot[bn];
+    P pk;
+    if (m >= 0 && m < M) {
+      pk = *reinterpret_cast<const P*>(y + (b * M + m) * C + static_cast<int64_t>(v) * W);
+    } else {
+#pragma unroll
+      for (int w = 0; w < W; ++w) pk.v[w] = from_float<T>(0.f);
+    }
+    *reinterpret_cast<P*>(out + bn * C + static_cast<int64_t>(v) * W) = pk;
   }
 }
 
@@ -78,7 +90,7 @@ void launch_merge(DType dtype, const void* x, const int* offsets, const int* mem
                   int C, bool mean, cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    dispatch_width<T>(pack_width<T>(C, x, out), [&](auto width) {
+    dispatch_width<T>(pack_width(C, sizeof(T), reinterpret_cast<uintptr_t>(x), reinterpret_cast<uintptr_t>(out)), [&](auto width) {
       constexpr int W = decltype(width)::value;
       const int64_t items = static_cast<int64_t>(B) * M * (C / W);
       merge_kernel<T, W><<<blocks_for(items, 256), 256, 0, stream>>>(static_cast<const T*>(x), offsets, members,
@@ -92,7 +104,7 @@ void launch_unmerge(DType dtype, const void* y, const int64_t* slot, void* out, 
                     cudaStream_t stream) {
   dispatch_dtype(dtype, [&](auto zero) {
     using T = decltype(zero);
-    dispatch_width<T>(pack_width<T>(C, y, out), [&](auto width) {
+    dispatch_width<T>(pack_width(C, sizeof(T), reinterpret_cast<uintptr_t>(y), reinterpret_cast<uintptr_t>(out)), [&](auto width) {
       constexpr int W = decltype(width)::value;
       const int64_t items = static_cast<int64_t>(B) * N * (C / W);
       unmerge_kernel<T, W><<<blocks_for(items, 256), 256, 0, stream>>>(static_cast<const T*>(y), slot,

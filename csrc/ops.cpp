@@ -2,8 +2,15 @@
 // so they exist (with CPU and fake impls) on machines without this extension; this file only adds
 // the CUDA kernels with TORCH_LIBRARY_IMPL. Every buffer comes from PyTorch's caching allocator and
 // every kernel runs on the current stream, so the ops can be captured in a CUDA graph.
+//
+// Index inputs (dst_idx / src_idx, a plan's slot / offsets / members) are not validated by default:
+// that would need a host synchronization per call (and break CUDA-graph capture). The kernels bound
+// every access instead, so malformed indices give unspecified outputs but never touch memory outside
+// their buffers. TOMESD_CHECK_INDICES=1 (a debug switch, read per call) validates them and raises the
+// ValueError of the CPU impls (tomesd/library.py check_partition / check_plan).
 #include <Python.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -11,6 +18,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 
 #include "tomesd.h"
@@ -42,6 +51,33 @@ void check_int_range(int64_t v, const char* what) {
   TORCH_CHECK(v < (int64_t{1} << 31), "tomesd: ", what, " = ", v, " does not fit the kernels' 32-bit indices");
 }
 
+bool check_indices() {
+  const char* v = std::getenv("TOMESD_CHECK_INDICES");
+  return v != nullptr && std::strcmp(v, "1") == 0;
+}
+
+// TOMESD_CHECK_INDICES=1: dst_idx and src_idx are distinct tokens in [0, N) (one host sync).
+void check_partition(const Tensor& dst_idx, const Tensor& src_idx, int64_t N) {
+  const Tensor all = at::cat({dst_idx, src_idx});
+  if (all.numel() == 0) return;
+  const Tensor sorted = std::get<0>(all.sort());
+  const bool ok = sorted.select(0, 0).item<int64_t>() >= 0 && sorted.select(0, -1).item<int64_t>() < N &&
+                  (all.numel() < 2 || !sorted.slice(0, 1).eq(sorted.slice(0, 0, -1)).any().item<bool>());
+  TORCH_CHECK_VALUE(ok, "tomesd: dst_idx and src_idx must be distinct token indices in [0, ", N, ")");
+}
+
+// TOMESD_CHECK_INDICES=1: slot in [0, M), offsets rising from 0 to N, members in [0, N) (host syncs).
+void check_plan_values(const Tensor& slot, const Tensor& offsets, const Tensor& members) {
+  const int64_t N = slot.size(1), M = offsets.size(1) - 1;
+  TORCH_CHECK_VALUE(slot.numel() == 0 || (slot.min().item<int64_t>() >= 0 && slot.max().item<int64_t>() < M),
+                    "tomesd: slot must be in [0, ", M, ") (the plan's output rows)");
+  const bool rising = offsets.select(1, 0).eq(0).all().item<bool>() && offsets.select(1, M).eq(N).all().item<bool>() &&
+                      offsets.slice(1, 1).ge(offsets.slice(1, 0, M)).all().item<bool>();
+  TORCH_CHECK_VALUE(offsets.numel() == 0 || rising, "tomesd: offsets must rise from 0 to N = ", N, " along each row");
+  TORCH_CHECK_VALUE(members.numel() == 0 || (members.min().item<int>() >= 0 && members.max().item<int>() < N),
+                    "tomesd: members must be token indices in [0, ", N, ")");
+}
+
 MatchArgs match_args(const Tensor& metric, const Tensor& dst_idx, const Tensor& src_idx) {
   TORCH_CHECK(metric.dim() == 3, "tomesd: metric must be [B, N, C], got ", metric.sizes());
   TORCH_CHECK(dst_idx.dim() == 1 && src_idx.dim() == 1, "tomesd: dst_idx and src_idx must be 1-d");
@@ -50,7 +86,9 @@ MatchArgs match_args(const Tensor& metric, const Tensor& dst_idx, const Tensor& 
   check_cuda(dst_idx, metric, "dst_idx");
   check_cuda(src_idx, metric, "src_idx");
   check_int_range(metric.size(0) * metric.size(1), "B * N");
+  check_int_range(metric.size(0) * std::max<int64_t>(src_idx.numel(), dst_idx.numel()), "B * max(S, D)");
   check_int_range(metric.size(2), "C");
+  if (check_indices()) check_partition(dst_idx, src_idx, metric.size(1));
   return MatchArgs{dtype_of(metric), nullptr, nullptr, nullptr, static_cast<int>(metric.size(0)),
                    static_cast<int>(metric.size(1)), static_cast<int>(metric.size(2)),
                    static_cast<int>(src_idx.numel()), static_cast<int>(dst_idx.numel())};
@@ -82,6 +120,12 @@ std::tuple<Tensor, Tensor> run_best_dst(const Tensor& metric, const Tensor& dst_
   return {score, dst_pos};
 }
 
+// C = 0: every token has norm 0, so every cosine is 0 and the first dst wins (as the PyTorch path);
+// no kernel runs (a k-loop of zero steps would skip the barriers the tiles rely on).
+std::tuple<Tensor, Tensor> zero_channel_matches(const Tensor& metric, const MatchArgs& a) {
+  return {at::zeros({a.B, a.S}, metric.options().dtype(at::kFloat)), at::zeros({a.B, a.S}, metric.options().dtype(at::kLong))};
+}
+
 std::tuple<Tensor, Tensor> best_dst_cuda(const Tensor& metric_in, const Tensor& dst_idx_in, const Tensor& src_idx_in) {
   const c10::cuda::CUDAGuard guard(metric_in.device());
   const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
@@ -91,6 +135,7 @@ std::tuple<Tensor, Tensor> best_dst_cuda(const Tensor& metric_in, const Tensor& 
             at::empty({a.B, a.S}, metric.options().dtype(at::kLong))};
   }
   TORCH_CHECK(a.D > 0, "tomesd: dst_idx is empty but ", a.S, " src tokens need a match");
+  if (a.C == 0) return zero_channel_matches(metric, a);
   auto [score, dst_pos] = run_best_dst(metric, dst_idx, src_idx, a);
   return {score, dst_pos.to(at::kLong)};
 }
@@ -110,7 +155,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric_
             at::empty({B, N}, i32)};
   }
   Tensor score, dst_pos;
-  if (r > 0) {
+  if (r > 0 && a.C == 0) {
+    std::tie(score, dst_pos) = zero_channel_matches(metric, a);
+    dst_pos = dst_pos.to(at::kInt);
+  } else if (r > 0) {
     std::tie(score, dst_pos) = run_best_dst(metric, dst_idx, src_idx, a);
   } else {
     score = at::empty({B, a.S}, metric.options().dtype(at::kFloat));
@@ -151,6 +199,7 @@ void check_plan(const Tensor& t, const Tensor& slot, const Tensor& offsets, cons
   TORCH_CHECK(t.dim() == 3 && t.size(0) == slot.size(0), "tomesd: expected [B, *, C] with B = ", slot.size(0),
               ", got ", t.sizes());
   check_int_range(t.numel() / std::max<int64_t>(t.size(2), 1), "rows");
+  if (check_indices()) check_plan_values(slot, offsets, members);
 }
 
 Tensor merge_cuda(const Tensor& x_in, const Tensor& slot, const Tensor& offsets_in, const Tensor& members_in,

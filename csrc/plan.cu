@@ -10,6 +10,9 @@
 //      slot of a merging src = slot of its dst; counts by integer atomics (order-free, deterministic);
 //   4. offsets = exclusive scan of counts; sort keys (b * M + slot) and values (n) for the CSR.
 // A stable radix sort of (key, n) then lists each row's members in raster order (launch_sort).
+// Malformed partitions (tokens outside [0, N), repeated, or both dst and src) give unspecified plans
+// but no access outside the buffers: out-of-range tokens are skipped, a merging src whose dst is not
+// kept gets slot -1, and counts are only written for rows in [0, M).
 #include <cub/device/device_radix_sort.cuh>
 
 #include "common.cuh"
@@ -17,8 +20,6 @@
 
 namespace tomesd {
 namespace {
-
-constexpr int kPlanThreads = 1024;
 
 // Exclusive scan over [0, L) of get(i), each thread owning one contiguous range; put(i, prefix) is
 // called in order. Returns the total. scratch: at least kPlanThreads / 32 + 1 ints.
@@ -135,7 +136,8 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
         // best_dst always writes a position in [0, D); the clamp keeps a broken one from reading
         // outside dst_idx (an illegal address would kill the CUDA context).
         const int p = min(max(dst_pos[s], 0), D - 1);
-        target[src_idx[s]] = static_cast<int>(dst_idx[p]);
+        const int64_t src = src_idx[s], dst = dst_idx[p];
+        if (src >= 0 && src < N && dst >= 0 && dst < N) target[src] = static_cast<int>(dst);
       }
     }
   }
@@ -147,7 +149,7 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
       [&](int n, int rank) {
         if (target[n] < 0) {
           slot[n] = rank;
-          counts[rank] = 1;
+          if (rank < M) counts[rank] = 1;  // rank >= M only when a malformed partition repeats a src
         }
       },
       scratch);
@@ -155,9 +157,9 @@ __global__ void __launch_bounds__(kPlanThreads) plan_kernel(const float* __restr
   for (int n = tid; n < N; n += blockDim.x) {
     const int t = target[n];
     if (t >= 0) {
-      const int64_t m = slot[t];
+      const int64_t m = target[t] < 0 ? slot[t] : -1;  // a dst that is also a merging src has no slot
       slot[n] = m;
-      atomicAdd(&counts[m], 1);
+      if (m >= 0 && m < M) atomicAdd(&counts[m], 1);
     }
   }
   __syncthreads();

@@ -56,6 +56,13 @@ TOMESD_HD uint64_t select_key(float score, int s) {
   return (static_cast<uint64_t>(orderable(score)) << 32) | static_cast<uint32_t>(~static_cast<uint32_t>(s));
 }
 
+// Grid geometry (tests/test_cuda_rules.py reads these to check that the load-time self-check's cases
+// reach the paths real workloads take): src x dst tile of the CUDA-core and tensor-core matching
+// kernels, threads of the plan kernel (its block scans take ceil(L / kPlanThreads) items per thread).
+constexpr int kSimtS = 64, kSimtD = 64;
+constexpr int kTcS = 128, kTcD = 64;
+constexpr int kPlanThreads = 1024;
+
 // Slices the dst tiles are cut into so that `blocks` src blocks still fill `want` (2 x SMs) slots;
 // every slice gets at least one tile. blocks = B x src tiles, 0 for an empty batch or S = 0.
 inline int split_count(int64_t blocks, int dtiles, int64_t want) {
@@ -63,6 +70,23 @@ inline int split_count(int64_t blocks, int dtiles, int64_t want) {
   const int64_t splits = (want + blocks - 1) / blocks < dtiles ? (want + blocks - 1) / blocks : dtiles;
   const int64_t per = (dtiles + splits - 1) / splits;
   return static_cast<int>((dtiles + per - 1) / per);
+}
+
+// Dst tiles a block walks (the first slices; the last may get fewer).
+inline int tiles_per_split(int dtiles, int splits) { return (dtiles + splits - 1) / splits; }
+
+// Whether the tensor-core kernel loads 8 elements at once: C % 8 == 0 and a 16-byte aligned metric.
+inline bool vector_loads(int C, uintptr_t metric) { return C % 8 == 0 && metric % 16 == 0; }
+
+// Elements per pack in merge / unmerge: the largest W in {16 / elem_bytes, ..., 1} with C % W == 0
+// and both base addresses aligned to W elements.
+inline int pack_width(int C, int elem_bytes, uintptr_t p0, uintptr_t p1) {
+  int w = 16 / elem_bytes;
+  while (w > 1 && (C % w != 0 || p0 % (static_cast<uintptr_t>(w) * elem_bytes) != 0 ||
+                   p1 % (static_cast<uintptr_t>(w) * elem_bytes) != 0)) {
+    w /= 2;
+  }
+  return w;
 }
 
 // Whether the tensor-core matching kernel has a body on this device: fp16/bf16, an sm_80+ device,

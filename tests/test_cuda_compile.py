@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from tomesd import _build
+from tomesd import extension
 
 ARCHS = ("80", "90")
 
@@ -59,7 +59,7 @@ def test_csrc_compiles_for_sm80_sm90(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
-    sources = _build.sources()
+    sources = extension.sources()
     assert {s.name for s in sources} >= {"matching.cu", "plan.cu", "merge.cu", "ops.cpp"}
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda s: (s, _compile(nvcc, s, tmp_path)), sources))
@@ -87,7 +87,7 @@ def test_wmma_kernel_has_a_body_or_traps(arch, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
     out = tmp_path / f"matching_{arch}.ptx"
-    source = _build.csrc_dir() / "matching.cu"
+    source = extension.csrc_dir() / "matching.cu"
     cmd = [nvcc, "-ptx", str(source), "-o", str(out), f"-arch=compute_{arch}"] + _flags()
     proc = subprocess.run(cmd + list(cpp_extension.COMMON_NVCC_FLAGS) + ["-O3"], capture_output=True, text=True,
                           timeout=900)

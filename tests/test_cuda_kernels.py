@@ -15,7 +15,7 @@ from torch.library import opcheck
 
 import tiny
 import tomesd
-from tomesd import matching, ops
+from tomesd import extension, matching, ops, selfcheck
 
 pytestmark = pytest.mark.gpu
 OPS = torch.ops.tomesd
@@ -226,10 +226,104 @@ def test_empty_batch_or_grid_returns_empty_outputs(B, h, w):
 
 
 def test_self_check_passes_on_this_gpu():
-    from tomesd import _build
+    assert selfcheck.self_check(selfcheck.torch_kernels(), "cuda") == ""
+    assert extension.self_check_status().startswith("passed")
 
-    assert _build.self_check(_build.torch_kernels(), "cuda") == ""
-    assert _build.self_check_status().startswith("passed")
+
+def _fresh_loader(monkeypatch):
+    """A new process-wide loader with the library loaded (a CPU device needs no check) and no check run."""
+    fresh = extension.Loader()
+    monkeypatch.setattr(extension, "loader", fresh)
+    assert fresh.load_error("cpu") == "" and not fresh.checks
+    return fresh
+
+
+def test_self_check_under_a_cuda_default_device(monkeypatch):
+    fresh = _fresh_loader(monkeypatch)
+    torch.set_default_device("cuda")
+    try:
+        assert ops.cuda_refusal(torch.empty(0, dtype=torch.float16)) == ""
+    finally:
+        torch.set_default_device(None)
+    assert fresh.self_check_status().startswith("passed")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_self_check_runs_on_the_tensors_device(monkeypatch):
+    fresh = _fresh_loader(monkeypatch)
+    with torch.cuda.device(0):
+        assert ops.cuda_refusal(torch.empty(0, device="cuda:1", dtype=torch.float16)) == ""
+        assert torch.cuda.current_device() == 0
+    assert list(fresh.checks) == ["cuda:1"]
+
+
+def test_first_call_inside_a_graph_capture_defers_the_self_check(monkeypatch):
+    fresh = _fresh_loader(monkeypatch)
+    t = torch.ones(8, device="cuda", dtype=torch.float16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        reason = ops.cuda_refusal(t)
+        out = t * 2
+    graph.replay()
+    assert "deferred" in reason and not fresh.checks and bool((out == 2).all())
+    assert ops.cuda_refusal(t) == "" and fresh.self_check_status().startswith("passed")
+
+
+def _malformed(kind, dst, src, N):
+    return {"repeated src": (dst, torch.cat([src[:1], src])),
+            "out of range": (dst, torch.cat([src[:-1], src.new_tensor([N + 1000])])),
+            "negative": (dst, torch.cat([src.new_tensor([-5]), src[1:]])),
+            "dst also src": (dst, torch.cat([src[:-1], dst[:1]]))}[kind]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("kind", ["repeated src", "out of range", "negative", "dst also src"])
+def test_malformed_indices_never_corrupt_memory(kind, dtype, monkeypatch):
+    """Without TOMESD_CHECK_INDICES the kernels stay inside their buffers (unspecified outputs, a
+    live context); with it, the ops raise the CPU impls' ValueError."""
+    metric, dst, src, _ = _case(2, 40, 36, 64, 2, 2, dtype, seed=21)
+    N = metric.shape[1]
+    bad_dst, bad_src = _malformed(kind, dst, src, N)
+    r = len(bad_src)  # every src merges: the case that wrote out of bounds before
+    monkeypatch.delenv("TOMESD_CHECK_INDICES", raising=False)
+    OPS.best_dst(metric, bad_dst, bad_src)
+    slot, counts, offsets, members = OPS.build_plan(metric, bad_dst, bad_src, r)
+    x = torch.randn(2, N, 64, device="cuda", dtype=dtype)
+    OPS.unmerge(OPS.merge(x, slot, offsets, members, True), slot, offsets, members)
+    bad_slot = slot.clone()
+    bad_slot[:, ::7] = 10**9
+    OPS.unmerge(torch.randn(2, N - r, 64, device="cuda", dtype=dtype), bad_slot, offsets, members)
+    OPS.merge(x, slot, offsets * 1000 - 7, members - 5, True)
+    torch.cuda.synchronize()
+    healthy, hdst, hsrc, hr = _case(1, 8, 8, 8, 2, 2, torch.float32, seed=1)
+    assert torch.equal(OPS.build_plan(healthy, hdst, hsrc, hr)[0], OPS.build_plan(healthy.cpu(), hdst.cpu(), hsrc.cpu(), hr)[0].cuda())
+    monkeypatch.setenv("TOMESD_CHECK_INDICES", "1")
+    with pytest.raises(ValueError, match="distinct token indices"):
+        OPS.build_plan(metric, bad_dst, bad_src, r)
+    with pytest.raises(ValueError, match="slot must be in"):
+        OPS.unmerge(torch.randn(2, N - r, 64, device="cuda", dtype=dtype), bad_slot, offsets, members)
+
+
+def test_batch_over_65535_rows():
+    """The batch is folded into grid.x: 70,000 rows launch and match the PyTorch path."""
+    metric, dst, src, r = _case(70_000, 4, 4, 8, 2, 2, torch.float16, seed=17)
+    score, pos = OPS.best_dst(metric, dst, src)
+    ref_score, _ = matching.best_dst(metric, dst, src)
+    torch.testing.assert_close(score, ref_score, atol=SCORE_TOL[torch.float16], rtol=0)
+    slot = OPS.build_plan(metric, dst, src, r)[0]
+    assert torch.equal(slot, matching.plan_from_matches(score, pos, dst, src, r, 16).slot)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero_channels(dtype):
+    """C = 0: every cosine is 0, the first dst wins (as the PyTorch path); no kernel reads a channel."""
+    metric, dst, src, r = _case(2, 12, 10, 0, 2, 2, dtype, seed=19)
+    score, pos = OPS.best_dst(metric, dst, src)
+    ref_score, ref_pos = OPS.best_dst(metric.cpu(), dst.cpu(), src.cpu())
+    assert torch.equal(score.cpu(), ref_score) and torch.equal(pos.cpu(), ref_pos)
+    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+    assert bool(((slot >= 0) & (slot < 120 - r)).all()) and int(counts.sum()) == 2 * 120
+    assert OPS.merge(metric, slot, offsets, members, True).shape == (2, 120 - r, 0)
 
 
 def test_plan_kernel_has_no_shared_memory_races(tmp_path):

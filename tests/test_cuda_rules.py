@@ -1,5 +1,7 @@
 """The kernels' ranking, selection and sizing rules (csrc/rules.h), compiled for the host and run on
-a CPU against torch: NaN and ±Inf scores, an all-NaN row, empty batches, the tensor-core choice.
+a CPU against torch: NaN and ±Inf scores, an all-NaN row, empty batches, the tensor-core choice; and
+the load-time self-check's cases (tomesd.selfcheck) against the same rules: they must reach the paths
+real workloads take (several dst tiles per block, unvectorized loads, pack width 1, block-scan chunks).
 
 rules.h is the code the kernels call (`better`, `orderable`, `select_key`, `split_count`,
 `tensor_cores_usable`); a small C harness loads it with ctypes. `fold_row` replays the matching
@@ -12,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import math
 import random
+import re
 import shutil
 import struct
 import subprocess
@@ -19,7 +22,7 @@ import subprocess
 import pytest
 import torch
 
-from tomesd import _build
+from tomesd import extension, matching, selfcheck
 
 HARNESS = r"""
 #include "rules.h"
@@ -36,6 +39,13 @@ int split_count_c(int64_t blocks, int dtiles, int64_t want) { return split_count
 int tensor_cores_usable_c(int half, int major, int ptx, int binary) {
   return tensor_cores_usable(half != 0, major, ptx, binary);
 }
+int geometry_c(int i) {
+  const int values[] = {kSimtS, kSimtD, kTcS, kTcD, kPlanThreads};
+  return values[i];
+}
+int tiles_per_split_c(int dtiles, int splits) { return tiles_per_split(dtiles, splits); }
+int vector_loads_c(int C, uint64_t address) { return vector_loads(C, address); }
+int pack_width_c(int C, int elem_bytes, uint64_t p0, uint64_t p1) { return pack_width(C, elem_bytes, p0, p1); }
 
 // One src row's (max, argmax) over scores v[0..D) as the kernels reduce it: `tile` dst per tile,
 // `lanes` lanes per row each owning `tile / lanes` consecutive columns of a tile, `splits` slices
@@ -94,14 +104,16 @@ def rules(tmp_path_factory):
     src.write_text(HARNESS)
     lib = out / "librules.so"
     proc = subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Werror",
-                           f"-I{_build.csrc_dir()}", str(src), "-o", str(lib)], capture_output=True, text=True)
+                           f"-I{extension.csrc_dir()}", str(src), "-o", str(lib)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     dll = ctypes.CDLL(str(lib))
     f, i32, u32, u64, i64 = ctypes.c_float, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
     for name, res, args in (
         ("no_dst", i32, []), ("better_c", i32, [f, i32, f, i32]), ("orderable_c", u32, [f]),
         ("select_key_c", u64, [f, i32]), ("split_count_c", i32, [i64, i32, i64]),
-        ("tensor_cores_usable_c", i32, [i32, i32, i32, i32]),
+        ("tensor_cores_usable_c", i32, [i32, i32, i32, i32]), ("geometry_c", i32, [i32]),
+        ("tiles_per_split_c", i32, [i32, i32]), ("vector_loads_c", i32, [i32, u64]),
+        ("pack_width_c", i32, [i32, i32, u64, u64]),
         ("fold_row", None, [ctypes.POINTER(f), i32, i32, i32, i32, ctypes.POINTER(f), ctypes.POINTER(i32)]),
     ):
         getattr(dll, name).restype = res
@@ -221,3 +233,68 @@ def test_python_twin_of_orderable_is_the_compiled_one(rules):
     for b in bits:
         f = struct.unpack("<f", struct.pack("<I", b))[0]
         assert rules.orderable_c(f) == _orderable(f), hex(b)
+
+
+# ---- The self-check's cases against the kernels' geometry ----
+
+SM_COUNTS = (108, 132, 148)  # A100, H100 / H200, B200: the check must reach the paths on each
+BASE = 1 << 20  # a 16-byte aligned device address; "offset" layouts add one element
+
+
+def _geometry(rules):
+    simt_s, simt_d, tc_s, tc_d, plan_threads = (rules.geometry_c(i) for i in range(5))
+    return dict(simt=(simt_s, simt_d), wmma=(tc_s, tc_d), plan_threads=plan_threads)
+
+
+def _properties(rules, case, sms):
+    """What one self-check case reaches on a GPU with `sms` SMs, by the rules the launchers use."""
+    dst, src = matching.partition(case.h, case.w, case.sx, case.sy, None, "cpu")
+    N, S, D = case.h * case.w, len(src), len(dst)
+    r = selfcheck.case_r(case, S)
+    elem = torch.finfo(getattr(torch, case.dtype)).bits // 8
+    half = elem == 2
+    tile_s, tile_d = _geometry(rules)["wmma" if half else "simt"]
+    dtiles = -(-D // tile_d)
+    splits = rules.split_count_c(case.B * -(-S // tile_s), dtiles, 2 * sms)
+    address = BASE + (elem if case.layout == "offset" else 0)
+    threads = _geometry(rules)["plan_threads"]
+    return dict(
+        kernel="wmma" if half else "simt",
+        tiles_per_block=rules.tiles_per_split_c(dtiles, splits) if case.B else 0,
+        r_is_s=case.B > 0 and r == S,
+        unvectorized=case.B > 0 and half and not rules.vector_loads_c(case.C, address),
+        pack_width=rules.pack_width_c(case.C, elem, address, BASE) if case.B else None,
+        layout=case.layout if case.B else None,
+        scan_chunks=min(-(-N // threads), -(-(N - r) // threads)) if case.B else 0,
+    )
+
+
+@pytest.mark.parametrize("sms", SM_COUNTS)
+def test_self_check_cases_reach_the_paths_real_workloads_take(rules, sms):
+    props = [_properties(rules, case, sms) for case in selfcheck.SELF_CHECK_CASES]
+    for kernel in ("wmma", "simt"):
+        assert any(p["kernel"] == kernel and p["tiles_per_block"] >= 2 for p in props), f"{kernel}: one dst tile per block"
+    assert any(p["r_is_s"] for p in props), "no case with r = S"
+    assert any(p["unvectorized"] for p in props), "the tensor-core kernel always loads 8-element vectors"
+    assert any(p["pack_width"] == 1 for p in props), "merge / unmerge always move packs of several elements"
+    assert {"offset", "strided"} <= {p["layout"] for p in props}, "no offset or no non-contiguous input"
+    assert any(p["scan_chunks"] >= 2 for p in props), "no block scan with several items per thread on both scans"
+    assert any(case.B == 0 for case in selfcheck.SELF_CHECK_CASES)
+    assert {case.dtype for case in selfcheck.SELF_CHECK_CASES} == {"float16", "bfloat16", "float32"}
+
+
+def test_geometry_rules(rules):
+    assert rules.tiles_per_split_c(16, 8) == 2 and rules.tiles_per_split_c(9, 5) == 2 and rules.tiles_per_split_c(3, 3) == 1
+    assert rules.vector_loads_c(40, BASE) and not rules.vector_loads_c(40, BASE + 2) and not rules.vector_loads_c(36, BASE)
+    assert rules.pack_width_c(40, 2, BASE, BASE) == 8 and rules.pack_width_c(40, 2, BASE + 2, BASE) == 1
+    assert rules.pack_width_c(33, 4, BASE, BASE) == 1 and rules.pack_width_c(36, 4, BASE, BASE + 8) == 2
+
+
+def test_no_kernel_puts_the_batch_on_grid_y_or_z():
+    """gridDim.y and .z stop at 65,535: the batch is folded into grid.x (blockIdx.x / src tiles), so
+    any batch size launches."""
+    for source in extension.csrc_dir().glob("*.cu"):
+        text = source.read_text()
+        assert "blockIdx.z" not in text and "gridDim.z" not in text, source.name
+        for grid in re.findall(r"dim3 grid\(([^;]*)\);", text):
+            assert grid.count(",") <= 1 and "a.B" in grid.split(",")[0], (source.name, grid)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from tomesd import _build, info, matching, ops
+from tomesd import extension, info, matching, ops, selfcheck
 
 OPS = torch.ops.tomesd
 
@@ -93,7 +93,7 @@ def test_public_ops_trace_with_fullgraph_on_cpu():
 def test_cuda_path_helpers_accept_plans_without_csr():
     metric, dst, src, r = _case()
     plan = matching.build_plan(metric, dst, src, r)
-    offsets, members = ops._plan_csr(plan)
+    offsets, members = ops.plan_csr(plan)
     x = torch.randn(2, metric.shape[1], 8)
     torch.testing.assert_close(OPS.merge(x, plan.slot, offsets, members, True), matching.merge(x, plan))
 
@@ -113,24 +113,63 @@ def test_dispatch_on_cpu(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
 def test_failed_load_warns_once_and_keeps_reason(monkeypatch):
-    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": "", "self_check": "not run"})
-    monkeypatch.setattr(_build, "prebuilt_available", lambda: False)
+    monkeypatch.setattr(extension, "loader", extension.Loader(prebuilt_available=lambda: False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first, second = _build.load_error(), _build.load_error()
+        first, second = extension.load_error(), extension.load_error()
     assert first == second and first and ("CPU-only" in first or "no CUDA device" in first)
     assert len([w for w in caught if "tomesd" in str(w.message)]) == 1
-    assert "extension unavailable" in ops._cuda_refusal("cuda", torch.float16)
+    assert "extension unavailable" in ops.cuda_refusal_for("cuda", torch.float16)
+    extension.reset()
+    assert not extension.loader.tried and extension.loaded_from() == "" and extension.self_check_status() == "not run"
 
 
-# ---- The self-check the loaded kernels run before first use (tomesd/_build.py) ----
+# ---- Malformed indices: the CPU impls raise (the CUDA kernels stay in bounds; tests/test_cuda_kernels.py) ----
+
+@pytest.mark.parametrize("bad", ["repeated src", "out of range", "negative", "dst also src"])
+def test_ops_refuse_malformed_partitions(bad):
+    metric, dst, src, r = _case()
+    N = metric.shape[1]
+    src = {"repeated src": torch.cat([src[:1], src]), "out of range": torch.cat([src[:-1], torch.tensor([N])]),
+           "negative": torch.cat([torch.tensor([-1]), src[1:]]), "dst also src": torch.cat([src[:-1], dst[:1]])}[bad]
+    message = rf"distinct token indices in \[0, {N}\)"
+    with pytest.raises(ValueError, match=message):
+        OPS.build_plan(metric, dst, src, r)
+    with pytest.raises(ValueError, match=message):
+        OPS.best_dst(metric, dst, src)
+
+
+def test_ops_refuse_malformed_plans():
+    metric, dst, src, r = _case()
+    slot, _, offsets, members = OPS.build_plan(metric, dst, src, r)
+    x = torch.randn(2, metric.shape[1], 4)
+    y = torch.randn(2, metric.shape[1] - r, 4)
+    bad_slot = slot.clone()
+    bad_slot[0, 3] = metric.shape[1] - r
+    with pytest.raises(ValueError, match="slot must be in"):
+        OPS.unmerge(y, bad_slot, offsets, members)
+    with pytest.raises(ValueError, match="slot must be in"):
+        OPS.merge(x, bad_slot, offsets, members, True)
+    with pytest.raises(ValueError, match="offsets must rise"):
+        OPS.merge(x, slot, offsets.flip(1).contiguous(), members, True)
+    with pytest.raises(ValueError, match="members must be"):
+        OPS.merge(x, slot, offsets, members - 1, True)
+    with pytest.raises(RuntimeError, match="r = 73 must be in"):
+        OPS.build_plan(metric, dst, src, len(src) + 1)
+
+
+# ---- The self-check the loaded kernels run before first use on a device (tomesd/selfcheck.py) ----
 
 def _broken(**fns):
-    return _build.torch_kernels()._replace(**fns)
+    return selfcheck.torch_kernels()._replace(**fns)
 
 
 def _sum_merge(x, slot, offsets, members, mean):
     return OPS.merge(x, slot, offsets, members, False)
+
+
+def _mean_only_merge(x, slot, offsets, members, mean):  # mean=False (unmerge's backward) gives the mean
+    return OPS.merge(x, slot, offsets, members, True)
 
 
 def _shifted_best_dst(metric, dst, src):
@@ -138,11 +177,31 @@ def _shifted_best_dst(metric, dst, src):
     return score, (pos + 1) % len(dst)
 
 
-def _swapped_build_plan(metric, dst, src, r):
-    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+def _stride_blind_best_dst(metric, dst, src):  # reads the storage as if the metric were contiguous
+    dense = torch.as_strided(metric, metric.shape, torch.empty(metric.shape).stride(), metric.storage_offset())
+    return OPS.best_dst(dense, dst, src)
+
+
+def _tail_dropping_best_dst(metric, dst, src):  # the channels past the last whole 8-element vector are lost
+    kept = metric.clone()
+    kept[..., metric.shape[-1] // 8 * 8 :] = 0
+    return OPS.best_dst(kept, dst, src)
+
+
+def _swap_two_rows(slot):
     slot = slot.clone()
     slot[slot == 0], slot[slot == 1] = 1, 0  # two output rows trade places: a valid but different plan
-    return slot, counts, offsets, members
+    return slot
+
+
+def _swapped_build_plan(metric, dst, src, r):
+    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+    return _swap_two_rows(slot), counts, offsets, members
+
+
+def _wrong_at_r_equals_s_build_plan(metric, dst, src, r):
+    slot, counts, offsets, members = OPS.build_plan(metric, dst, src, r)
+    return (_swap_two_rows(slot) if r == len(src) else slot), counts, offsets, members
 
 
 def _shifted_unmerge(y, slot, offsets, members):
@@ -154,60 +213,109 @@ def _raising_merge(*args):
 
 
 def test_self_check_accepts_the_reference_implementation():
-    assert _build.self_check(_build.torch_kernels(), "cpu") == ""
+    assert selfcheck.self_check(selfcheck.torch_kernels(), "cpu") == ""
+
+
+def test_self_check_needs_no_default_device(monkeypatch):
+    """Every tensor of the check's CPU side names its device: with torch.set_default_device("cuda") a
+    CPU-only torch raises on any implicit one, a CUDA torch would mix devices."""
+    torch.set_default_device("cuda")
+    try:
+        reason = selfcheck.self_check(selfcheck.torch_kernels(), "cpu")
+    finally:
+        torch.set_default_device(None)
+    assert reason == ""
 
 
 @pytest.mark.parametrize("fns, message", [
     (dict(merge=_sum_merge), "merge differs from the segment mean"),
+    (dict(merge=_mean_only_merge), "merge differs from the segment sum (mean=False)"),
     (dict(best_dst=_shifted_best_dst), "best_dst picked a dst"),
+    (dict(best_dst=_stride_blind_best_dst), "strided)"),
+    (dict(best_dst=_tail_dropping_best_dst), "best_dst"),
     (dict(build_plan=_swapped_build_plan), "slot map differs"),
+    (dict(build_plan=_wrong_at_r_equals_s_build_plan), "slot map differs"),
     (dict(unmerge=_shifted_unmerge), "unmerge differs"),
     (dict(merge=_raising_merge), "RuntimeError: CUDA error: an illegal memory access was encountered ("),
 ])
 def test_self_check_refuses_wrong_kernels(fns, message):
-    reason = _build.self_check(_broken(**fns), "cpu")
+    reason = selfcheck.self_check(_broken(**fns), "cpu")
     assert message in reason and "metric [" in reason and "\n" not in reason
 
 
-def _fake_jit_setup(monkeypatch, tmp_path, kernels):
-    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": "", "self_check": "not run"})
-    monkeypatch.setattr(_build, "prebuilt_available", lambda: False)
-    monkeypatch.setattr(_build, "build_refusal", lambda: "")
-    monkeypatch.setattr(_build, "cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(_build, "_jit_build", lambda: (tmp_path / _build.JIT_LIBRARY).write_bytes(b""))
-    monkeypatch.setattr(_build, "_self_check_device", lambda: "cpu")  # the CPU impls stand in for the kernels
-    monkeypatch.setattr(_build, "torch_kernels", lambda: kernels)
+def _fake_loader(monkeypatch, tmp_path, kernels, capturing=lambda device: False, checked=None):
+    """The process's loader replaced by one whose JIT build only writes the library file and whose
+    self-check runs the given kernels on the CPU (the CPU impls stand in for the CUDA kernels)."""
+    def check_device(device):
+        if checked is not None:
+            checked.append(device)
+        return torch.device("cpu")
+
+    fake = extension.Loader(
+        jit_build=lambda build_dir: (build_dir / extension.JIT_LIBRARY).write_bytes(b""),
+        cache_dir=lambda: tmp_path, prebuilt_available=lambda: False, build_refusal=lambda: "",
+        check_device=check_device, capturing=capturing, kernels=kernels)
+    monkeypatch.setattr(extension, "loader", fake)
+    return fake
 
 
 def test_first_load_announces_the_build_and_passes_the_self_check(monkeypatch, tmp_path, caplog):
-    _fake_jit_setup(monkeypatch, tmp_path, _build.Kernels(OPS.best_dst, OPS.build_plan, OPS.merge, OPS.unmerge))
+    _fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels)
     with caplog.at_level("WARNING", logger="tomesd"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert _build.load_error() == "" and _build.load_error() == ""
+        assert extension.load_error("cuda:0") == "" and extension.load_error("cuda:0") == ""
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and "building the CUDA kernels (one-time" in messages[0]
     assert "CUDA kernels built in" in messages[1]
-    assert _build.loaded_from().startswith("JIT-built") and _build.self_check_status().startswith("passed")
+    assert extension.loaded_from().startswith("JIT-built") and extension.self_check_status().startswith("passed")
     caplog.clear()
-    monkeypatch.setattr(_build, "_state", {"tried": False, "error": "", "how": "", "self_check": "not run"})
-    assert _build.load_error() == "" and not caplog.records  # cached: loads silently
+    extension.reset()
+    assert extension.self_check_status() == "not run"
+    assert extension.load_error("cuda:0") == "" and not caplog.records  # cached: loads silently
 
 
 def test_self_check_failure_refuses_the_backend_with_its_reason(monkeypatch, tmp_path, capsys):
-    _fake_jit_setup(monkeypatch, tmp_path, _broken(merge=_sum_merge))
+    _fake_loader(monkeypatch, tmp_path, lambda: _broken(merge=_sum_merge))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first, second = _build.load_error(), _build.load_error()
-    assert first == second and "self-check against the PyTorch path failed: merge differs" in first
+        first, second = extension.load_error("cuda:0"), extension.load_error("cuda:0")
+    assert first == second and "self-check against the PyTorch path on cuda:0 failed: merge differs" in first
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning) and "tomesd" in str(w.message)]) == 1
-    assert _build.loaded_from() == "" and _build.self_check_status().startswith("failed: merge differs")
-    assert "self-check" in ops._cuda_refusal("cuda", torch.float16)
+    assert extension.loaded_from().startswith("JIT-built") and extension.self_check_status().startswith("failed: merge differs")
+    assert "self-check" in ops.cuda_refusal_for("cuda:0", torch.float16)
     rows = dict(info.report(build=False))
     assert rows["kernel self-check"].startswith("failed: merge differs")
 
 
+def test_self_check_runs_once_per_device_on_that_device(monkeypatch, tmp_path):
+    """A model on cuda:1 is checked on cuda:1 (not the current device); a failure there refuses
+    that device only."""
+    kernels = iter([_broken(merge=_sum_merge), selfcheck.torch_kernels()])
+    checked = []
+    _fake_loader(monkeypatch, tmp_path, lambda: next(kernels), checked=checked)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        assert "failed: merge differs" in ops.cuda_refusal_for("cuda:1", torch.float16)
+    assert ops.cuda_refusal_for("cuda:0", torch.float32) == "" and ops.cuda_refusal_for("cuda:1", torch.float32)
+    assert checked == [torch.device("cuda", 1), torch.device("cuda", 0)]  # once each
+    status = extension.self_check_status()
+    assert status.startswith("cuda:1: failed: merge differs") and "cuda:0: passed" in status
+
+
+def test_self_check_is_deferred_inside_a_cuda_graph_capture(monkeypatch, tmp_path):
+    """The check synchronizes, which a capture forbids: a first call inside one gets the PyTorch path,
+    and the check runs on the next call outside it (nothing is marked as tried meanwhile)."""
+    capture = {"on": True}
+    fake = _fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels, capturing=lambda device: capture["on"])
+    assert "deferred" in ops.cuda_refusal_for("cuda:0", torch.float16)
+    assert not fake.checks and extension.self_check_status().startswith("not run")
+    capture["on"] = False
+    assert ops.cuda_refusal_for("cuda:0", torch.float16) == ""
+    assert extension.self_check_status().startswith("passed")
+
+
 def test_csrc_is_found_and_info_runs(capsys):
-    assert _build.csrc_dir() is not None and _build.sources()
+    assert extension.csrc_dir() is not None and extension.sources()
     info.main(["--no-build"])
     out = capsys.readouterr().out
     assert "backend for" in out and "kernel sources" in out

@@ -14,7 +14,7 @@ from typing import List, Tuple
 
 import torch
 
-from . import __version__, _build, ops
+from . import __version__, extension, ops
 
 
 def _version(name: str) -> str:
@@ -32,10 +32,10 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
         ("diffusers", _version("diffusers")),
         ("nvcc", shutil.which("nvcc") or "not found"),
         ("TOMESD_BACKEND", os.environ.get("TOMESD_BACKEND", "auto (unset)")),
-        ("kernel sources", str(_build.csrc_dir() or "not found")),
-        ("prebuilt tomesd._C", "yes" if _build.prebuilt_available() else "no"),
-        ("JIT build cache", str(_build.cache_dir())),
-        ("JIT build", _build.build_refusal() or "possible"),
+        ("kernel sources", str(extension.csrc_dir() or "not found")),
+        ("prebuilt tomesd._C", "yes" if extension.prebuilt_available() else "no"),
+        ("JIT build cache", str(extension.cache_dir())),
+        ("JIT build", extension.build_refusal() or "possible"),
     ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -49,10 +49,10 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
             backend, refused = ops.choose_backend(probe)
         except RuntimeError as exc:
             backend, refused = "none", {"cuda": str(exc)}
-        rows.append(("extension", _build.loaded_from() or "not loaded"))
+        rows.append(("extension", extension.loaded_from() or "not loaded"))
     else:
-        backend, refused = "not decided (--no-build)", {"cuda": _build.build_refusal() or "not loaded (--no-build)"}
-    rows.append(("kernel self-check", _build.self_check_status()))
+        backend, refused = "not decided (--no-build)", {"cuda": extension.build_refusal() or "not loaded (--no-build)"}
+    rows.append(("kernel self-check", extension.self_check_status()))
     rows.append((f"backend for {probe.device.type} fp16", backend))
     rows.extend((f"refused: {name}", reason) for name, reason in refused.items())
     return rows
