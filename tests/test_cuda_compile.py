@@ -1,8 +1,8 @@
 """Every csrc source compiles with nvcc for sm_80 and sm_90 against torch's headers (no GPU needed),
 and the tensor-core kernel traps (never silently does nothing) where it is compiled for an older arch.
 
-Flags mirror torch.utils.cpp_extension's: its include paths, the -D__CUDA_NO_HALF* defines, its C++
-standard, the C++11 ABI flag. torch's CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h;
+Flags mirror the JIT build's: tomesd/build_flags.py, and torch.utils.cpp_extension's include
+paths, the -D__CUDA_NO_HALF* defines, its C++ standard, the C++11 ABI flag. torch's CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h;
 it only carries Windows export macros, so the test then defines C10_CUDA_NO_CMAKE_CONFIGURE_FILE
 (c10's own switch to skip it). ATen/cuda/CUDAContext.h is not used by csrc/ (it needs cuBLAS headers);
 the kernels take the current stream from c10/cuda/CUDAStream.h. Skipped only where nvcc is missing.
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from tomesd import extension
+from tomesd import build_flags, extension
 
 ARCHS = ("80", "90")
 
@@ -49,7 +49,7 @@ def _flags() -> list:
 def _compile(nvcc: str, source: Path, out_dir: Path) -> subprocess.CompletedProcess:
     cmd = [nvcc, "-c", str(source), "-o", str(out_dir / (source.name + ".o"))] + _flags()
     if source.suffix == ".cu":
-        cmd += list(cpp_extension.COMMON_NVCC_FLAGS) + ["-O3"]
+        cmd += list(cpp_extension.COMMON_NVCC_FLAGS) + build_flags.NVCC_FLAGS
         for arch in ARCHS:
             cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -89,7 +89,7 @@ def test_wmma_kernel_has_a_body_or_traps(arch, tmp_path):
     out = tmp_path / f"matching_{arch}.ptx"
     source = extension.csrc_dir() / "matching.cu"
     cmd = [nvcc, "-ptx", str(source), "-o", str(out), f"-arch=compute_{arch}"] + _flags()
-    proc = subprocess.run(cmd + list(cpp_extension.COMMON_NVCC_FLAGS) + ["-O3"], capture_output=True, text=True,
+    proc = subprocess.run(cmd + list(cpp_extension.COMMON_NVCC_FLAGS) + build_flags.NVCC_FLAGS, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     entries = _wmma_entries(out.read_text())
