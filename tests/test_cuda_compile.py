@@ -2,9 +2,9 @@
 and the tensor-core kernel traps (never silently does nothing) where it is compiled for an older arch.
 
 Flags mirror the JIT build's: tomesd/build_flags.py, and torch.utils.cpp_extension's include
-paths, the -D__CUDA_NO_HALF* defines, its C++ standard, the C++11 ABI flag. torch's CPU wheels lack the generated c10/cuda/impl/cuda_cmake_macros.h;
-it only carries Windows export macros, so the test then defines C10_CUDA_NO_CMAKE_CONFIGURE_FILE
-(c10's own switch to skip it). ATen/cuda/CUDAContext.h is not used by csrc/ (it needs cuBLAS headers);
+paths, the -D__CUDA_NO_HALF* defines, its C++ standard, the C++11 ABI flag. torch's CPU wheels lack
+the generated c10/cuda/impl/cuda_cmake_macros.h; it only carries Windows export macros, so the test
+then defines C10_CUDA_NO_CMAKE_CONFIGURE_FILE (c10's own switch to skip it). ATen/cuda/CUDAContext.h is not used by csrc/ (it needs cuBLAS headers);
 the kernels take the current stream from c10/cuda/CUDAStream.h. Skipped only where nvcc is missing.
 """
 from __future__ import annotations
