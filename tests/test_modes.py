@@ -139,15 +139,18 @@ def test_kv_mode_refuses_fused_qkv_projections():
     assert torch.isfinite(_run(unet)).all()
 
 
-def test_kv_mode_on_ldm_models():
+def test_kv_mode_on_ldm_models(caplog):
     torch.manual_seed(0)
     model = ldm_like.LatentDiffusion().eval()
     unet = model.model.diffusion_model
     x, t, context = torch.randn(2, 4, 8, 8), torch.tensor([10, 10]), torch.randn(2, 3, 8)
     with torch.no_grad():
         want = unet(x, t, context)
-        with pytest.raises(ValueError, match="prop_attn=False"):
-            tomesd.apply_patch(model, mode="kv")
+        with pytest.raises(ValueError, match="prop_attn=False"):  # asked for, and LDM attention takes no bias
+            tomesd.apply_patch(model, mode="kv", prop_attn=True)
+        with caplog.at_level(logging.INFO, logger="tomesd"):
+            tomesd.apply_patch(model, ratio=0.5, mode="kv")  # prop_attn left to follow the mode: off, said
+        assert "prop_attn is off" in caplog.text and tomesd.patch.patched_state(model).config.prop_attn is False
         tomesd.apply_patch(model, ratio=0.5, mode="kv", prop_attn=False)
         keys = []
         unet.input_blocks[1][0].transformer_blocks[0].attn1.register_forward_pre_hook(

@@ -151,6 +151,8 @@ class ToMeConfig:
     share_plan: bool = False
     plan_every: int = 1
     schedule: RatioSchedule = field(init=False, repr=False, compare=False)
+    # whether prop_attn was given (True / False) rather than left to follow the mode (None)
+    prop_attn_given: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         object.__setattr__(self, "sx", _check_positive_int(self.sx, "sx"))
@@ -166,6 +168,7 @@ class ToMeConfig:
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
         if self.mode is not None and self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
+        object.__setattr__(self, "prop_attn_given", self.prop_attn is not None)
         if self.prop_attn is None:
             if self.mode is not None:
                 object.__setattr__(self, "prop_attn", self.mode == "kv" and self.merge_attn)
@@ -176,7 +179,14 @@ class ToMeConfig:
         object.__setattr__(self, "plan_every", _check_positive_int(self.plan_every, "plan_every"))
         object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))
 
-    def resolved(self, default_mode: str) -> "ToMeConfig":
+    def resolved(self, default_mode: str, takes_bias: bool = True) -> "ToMeConfig":
         """This config with mode (and a prop_attn left to follow it) resolved for a model whose default
-        mode is `default_mode`."""
-        return self if self.mode is not None else replace(self, mode=default_mode)
+        mode is `default_mode` and whose attention takes an additive bias (`takes_bias`): a prop_attn
+        left to follow kv mode stays off where the attention takes none."""
+        config = self if self.mode is not None else replace(self, mode=default_mode)
+        if not self.prop_attn_given:
+            prop = config.mode == "kv" and config.merge_attn and takes_bias
+            if prop != config.prop_attn:
+                config = replace(config, prop_attn=prop)
+            object.__setattr__(config, "prop_attn_given", False)
+        return config

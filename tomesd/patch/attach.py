@@ -17,7 +17,7 @@ from .calls import block_entry, on_block_call, on_block_done, on_root_call, on_r
 from .compiled import is_compiled
 from .hosts import KIND_FLAGS, Host
 from .plans import PlanProvider
-from .state import STATE_ATTR, ModelState, claim, owner, release
+from .state import STATE_ATTR, ModelState, check_idle, claim, owner, release
 from .sublayers import on_sublayer_call, on_sublayer_done
 from .wrappers import MethodWrapper
 
@@ -26,7 +26,7 @@ logger = logging.getLogger("tomesd")
 
 def attach(host: Host, config: ToMeConfig) -> ModelState:
     """Register every hook on host's modules; the returned state owns their handles."""
-    config = config.resolved(host.default_mode)
+    config = config.resolved(host.default_mode, host.attention.takes_bias)
     reasons = host.refusals(config)
     if reasons:
         raise ValueError("tomesd: " + "; ".join(reasons))
@@ -75,6 +75,13 @@ def _log_exclusions(state: ModelState) -> None:
         counts[reason] = counts.get(reason, 0) + 1
     for reason, count in counts.items():
         logger.info("tomesd: %d transformer block(s) of %s are not patched: %s", count, type(host.root).__name__, reason)
+    config = state.config
+    if not (config.merge_attn or config.merge_crossattn or config.merge_mlp):
+        logger.warning("tomesd: merge_attn, merge_crossattn and merge_mlp are all False: no sub-layer of %s "
+                       "merges tokens", type(host.root).__name__)
+    if config.mode == "kv" and not config.prop_attn_given and not config.prop_attn and config.merge_attn:
+        logger.info("tomesd: prop_attn is off for %s (its attention takes no additive bias); kv mode runs "
+                    "without proportional attention", type(host.root).__name__)
     if state.max_downsample < host.top_level:
         logger.warning("tomesd: max_downsample=%d but the highest-resolution transformer level of %s is /%d: "
                        "nothing is merged (use max_downsample=None for that level, or a larger value)",
@@ -128,7 +135,7 @@ def _after_change(model, roots: List[nn.Module]) -> None:
 def attach_to(model, config: ToMeConfig, controlnet: bool = False) -> None:
     """Attach `config` to model's denoiser (and its ControlNets), replacing earlier patches."""
     found = [hosts.find_host(model)] + (hosts.controlnet_hosts(model) if controlnet else [])
-    _detach_roots(model)
+    _detach_roots(model, "apply_patch")
     for host in found:
         _claim(host)
     for host in found:
@@ -143,8 +150,10 @@ def detach_from(model) -> None:
         _after_change(model, roots)
 
 
-def _detach_roots(model) -> List[nn.Module]:
+def _detach_roots(model, action: str = "remove_patch") -> List[nn.Module]:
     roots = [root for root in hosts.roots(model) if getattr(root, STATE_ATTR, None) is not None]
+    for root in roots:
+        check_idle(getattr(root, STATE_ATTR), action)
     for root in roots:
         detach(root)
     return roots

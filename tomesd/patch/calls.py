@@ -19,10 +19,12 @@ from ..matching import MergePlan
 from . import recompute
 from .args import first_tensor, get_arg
 from .levels import level_of
-from .state import BlockCall, CallContext, MergeRequest, ModelState, log_once
+from .state import BlockCall, CallContext, MergeRequest, ModelState, call_ended, call_started, log_once
 
 
 def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    if not torch.compiler.is_compiling():
+        call_started(state)
     host = state.host
     frames = state.frames
     if frames:  # left open by an interrupted call
@@ -49,6 +51,8 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
 
 
 def on_root_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    if not torch.compiler.is_compiling():
+        call_ended(state)
     frames = state.frames
     ctx = frames.pop() if frames else None
     if output is None:  # the forward raised (always_call hooks run with no output)
@@ -60,11 +64,19 @@ def on_root_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
 
 
 @torch.compiler.disable
-def _timestep_value(timestep) -> Optional[float]:
-    """The call's timestep as a float (one host sync per call; only for a ratio that takes it)."""
+def _timestep_value(timestep, scale: float) -> Optional[float]:
+    """The call's timestep on the 0–1000 scale, as a float for a ratio callable that takes it (one host
+    sync per call). One ratio (one r) serves the whole batch, so the samples must share their timestep."""
     if timestep is None:
         return None
-    return float(torch.as_tensor(timestep).reshape(-1)[0].item())
+    t = torch.as_tensor(timestep).reshape(-1)
+    lo, hi = torch.stack([t.min(), t.max()]).double().tolist()
+    if lo != hi:
+        raise ValueError(f"tomesd: the ratio callable takes `timestep`, but this call's samples have different "
+                         f"timesteps (from {lo * scale:g} to {hi * scale:g}); one ratio (one number of merged tokens) "
+                         "serves the whole batch. Call the model with one timestep for all samples, or use a ratio "
+                         "without a timestep parameter")
+    return lo * scale
 
 
 def _ratio(state: ModelState, ctx: CallContext, downsample: int) -> float:
@@ -72,7 +84,7 @@ def _ratio(state: ModelState, ctx: CallContext, downsample: int) -> float:
     level = downsample if schedule.fn_takes_level else 0
     if level not in ctx.ratios:
         scale = state.host.vae_scale_factor
-        t = _timestep_value(ctx.timestep) if schedule.fn_takes_timestep else None
+        t = _timestep_value(ctx.timestep, state.host.timestep_scale) if schedule.fn_takes_timestep else None
         ctx.ratios[level] = schedule.resolve(ctx.height * scale, ctx.width * scale, downsample, t)
     return ctx.ratios[level]
 
@@ -138,8 +150,13 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
                  f"is narrower than one sy×sx = {cfg.sy}×{cfg.sx} dst cell, so it has no dst tokens; it is not "
                  "merged", logging.INFO)
         return None
-    r = min(int(N * _ratio(state, ctx, downsample)), N - dst)
+    ratio = _ratio(state, ctx, downsample)
+    r = min(int(N * ratio), N - dst)
     if r <= 0:
+        if ratio > 0:
+            state.warn_once(f"r0-{downsample}-{N}", f"tomesd: ratio {ratio:g} merges int({N} × {ratio:g}) = 0 of the "
+                            f"{N} tokens of the /{downsample} level ({h}×{w}); nothing is merged there (a ratio of at "
+                            f"least {1 / N:.3g} merges one token)")
         return None
     key = ctx.key
     if key is not None and B % 2 == 1:

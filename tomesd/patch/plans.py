@@ -33,6 +33,9 @@ class _Kept(threading.local):
         self.number = -1
         self.last_t: Optional[float] = None
 
+    def __reduce__(self):  # a copy keeps no plans
+        return (_Kept, ())
+
 
 def fits(plan: MergePlan, request: MergeRequest) -> bool:
     """A plan made for another block or call serves this one if it maps the same tokens alike."""

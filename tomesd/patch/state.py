@@ -112,6 +112,9 @@ class Calls(threading.local):
     def __init__(self):
         self.frames: List[Optional[CallContext]] = []
 
+    def __reduce__(self):  # a copy of a patched model starts with no open call
+        return (Calls, ())
+
 
 @dataclass
 class ModelState:
@@ -119,6 +122,7 @@ class ModelState:
     CallContexts (`calls`).
 
     live: calls with gradients whose autograd graph is alive (weak; the graph holds them).
+    running: threads with an eager call in progress (apply / remove from another thread is refused then).
     modes: sub-layer name → the Mode merging there. plans: where block plans come from.
     """
 
@@ -137,6 +141,7 @@ class ModelState:
     active: bool = True
     modes: Dict[str, "Mode"] = field(default_factory=dict)
     plans: Optional["PlanProvider"] = None
+    running: Dict[int, bool] = field(default_factory=dict)
 
     @property
     def frames(self) -> List[Optional[CallContext]]:
@@ -155,6 +160,46 @@ class ModelState:
 
     def warn_once(self, tag: str, message: str) -> None:
         log_once(self, tag, message, logging.WARNING)
+
+    # A copy (copy.deepcopy, pickle, torch.save of a patched model) is patched alike: its hooks hold a
+    # copy of this state, with no open or live call, new locks, and its own blocks claimed.
+    _FRESH = ("calls", "live", "ids", "lock", "running")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._FRESH}
+
+    def __setstate__(self, values):
+        self.__dict__.update(values)
+        self.calls, self.live = Calls(), weakref.WeakValueDictionary()
+        self.ids, self.lock, self.running = itertools.count(), threading.Lock(), {}
+        if self.active:
+            for block in self.host.blocks:
+                claim(block, self)
+
+
+@torch.compiler.disable
+def call_started(state: ModelState) -> None:
+    """An eager call of the model starts on this thread (compiled calls are not tracked)."""
+    with state.lock:
+        state.running[threading.get_ident()] = True
+
+
+@torch.compiler.disable
+def call_ended(state: ModelState) -> None:
+    with state.lock:
+        state.running.pop(threading.get_ident(), None)
+
+
+def check_idle(state: ModelState, action: str) -> None:
+    """Refuse to change a model's hooks while another live thread is inside one of its calls: a call must
+    see one configuration from its start to its end."""
+    alive = {t.ident for t in threading.enumerate()}
+    with state.lock:
+        busy = [i for i in state.running if i != threading.get_ident() and i in alive]
+    if busy:
+        raise RuntimeError(f"tomesd: {action} while {len(busy)} call(s) of {type(state.host.root).__name__} are "
+                           "running in other threads; a call must see one configuration from start to end. "
+                           "Wait for those calls to finish (e.g. join their threads) first")
 
 
 @torch.compiler.disable

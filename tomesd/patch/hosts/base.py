@@ -32,6 +32,7 @@ class Sublayer:
 
 
 KIND_FLAGS = {"self": "merge_attn", "cross": "merge_crossattn", "mlp": "merge_mlp"}
+KIND_NAMES = {"self": "self-attention", "cross": "cross-attention", "mlp": "feed-forward"}
 UNET_SUBLAYERS = (Sublayer("attn1", "self"), Sublayer("attn2", "cross"), Sublayer("ff", "mlp"))
 
 
@@ -46,7 +47,7 @@ class Attention:
     log-size bias on its logits (prop_attn).
 
     kv_inside: keys/values are merged inside the attention's own computation (its input may then
-    hold more than the block's image tokens). prepare(...) → the sub-layer's (args, kwargs) for the
+    hold more than the block's image tokens). takes_bias: it can add a bias to its logits (prop_attn). prepare(...) → the sub-layer's (args, kwargs) for the
     call. refusals(host, config) → why the config cannot run on this host's attention (at patching).
     masked(kwargs): the call passes an attention mask over unmerged tokens (the block is not merged).
     wrap(state, index, name, module) → a handle (with .remove()) around the sub-layer's forward, if the
@@ -54,6 +55,7 @@ class Attention:
     """
 
     kv_inside = False
+    takes_bias = True
 
     def prepare(self, call: "SublayerCall", args: tuple, kwargs: dict, plan: MergePlan, merge_kv: bool,
                 bias: bool) -> Tuple[tuple, dict]:
@@ -78,6 +80,10 @@ class ArgAttention(Attention):
                  kv_refusal=None):
         self.kv_name, self.bias_name, self.mask_names, self.kv_refusal = kv_name, bias_name, tuple(mask_names), kv_refusal
 
+    @property
+    def takes_bias(self) -> bool:
+        return self.bias_name is not None
+
     def masked(self, kwargs):
         return any(kwargs.get(m) is not None for m in self.mask_names)
 
@@ -95,9 +101,18 @@ class ArgAttention(Attention):
                     break
         return reasons
 
+    def _has_kv_source(self, call) -> bool:
+        return call.kwargs.get(self.kv_name) is not None or (isinstance(call.where, int) and len(call.args) > call.where + 1)
+
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):
+        if bias and not merge_kv and self._has_kv_source(call):
+            # an attn1 attending to the text (only_cross_attention): its keys are not the merged tokens
+            call.state.warn_once(f"prop-cross-{call.name}", f"tomesd: prop_attn does not apply to {call.name} of blocks "
+                                 "whose self-attention attends to the text (only_cross_attention): its keys are not "
+                                 "the merged tokens; those blocks merge without it")
+            bias = False
         if merge_kv:
-            if kwargs.get(self.kv_name) is not None or (isinstance(call.where, int) and len(args) > call.where + 1):
+            if self._has_kv_source(call):
                 raise RuntimeError(f"tomesd: mode='kv' needs a self-attention, but this attn1 was given a key/value "
                                    f"source ({self.kv_name}); use mode='tokens' for this model")
             why = self.kv_refusal(call.module) if self.kv_refusal is not None else None
@@ -123,7 +138,9 @@ class Host:
     sublayers: the blocks' Sublayers. excluded: blocks found but deliberately not patched, with the
     reason (logged once when patching). attention: how its self-attention takes merged keys/values and
     a bias. tokens_refusal: why mode="tokens" cannot run in "self" sub-layers (e.g. per-token rotary
-    positions), or None. default_mode: the mode of `apply_patch(..., mode=None)`.
+    positions), or None. default_mode: the mode of `apply_patch(..., mode=None)`. timestep_scale: what
+    the root's timestep argument is multiplied by to give the 0–1000 scale ratio callables see (Flux
+    receives t / 1000).
     Methods a host kind may override: entry, locate, sublayer_refusals.
     """
 
@@ -141,6 +158,7 @@ class Host:
     excluded: Tuple[Tuple[nn.Module, str], ...] = ()
     tokens_refusal: Optional[str] = None
     default_mode: str = "tokens"
+    timestep_scale: float = 1.0
 
     def entry(self, block: nn.Module) -> Optional[str]:
         """The name of a block method to wrap as the block's entry instead of forward hooks, or None."""
@@ -157,6 +175,11 @@ class Host:
     def refusals(self, config: ToMeConfig) -> List[str]:
         """Why `config` cannot run on this model (checked when patching)."""
         reasons = []
+        kinds = {sub.kind for sub in self.sublayers}
+        for kind, flag in KIND_FLAGS.items():
+            if getattr(config, flag) and kind not in kinds:
+                reasons.append(f"{flag}=True but the transformer blocks of {type(self.root).__name__} have no "
+                               f"{KIND_NAMES[kind]} sub-layer to merge; use {flag}=False")
         if self.tokens_refusal is not None and config.mode == "tokens" and config.merge_attn:
             reasons.append(f"mode='tokens' cannot merge the attention of {type(self.root).__name__}: "
                            f"{self.tokens_refusal}; use mode='kv' (or merge_attn=False)")

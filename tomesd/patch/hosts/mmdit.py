@@ -161,5 +161,6 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost
         blocks = [m for m in root.modules() if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))]
         return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=JointAttention(False),
                         vae_scale_factor=vae_scale_factor(model), patch_size=2, sample_names=("hidden_states",),
-                        sublayers=FLUX_SUBLAYERS, tokens_refusal=FLUX_TOKENS_REFUSAL, default_mode="kv")
+                        sublayers=FLUX_SUBLAYERS, tokens_refusal=FLUX_TOKENS_REFUSAL, default_mode="kv",
+                        timestep_scale=1000.0)
     return None
