@@ -2,7 +2,7 @@
 
 1. Ops at [B, N, C] = [2, 4096, 320], ratio 0.5, 64×64 grid: matching (plan), merge, unmerge —
    tomesd's slot map against the reference's closures (split gathers, dense scores, argsort,
-   scatter_reduce + cat; zeros + three scatters to unmerge), reimplemented below from its description.
+   scatter_reduce + cat; zeros + three scatters to unmerge), from benchmarks/tomesd013.py.
 2. A whole UNet forward whose top level is SD 1.5's (C=320 at a 64×64 latent, batch 2, 768-dim text):
    no ToMe, tomesd, and — with --reference pointing at the tomesd 0.1.3 wheel or package directory —
    tomesd 0.1.3 itself, loaded under another module name.
@@ -31,54 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import tomesd  # noqa: E402
 from tomesd import matching, ops  # noqa: E402
 
-
-def reference_closures(metric, w, h, sx, sy, r):
-    """The reference algorithm: returns (merge, unmerge) closures, deterministic dst (use_rand off)."""
-    B, N, _ = metric.shape
-    hsy, wsx = h // sy, w // sx
-    with torch.no_grad():
-        marks = torch.zeros(hsy, wsx, sy * sx, dtype=torch.int64)
-        marks[..., 0] = -1  # the dst of each cell
-        marks = marks.view(hsy, wsx, sy, sx).transpose(1, 2).reshape(hsy * sy, wsx * sx)
-        grid = torch.zeros(h, w, dtype=torch.int64)
-        grid[: hsy * sy, : wsx * sx] = marks
-        order = grid.reshape(1, -1, 1).argsort(dim=1)
-        num_dst = hsy * wsx
-        a_idx, b_idx = order[:, num_dst:, :], order[:, :num_dst, :]
-
-        def split(x):
-            C = x.shape[-1]
-            return x.gather(1, a_idx.expand(B, N - num_dst, C)), x.gather(1, b_idx.expand(B, num_dst, C))
-
-        unit = metric / metric.norm(dim=-1, keepdim=True)
-        a, b = split(unit)
-        scores = a @ b.transpose(-1, -2)
-        r = min(a.shape[1], r)
-        node_max, node_idx = scores.max(dim=-1)
-        edge_idx = node_max.argsort(dim=-1, descending=True)[..., None]
-        unm_idx, src_idx = edge_idx[..., r:, :], edge_idx[..., :r, :]
-        dst_idx = node_idx[..., None].gather(-2, src_idx)
-
-    def merge(x):
-        src, dst = split(x)
-        n, t1, c = src.shape
-        unm = src.gather(-2, unm_idx.expand(n, t1 - r, c))
-        src = src.gather(-2, src_idx.expand(n, r, c))
-        dst = dst.scatter_reduce(-2, dst_idx.expand(n, r, c), src, reduce="mean")
-        return torch.cat([unm, dst], dim=1)
-
-    def unmerge(x):
-        unm_len = unm_idx.shape[1]
-        unm, dst = x[..., :unm_len, :], x[..., unm_len:, :]
-        c = unm.shape[-1]
-        src = dst.gather(-2, dst_idx.expand(B, r, c))
-        out = torch.zeros(B, N, c, dtype=x.dtype)
-        out.scatter_(-2, b_idx.expand(B, num_dst, c), dst)
-        out.scatter_(-2, a_idx.expand(B, a_idx.shape[1], 1).gather(1, unm_idx).expand(B, unm_len, c), unm)
-        out.scatter_(-2, a_idx.expand(B, a_idx.shape[1], 1).gather(1, src_idx).expand(B, r, c), src)
-        return out
-
-    return merge, unmerge
+import tomesd013  # noqa: E402  (the reference algorithm, next to this script)
 
 
 def median_ms(fns: dict, reps: int) -> dict:
@@ -99,7 +52,7 @@ def bench_ops(reps: int, B=2, h=64, w=64, C=320, ratio=0.5):
     x = torch.randn(B, h * w, C)
     N = h * w
     r = int(N * ratio)
-    ref_m, ref_u = reference_closures(x, w, h, 2, 2, r)
+    ref_m, ref_u = tomesd013.closures(x, w, h, 2, 2, r)
     dst_idx, src_idx = matching.partition(h, w, 2, 2, None, "cpu")
     plan = ops.build_plan(x, dst_idx, src_idx, r)
     merged_ref, merged = ref_m(x), ops.merge(x, plan)
@@ -112,7 +65,7 @@ def bench_ops(reps: int, B=2, h=64, w=64, C=320, ratio=0.5):
 
     t = median_ms(
         {
-            "ref_match": lambda: reference_closures(x, w, h, 2, 2, r),
+            "ref_match": lambda: tomesd013.closures(x, w, h, 2, 2, r),
             "ours_match": ours_match,
             "ref_merge": lambda: ref_m(x),
             "ours_merge": lambda: ops.merge(x, plan),

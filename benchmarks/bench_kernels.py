@@ -1,7 +1,7 @@
 """Kernel benchmark: match + merge + unmerge, CUDA kernels vs the PyTorch path vs the reference algorithm.
 
-The reference is tomesd 0.1.3's bipartite_soft_matching_random2d algorithm, reimplemented here from
-its description: split-gather of src/dst, a dense [S x D] score matrix, argsort of the best scores,
+The reference is tomesd 0.1.3's bipartite_soft_matching_random2d algorithm (benchmarks/tomesd013.py,
+reimplemented from its description): split-gather of src/dst, a dense [S x D] score matrix, argsort of the best scores,
 scatter_reduce(mean) + cat to merge, zeros + three scatters to unmerge.
 
   python benchmarks/bench_kernels.py --out bench-out            # fp16, batch 2, ratio 0.5, on cuda
@@ -25,45 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from tomesd import matching, ops  # noqa: E402
 
+import tomesd013  # noqa: E402  (the reference algorithm, next to this script)
+
 DEFAULT_SIZES = ("4096x320", "16384x320", "65536x320", "4096x640", "16384x640")
-
-
-# ---- the reference algorithm ----
-
-def ref_match(metric, dst_idx, src_idx, r):
-    B, _, C = metric.shape
-    m = metric / metric.norm(dim=-1, keepdim=True)
-    a = m.gather(1, src_idx.view(1, -1, 1).expand(B, -1, C))
-    b = m.gather(1, dst_idx.view(1, -1, 1).expand(B, -1, C))
-    scores = a @ b.transpose(-1, -2)  # [B, S, D]
-    best, best_dst = scores.max(dim=-1)
-    order = best.argsort(dim=-1, descending=True)[..., None]
-    merging, kept = order[:, :r], order[:, r:]
-    return kept, merging, best_dst[..., None].gather(1, merging)
-
-
-def ref_merge(x, dst_idx, src_idx, state):
-    kept, merging, their_dst = state
-    B, _, C = x.shape
-    src = x.gather(1, src_idx.view(1, -1, 1).expand(B, -1, C))
-    dst = x.gather(1, dst_idx.view(1, -1, 1).expand(B, -1, C))
-    unm = src.gather(1, kept.expand(-1, -1, C))
-    moving = src.gather(1, merging.expand(-1, -1, C))
-    dst = dst.scatter_reduce(1, their_dst.expand(-1, -1, C), moving, reduce="mean")
-    return torch.cat([unm, dst], dim=1)
-
-
-def ref_unmerge(y, dst_idx, src_idx, state, n):
-    kept, merging, their_dst = state
-    B, _, C = y.shape
-    n_kept = kept.shape[1]
-    unm, dst = y[:, :n_kept], y[:, n_kept:]
-    moved = dst.gather(1, their_dst.expand(-1, -1, C))
-    out = torch.zeros(B, n, C, device=y.device, dtype=y.dtype)
-    out.scatter_(1, dst_idx.view(1, -1, 1).expand(B, -1, C), dst)
-    out.scatter_(1, src_idx[kept[..., 0]][..., None].expand(-1, -1, C), unm)
-    out.scatter_(1, src_idx[merging[..., 0]][..., None].expand(-1, -1, C), moved)
-    return out
 
 
 # ---- timing ----
@@ -126,8 +90,8 @@ def bench_size(n, c, batch, ratio, dtype, device, iters):
         if ops.cuda_refusal(x):
             raise SystemExit(f"CUDA kernels unavailable: {ops.cuda_refusal(x)}")
         paths["cuda"] = (ops.build_plan, ops.merge, ops.unmerge)
-    paths["reference"] = (ref_match, lambda t, st: ref_merge(t, dst_idx, src_idx, st),
-                          lambda t, st: ref_unmerge(t, dst_idx, src_idx, st, n))
+    paths["reference"] = (tomesd013.match, lambda t, st: tomesd013.merge(t, dst_idx, src_idx, st),
+                          lambda t, st: tomesd013.unmerge(t, dst_idx, src_idx, st, n))
     for name, (build, merge, unmerge) in paths.items():
         plan = build(x, dst_idx, src_idx, r)
         y = merge(x, plan)

@@ -35,7 +35,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tomesd  # noqa: E402
-from tomesd import bench  # noqa: E402
+from tomesd import bench, timing  # noqa: E402
 
 BASE = (  # the grid: name → apply_patch keywords (ratio apart), at --ratios
     ("tokens", dict(mode="tokens")),
@@ -154,8 +154,8 @@ def level_times(model, unet, cfg, resolution: int, points, rounds: int) -> List[
             if ratio is not None:
                 tomesd.apply_patch(model, ratio=ratio, seed=0, **params)
             try:
-                times[i] += bench._time_calls(model, args, kwargs, cfg, calls=calls, warmup=1 if k == 0 else 0, steps=1,
-                                              first=k * calls)
+                times[i] += timing.time_calls(model, args, kwargs, calls=calls, warmup=1 if k == 0 else 0, steps=1,
+                                              first=k * calls, device=cfg.device)
             finally:
                 tomesd.remove_patch(model)
         print(f"  {resolution} px: round {k + 1}/{rounds} done", file=sys.stderr, flush=True)

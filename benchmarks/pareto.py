@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tomesd.quality import _fmt  # noqa: E402  (the quality table's cell format: None → "-", inf → "inf")
+from tomesd.cli import fmt  # noqa: E402  (the tools' table cell format: None → "-", inf → "inf")
 
 DEFAULTS = dict(share_plan=False, plan_every=1, merge_mlp=False, merge_crossattn=False, sx=2, sy=2, max_downsample=1)
 
@@ -122,8 +122,8 @@ def combined(speed_paths: List[str], quality_paths: List[str]) -> str:
             cells.append("-" if s is None else f"{s:.2f}x" + (f" ({s / ref:.2f})" if ref and key != ref_key else ""))
         if all(c == "-" for c in cells):
             continue
-        out.append(f"| {label(key)} | " + " | ".join(cells) + f" | {_fmt(q['psnr'], '.1f')} | {_fmt(q.get('psnr_min'), '.1f')} | "
-                   f"{_fmt(q['ssim'], '.4f')} | {_fmt(q['accuracy'], '.2f')} |")
+        out.append(f"| {label(key)} | " + " | ".join(cells) + f" | {fmt(q['psnr'], '.1f')} | {fmt(q.get('psnr_min'), '.1f')} | "
+                   f"{fmt(q['ssim'], '.4f')} | {fmt(q['accuracy'], '.2f')} |")
     return "\n".join(out)
 
 
@@ -148,8 +148,8 @@ def tables(speed_paths: List[str], quality_paths: List[str], front_only: bool = 
             mark = "yes" if front[i] else ""
             if rel is not None and rel >= 1.3 and ref_psnr is not None and q["psnr"] >= ref_psnr:
                 mark += " (≥ 1.3× tokens 0.5 at ≥ its PSNR)"
-            out.append(f"| {label(key)} | {_fmt(s, '.2f')}x | {_fmt(rel, '.2f')}x | {_fmt(q['psnr'], '.1f')} | "
-                       f"{_fmt(q['ssim'], '.4f')} | {_fmt(q['accuracy'], '.2f')} | {mark} |")
+            out.append(f"| {label(key)} | {fmt(s, '.2f')}x | {fmt(rel, '.2f')}x | {fmt(q['psnr'], '.1f')} | "
+                       f"{fmt(q['ssim'], '.4f')} | {fmt(q['accuracy'], '.2f')} | {mark} |")
         if ref is not None and ref_psnr is not None:
             fair = [(s, key, q) for key, s, q in rows if q["psnr"] >= ref_psnr and key != ref_key]
             if fair:

@@ -23,11 +23,10 @@ import math
 import os
 import sys
 import time
-import warnings
 
 import tomesd
-
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+from tomesd import models
+from tomesd.cli import error_line
 
 
 def parse_ratio(text: str):
@@ -62,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True,
-                   help="local diffusers pipeline directory or hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux)")
+                   help="local diffusers pipeline directory or hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux); tomesd.models "
+                   "loads it ('reference', the digits model, loads but is not a text-to-image pipeline)")
     p.add_argument("--prompt", action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--images-per-prompt", type=_number(int, 1), default=1)
@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_number(int, 1), default=30)
     p.add_argument("--guidance", type=_number(float, 0.0), default=7.5)
     p.add_argument("--seed", type=_number(int, 0), default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
+    p.add_argument("--dtype", choices=sorted(models.DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", help="default: the accelerate process's device (cuda when available, else cpu)")
     p.add_argument("--out", default="highres.png", help="PNG path; several images are numbered (out-000.png, ...)")
     p.add_argument("--ratio", type=parse_ratio, default=parse_ratio("512:0.3,1024:0.5,2048:0.6"),
@@ -95,11 +95,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
     if args.prompt is None:
         args.prompt = ["a photograph of an astronaut riding a horse on the moon"]
-    if not (os.path.isdir(args.model) or args.model.count("/") == 1):
-        parser.error(f"--model {args.model!r} is neither a directory nor a hub id (owner/name)")
     missing = [name for name in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[examples]'")
+    problem = models.model_problem(args.model, "pipeline", hub=False)
+    if problem:
+        parser.error(f"--model {problem}")
     return args
 
 
@@ -123,21 +124,17 @@ def hires_size(height: int, width: int, factor: float):
 
 def load_pipelines(args, device: str):
     """(text-to-image pipeline, img2img pipeline sharing its components or None)."""
-    import torch
-    from diffusers import (AutoPipelineForImage2Image, AutoPipelineForText2Image, FluxPipeline,
-                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline)
+    from diffusers import (AutoPipelineForImage2Image, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
+                           StableDiffusionXLPipeline)
 
-    dtype = getattr(torch, DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")])
+    dtype = models.DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     try:
-        with warnings.catch_warnings():  # newer diffusers call it `dtype`; 0.32 knows only `torch_dtype`
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = AutoPipelineForText2Image.from_pretrained(args.model, torch_dtype=dtype)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: cannot load --model {args.model!r}: {error}")
+        pipe = models.load_pipeline(args.model, dtype=dtype, device=device)
+    except Exception as error:  # noqa: BLE001 - a missing hub id, a broken directory: one line each
+        sys.exit(f"error: cannot load --model {args.model!r}: {error_line(error)}")
     if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)):
-        sys.exit(f"error: {type(pipe).__name__} is not a Stable Diffusion 1.x/2.x/XL/3 or Flux pipeline")
-    pipe = pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
+        sys.exit(f"error: --model {args.model!r} loaded a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL/3 or "
+                 "Flux pipeline")
     img2img = AutoPipelineForImage2Image.from_pipe(pipe) if args.hires_fix else None
     if img2img is not None:
         img2img.set_progress_bar_config(disable=True)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 import tomesd
+from tomesd import models
+from tomesd.cli import error_line
 from tomesd.visualize import MergeRecorder, overlay
 
 
@@ -32,7 +33,8 @@ def _ratio(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", required=True, help="local diffusers pipeline directory or hub id")
+    p.add_argument("--model", required=True,
+                   help="local diffusers pipeline directory, hub id, or 'reference' (the digits model: --prompt a digit)")
     p.add_argument("--prompt", default="a photograph of a corgi sitting on a red sofa")
     p.add_argument("--height", type=int, default=512)
     p.add_argument("--width", type=int, default=512)
@@ -64,18 +66,25 @@ def main(argv=None) -> int:
     if not 0.0 <= args.alpha <= 1.0:
         parser.error(f"--alpha must be in [0, 1], got {args.alpha}")
 
+    problem = models.model_problem(args.model, "pipeline", hub=False)
+    if problem:
+        parser.error(f"--model {problem}")
+    if models.reference_dir(args.model) is not None:
+        from tomesd.reference import parse_digit
+
+        try:
+            parse_digit(args.prompt)
+        except ValueError as error:
+            parser.error(f"--prompt: {error}")
+
     import torch
-    from diffusers import DiffusionPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
     try:
-        with warnings.catch_warnings():  # newer diffusers call it `dtype`; 0.32 knows only `torch_dtype`
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(args.model, torch_dtype=dtype).to(device)
-    except (OSError, ValueError) as error:
-        sys.exit(f"error: cannot load --model {args.model!r}: {error}")
-    pipe.set_progress_bar_config(disable=True)
+        pipe = models.load_pipeline(args.model, dtype=models.DTYPES["fp16" if device.startswith("cuda") else "fp32"],
+                                    device=device)
+    except Exception as error:  # noqa: BLE001 - a missing hub id, a broken directory: one line each
+        sys.exit(f"error: cannot load --model {args.model!r}: {error_line(error)}")
     tomesd.apply_patch(pipe, ratio=args.ratio, seed=args.seed)
     with MergeRecorder(pipe, steps=[step]) as recorder:
         image = pipe(args.prompt, height=args.height, width=args.width, num_inference_steps=args.steps,

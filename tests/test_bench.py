@@ -13,7 +13,7 @@ from diffusers import UNet2DConditionModel
 
 import tiny
 import tomesd
-from tomesd import bench
+from tomesd import bench, cli, timing
 from tomesd.archs import ARCHS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,16 +87,16 @@ def test_isolated_points_do_not_inherit_an_earlier_peak():
 def test_oom_is_a_row_and_the_grid_goes_on(monkeypatch):
     cfg = bench.default_config("cpu", arch="tiny", resolutions=(64, 128), ratios=(0.5,), steps=1, warmup=0,
                                isolate=False)
-    real = bench._time_calls
+    real = timing.time_calls
     seen = []
 
-    def flaky(unet, args, kwargs, cfg_, **window):
+    def flaky(unet, args, kwargs, **window):
         seen.append(tomesd.is_patched(unet))
         if args[0].shape[-1] == 128 // 8 and tomesd.is_patched(unet):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return real(unet, args, kwargs, cfg_, **window)
+        return real(unet, args, kwargs, **window)
 
-    monkeypatch.setattr(bench, "_time_calls", flaky)
+    monkeypatch.setattr(timing, "time_calls", flaky)
     result = bench.run(cfg, progress=False)
     assert [r["status"] for r in result.rows] == ["ok", "ok", "ok", "OOM"]
     assert seen == [False, True, False, True]
@@ -114,14 +114,18 @@ def test_is_oom_recognizes_cpu_and_cuda_messages():
 
 
 def test_other_errors_stop_the_run(tmp_path):
-    cfg = bench.default_config("cpu", model=str(tmp_path / "missing"), resolutions=(64,), ratios=(0.5,), steps=1)
+    """A UNet directory with a config but no weights: the settings check (on the config) passes, the
+    isolated child cannot load the weights, and the run stops there."""
+    tiny.unet("sd1").save_config(tmp_path)
+    cfg = bench.default_config("cpu", model=str(tmp_path), resolutions=(64,), ratios=(0.5,), steps=1)
+    assert cfg.isolated
     with pytest.raises(RuntimeError, match="measurement failed"):
         bench.run(cfg, progress=False)
 
 
 @pytest.mark.parametrize("argv, message", [
     (["--resolutions", "100"], "multiples of 8"),
-    (["--ratios", "0.9"], "ratios must be in"),
+    (["--ratios", "0.9"], "ratios must be in (0, 0.75], got (0.9,)"),
     (["--ratios", "a"], "comma-separated numbers"),
     (["--backend", "cuda", "--device", "cpu"], "needs a cuda device"),
     (["--arch", "sd4"], "invalid choice"),
@@ -149,6 +153,48 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_a_ratio_out_of_range_is_said_once_and_no_setting_is_nameless(capsys):
+    """Issue 17 item 14: `--ratios 0.9` also named an empty setting ("setting : ratio must be ...")."""
+    with pytest.raises(SystemExit):
+        bench.main(["--ratios", "0.3,0.9"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "ratios must be in" in err and "setting" not in err and err.count("0.9") == 1
+    cfg = bench.default_config("cpu", arch="tiny")
+    with pytest.raises(ValueError, match="setting apply_patch defaults: "):
+        cli.check_settings(bench.load_unet(cfg), [{}], base={"ratio": 0.5, "merge_attn": False, "prop_attn": True})
+
+
+def test_settings_the_model_refuses_fail_before_any_timing(monkeypatch, capsys):
+    """Issue 17 item 8: Flux refuses mode=tokens; the bench timed the whole baseline first, then died
+    with a nested traceback. Every setting is applied to the model once, before any timing."""
+    monkeypatch.setattr(timing, "time_calls", lambda *a, **k: pytest.fail("timed before checking the settings"))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--arch", "flux", "--layers", "1", "--resolutions", "64", "--ratios", "0.5", "--set", "mode=tokens",
+                    "--no-isolate", "--no-progress"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("tomesd-bench: error: setting tome 0.5 mode=tokens: ")
+    assert "mode='tokens' cannot merge the attention of FluxTransformer2DModel" in err
+    cfg = bench.default_config("cpu", arch="flux", layers=1, resolutions=(64,), ratios=(0.5,),
+                               variants=({"mode": "kv"}, {"mode": "tokens"}))
+    with pytest.raises(ValueError, match="setting tome 0.5 mode=tokens"):
+        bench.run(cfg, progress=False)  # the API checks too (isolated: on the model without weights)
+
+
+def test_model_reference_is_the_shipped_digits_unet(tmp_path, capsys):
+    """`--model reference` named "no such model directory" although tomesd.quality accepts it."""
+    from tomesd.reference import UNET_CONFIG
+
+    cfg = bench.default_config("cpu", model="reference", resolutions=(128,), ratios=(0.5,), steps=1, warmup=0)
+    unet = bench.load_unet(cfg)
+    assert unet.config.in_channels == UNET_CONFIG["in_channels"] and tuple(unet.config.block_out_channels) == (32, 64)
+    assert bench.main(["--model", "reference", "--resolutions", "128", "--ratios", "0.5", "--steps", "1", "--warmup",
+                       "0", "--no-isolate", "--no-progress", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["method"], r["status"]) for r in rows] == [("baseline", "ok"), ("tome", "ok")]
+    assert "reference" in capsys.readouterr().err
 
 
 def test_defaults_per_device():
@@ -201,7 +247,7 @@ def test_bad_model_is_one_line_before_any_work(model, message, tmp_path, capsys,
 
 
 def test_without_matplotlib_or_tqdm_it_says_so_up_front_and_writes_json_csv(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(bench, "available", lambda name: name not in ("matplotlib", "tqdm"))
+    monkeypatch.setattr(cli, "available", lambda name: name not in ("matplotlib", "tqdm"))
     real_run, before_run = bench.run, []
 
     def run(*args, **kwargs):
@@ -275,12 +321,12 @@ def test_interleaved_run_is_round_robin_with_one_warmup(monkeypatch):
     order = []
     ms = iter(range(1, 100))
 
-    def fake(unet, args, kwargs, cfg_, calls=1, warmup=None, steps=None, first=0):
+    def fake(unet, args, kwargs, calls=1, warmup=0, steps=1, first=0, **_):
         state = tomesd.patch.patched_state(unet)
         order.append((state.config.mode if state else "baseline", warmup, steps, first))
         return [float(next(ms))]
 
-    monkeypatch.setattr(bench, "_time_calls", fake)
+    monkeypatch.setattr(timing, "time_calls", fake)
     result = bench.run(cfg, progress=False)
     # window k of every point before window k + 1 of any; warmup calls only before a point's first window
     assert order == [(mode, 2 if k == 0 else 0, 1, k) for k in range(3) for mode in ("baseline", "tokens", "kv")]
@@ -294,13 +340,13 @@ def _main_at_fake_speed(monkeypatch, tmp_path, *argv) -> dict:
     """bench.main(argv) on the toy with the timing replaced by ms = 100 · (1 − ratio), or 1.5× that in kv
     mode (speedups 1/(1 − r) and 2/(3(1 − r))); returns results.json's "target"."""
 
-    def fake(unet, args, kwargs, cfg_, **window):
+    def fake(unet, args, kwargs, **window):
         state = tomesd.patch.patched_state(unet)
         if state is None:
             return [100.0]
         return [100.0 * (1 - state.config.ratio) * (1.5 if state.config.mode == "kv" else 1.0)]
 
-    monkeypatch.setattr(bench, "_time_calls", fake)
+    monkeypatch.setattr(timing, "time_calls", fake)
     rc = bench.main(["--arch", "tiny", *argv, "--no-isolate", "--warmup", "0", "--steps", "1", "--no-progress",
                      "--out", str(tmp_path)])
     assert rc == 0

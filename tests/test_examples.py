@@ -112,8 +112,27 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
 def test_missing_model_is_an_error_message_not_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "generate_highres.py"), "--model",
                            str(tmp_path / "no" / "such" / "model")], capture_output=True, text=True, env=ENV, timeout=120)
-    assert proc.returncode == 2 and "neither a directory nor a hub id" in proc.stderr
+    assert proc.returncode == 2 and "no such model directory (and not a hub id owner/name)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_model_reference_loads_in_both_examples(tmp_path, capsys):
+    """`--model reference` (tomesd.models) loads everywhere a model is accepted: the digits pipeline
+    is no text-to-image pipeline for generate_highres (one line says so), and visualize_merges draws
+    its merges (a prompt that is not a digit is one line)."""
+    args = highres.parse_args(["--model", "reference", "--device", "cpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        highres.load_pipelines(args, "cpu")
+    assert exit_info.value.code == "error: --model 'reference' loaded a DigitsPipeline, not a Stable Diffusion " \
+        "1.x/2.x/XL/3 or Flux pipeline"
+    out = tmp_path / "merges.png"
+    assert visualize_merges.main(["--model", "reference", "--prompt", "3", "--height", "64", "--width", "64",
+                                  "--steps", "2", "--step", "1", "--out", str(out), "--device", "cpu"]) == 0
+    assert "step 1, block 0 (64x64 tokens at /1): 2048 of 4096 tokens merged" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        visualize_merges.main(["--model", "reference", "--steps", "2"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "error: --prompt: the reference model draws one digit" in err
 
 
 def test_missing_accelerate_says_which_extra_installs_it(tmp_path, capsys, monkeypatch):

@@ -79,7 +79,7 @@ def test_psnr_ssim_match_scikit_image(small_result):
     metrics = pytest.importorskip("skimage.metrics")
     a = torch.from_numpy(small_result.tiles[0][0]).float() / 255
     b = torch.from_numpy(small_result.tiles[2][0]).float() / 255
-    ours = quality._Metrics("cpu")(b.permute(2, 0, 1)[None], a.permute(2, 0, 1)[None])
+    ours = quality.Metrics("cpu")(b.permute(2, 0, 1)[None], a.permute(2, 0, 1)[None])
     assert ours["psnr"] == pytest.approx(metrics.peak_signal_noise_ratio(a.numpy(), b.numpy(), data_range=1.0), rel=1e-4)
     ref_ssim = metrics.structural_similarity(a[..., 0].numpy(), b[..., 0].numpy(), data_range=1.0, gaussian_weights=True,
                                              sigma=1.5, use_sample_covariance=False)
@@ -151,9 +151,30 @@ def _cli_error(capsys, argv):
     (["--model", "someone/some-model"], "give --prompt"),
     (["--prompts", "/nonexistent/prompts.txt"], "--prompts /nonexistent/prompts.txt"),
     (["--ratios", "0.9", "--steps", "1"], "setting r0.9: ratio"),
+    (["--set", "ratio=0.5", "--ratios", "0.3"], "--set ratio: already given by --ratios"),
+    (["--set", "max_downsample=1", "--max-downsample", "2"], "--set max_downsample: already given by --max-downsample"),
+    (["--set", "sx=2", "--set", "sx=4"], "--set sx: already given by another --set sx"),
+    (["--model", "/nonexistent", "--prompt", "3"], "--model /nonexistent: no such model directory"),
+    (["--model", "/nonexistent"], "--model /nonexistent: no such model directory"),
 ])
 def test_cli_errors_are_clear(capsys, argv, message):
     assert message in _cli_error(capsys, argv)
+
+
+def test_set_ratio_alone_replaces_the_default_ratios():
+    """Issue 17 item 14: `--set ratio=0.5` said "already given" although the user gave no ratio."""
+    parser = quality.build_parser()
+    cfg = quality.config_from_args(parser, parser.parse_args(["--set", "ratio=0.5", "--set", "use_rand=false"]))
+    assert cfg.grid == {"ratio": (0.5,), "use_rand": (False,)}
+    assert quality.config_from_args(parser, parser.parse_args([])).grid == {"ratio": (0.3, 0.5, 0.7)}
+
+
+def test_unloadable_model_is_one_line(capsys, tmp_path, monkeypatch):
+    """Issue 17 item 7: a model that passes the local checks but does not load ends in one line too."""
+    (tmp_path / "model_index.json").write_text("{}")
+    monkeypatch.setattr(quality, "run", lambda *a, **k: pytest.fail("ran without a model"))
+    err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "a cat", "--steps", "1"])
+    assert err.startswith(f"tomesd-quality: error: --model {tmp_path}: cannot load it (")
 
 
 def test_missing_extra_is_one_line_before_any_work(capsys, monkeypatch):

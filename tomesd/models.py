@@ -1,23 +1,32 @@
-"""One way for the tools (bench, quality, examples) to load a model named on the command line.
+"""The one model loader of the tools (bench, quality, visualize and the examples).
 
 A model name is one of:
+- a built-in architecture (tomesd.archs: `ARCHS` UNets, `TRANSFORMER_ARCHS` MMDiT transformers),
+  built with random weights (`build_denoiser`; speed and memory do not depend on the weights);
 - "reference": the trained digits model shipped in `tomesd/reference/` (see tomesd.reference);
-- a local directory: a diffusers pipeline (with model_index.json; a saved reference pipeline is
+- a local directory: a diffusers pipeline (model_index.json; a saved reference pipeline is
   recognized by its class name) or a bare UNet directory (config.json, for `load_unet`);
-- a Hugging Face hub id, loaded by diffusers (from its cache when HF_HUB_OFFLINE=1).
+- a Hugging Face hub id (owner/name), loaded by diffusers (from its cache when HF_HUB_OFFLINE=1).
 
-Imports diffusers only when called.
+`DTYPES` maps the tools' dtype names to torch dtypes; `model_problem` says in one line why a name
+cannot be loaded, before any work. Imports diffusers only when called.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import warnings
 from typing import Optional
+
+import torch
+
+from .archs import ARCHS, TRANSFORMER_ARCHS, build_transformer
+from .cli import error_line
+from .quiet import diffusers_quiet, dtype_kwarg_quiet
 
 REFERENCE = "reference"
 REFERENCE_CLASS = "DigitsPipeline"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ATTENTION = ("sdpa", "math")  # diffusers' AttnProcessor2_0 / AttnProcessor
 
 
 def reference_dir(model: str) -> Optional[str]:
@@ -41,30 +50,89 @@ def unet_subfolder(model: str) -> Optional[str]:
     return "unet"
 
 
-@contextlib.contextmanager
-def dtype_kwarg_quiet():
-    with warnings.catch_warnings():  # newer diffusers call it `dtype`; 0.32 knows only `torch_dtype`
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        yield
+def model_problem(model: str, kind: str = "unet", hub: bool = True) -> str:
+    """Why `model` cannot give a `kind` ("unet" or "pipeline"), in one line ("" if it looks usable):
+    a local directory must hold a pipeline (model_index.json) or, for a UNet, unet/config.json or
+    config.json; anything else must be "reference" or a hub id (owner/name) whose config loads (from
+    the cache or the hub; hub=False: an id is taken as it is, and loading will tell)."""
+    if model == REFERENCE:
+        return ""
+    if os.path.isdir(model):
+        has = {name: os.path.isfile(os.path.join(model, name)) for name in ("model_index.json", "unet/config.json", "config.json")}
+        if kind == "pipeline" and not has["model_index.json"]:
+            return f"{model} is a directory but holds no diffusers pipeline (no model_index.json)"
+        if kind == "unet" and not (has["unet/config.json"] or has["config.json"]):
+            return f"{model} is a directory but holds no diffusers model (no unet/config.json or config.json)"
+        return ""
+    if os.path.exists(model) or model.startswith((".", "/", "~")) or model.count("/") != 1:
+        return f"{model}: no such model directory (and not a hub id owner/name)"
+    if not hub:
+        return ""
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    try:
+        if kind == "pipeline":
+            DiffusionPipeline.load_config(model)
+        else:
+            UNet2DConditionModel.load_config(model, subfolder=unet_subfolder(model))
+    except Exception as error:  # noqa: BLE001 - any failure is reported in one line
+        return f"{model}: cannot load its {'UNet ' if kind == 'unet' else ''}config ({error_line(error)})"
+    return ""
 
 
 def load_unet(model: str, dtype=None, device="cpu"):
     """The UNet2DConditionModel of `model` ("reference", a pipeline or UNet directory, a hub id) on
-    `device` in `dtype` (None: as saved), in eval mode without gradients."""
+    `device` in `dtype` (None: as saved), in eval mode without gradients. device "meta": the
+    architecture from its config, without weights (to check settings against it cheaply)."""
     from diffusers import UNet2DConditionModel
 
     path = reference_dir(model) or model
+    if str(device) == "meta":
+        config = UNet2DConditionModel.load_config(path, subfolder=unet_subfolder(path))
+        with torch.device("meta"), diffusers_quiet():
+            unet = UNet2DConditionModel.from_config(config)
+        return unet.eval().requires_grad_(False)
     with dtype_kwarg_quiet():
         unet = UNet2DConditionModel.from_pretrained(path, subfolder=unet_subfolder(path), torch_dtype=dtype)
     return unet.to(device).eval().requires_grad_(False)
+
+
+def build_denoiser(arch: str, dtype=torch.float32, device="cpu", seed: int = 0, layers: Optional[int] = None):
+    """The built-in architecture `arch` (a key of ARCHS or TRANSFORMER_ARCHS) with random weights
+    (seeded), initialized on `device` (SDXL has 2.6B parameters) in `dtype`, in eval mode without
+    gradients. layers: for a transformer, keep this many blocks of each kind (None: all)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device), diffusers_quiet():  # random weights: no "modules to keep in float32" to worry about
+        if arch in TRANSFORMER_ARCHS:
+            model = build_transformer(TRANSFORMER_ARCHS[arch], layers=layers)
+        else:
+            model = UNet2DConditionModel(**ARCHS[arch].config)
+        if dtype != torch.float32:
+            model = model.to(dtype)
+    return model.eval().requires_grad_(False)
+
+
+def load_denoiser(name: str, dtype=torch.float32, device="cpu", seed: int = 0, layers: Optional[int] = None,
+                  attention: str = "sdpa"):
+    """The denoiser `name` names: a built-in architecture (build_denoiser) or a model's UNet
+    (load_unet); a UNet gets the `attention` processor (ATTENTION). device "meta": no weights."""
+    if name in ARCHS or name in TRANSFORMER_ARCHS:
+        model = build_denoiser(name, dtype, device, seed, layers)
+    else:
+        model = load_unet(name, dtype, device)
+    if name not in TRANSFORMER_ARCHS:
+        from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+        model.set_attn_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+    return model
 
 
 def load_pipeline(model: str, dtype=None, device="cpu"):
     """The pipeline of `model` ("reference", a local pipeline directory, a hub id) on `device` in
     `dtype` (None: float32), progress bars off. The reference model gives a tomesd.reference.DigitsPipeline;
     anything else what diffusers' DiffusionPipeline.from_pretrained makes of it."""
-    import torch
-
     dtype = torch.float32 if dtype is None else dtype
     path = reference_dir(model)
     if path is not None:

@@ -16,46 +16,40 @@ KEY=V1,V2` for any other keyword, so options added to apply_patch need no change
 results.json, results.csv and contact_sheet.png (one row per setting, the unpatched row first, one
 column per prompt/seed, each tile labelled with its setting, time and PSNR).
 
-API: `QualityConfig`, `grid_settings`, `run`, `format_table`, `contact_sheet`, `write_results`.
+API: `QualityConfig`, `grid_settings`, `run`, `format_table`, `contact_sheet`, `write_results`
+(the last three, and `QualityResult`, live in tomesd.quality_report; the argument types and the
+settings grid in tomesd.cli; the model loader is tomesd.models).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import importlib.util
-import inspect
-import itertools
-import json
-import math
 import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from . import cli, models
+from .cli import grid_settings
+from .quality_report import (ROW_FIELDS, SHEET_HEAD_H, SHEET_LINE_H, SHEET_PAD, SHEET_TEXT_H, QualityResult, contact_sheet,
+                             format_table, write_results)
+
+__all__ = [
+    "QualityConfig", "QualityResult", "Metrics", "grid_settings", "setting_label", "run", "check_settings", "format_table",
+    "contact_sheet", "write_results", "build_parser", "config_from_args", "main", "ROW_FIELDS", "SHEET_PAD",
+    "SHEET_HEAD_H", "SHEET_LINE_H", "SHEET_TEXT_H",
+]
+
 NEEDS = ("diffusers", "torchmetrics", "tqdm", "PIL")
-ROW_FIELDS = (
-    "setting", "images", "s_per_image", "speedup", "psnr", "psnr_min", "ssim", "lpips", "accuracy", "identical", "params",
-)
 SUBLAYERS = ("attn", "crossattn", "mlp")
-SHEET_PAD, SHEET_HEAD_H, SHEET_LINE_H = 4, 16, 11  # contact sheet layout, px
-SHEET_TEXT_H = 4 * SHEET_LINE_H + 2  # under each tile: the setting (two lines), s/img, PSNR
 MERGE_AXIS = "merge"  # grid key whose values are {merge_attn, merge_crossattn, merge_mlp} dicts
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-_NOT_GRID = {"model"}  # apply_patch parameters that are not settings
+DEFAULT_RATIOS = (0.3, 0.5, 0.7)
 
 
 def missing_dependencies() -> List[str]:
     """The modules this tool needs that are not installed."""
-    return [name for name in NEEDS if importlib.util.find_spec(name) is None]
-
-
-def patch_keywords() -> Tuple[str, ...]:
-    """The keyword arguments tomesd.apply_patch takes: what a grid may vary."""
-    import tomesd
-
-    return tuple(name for name in inspect.signature(tomesd.apply_patch).parameters if name not in _NOT_GRID)
+    return [name for name in NEEDS if not cli.available(name)]
 
 
 @dataclass
@@ -68,7 +62,7 @@ class QualityConfig:
     model: str = "reference"
     prompts: Tuple[str, ...] = ()
     seeds: Tuple[int, ...] = (0,)
-    grid: Dict[str, Tuple[Any, ...]] = field(default_factory=lambda: {"ratio": (0.3, 0.5, 0.7)})
+    grid: Dict[str, Tuple[Any, ...]] = field(default_factory=lambda: {"ratio": DEFAULT_RATIOS})
     steps: Optional[int] = 20
     height: Optional[int] = None
     width: Optional[int] = None
@@ -88,7 +82,7 @@ class QualityConfig:
             problems.append("give at least one prompt")
         if not self.seeds:
             problems.append("give at least one seed")
-        known = patch_keywords()
+        known = cli.patch_keywords()
         unknown = sorted(set(self.grid) - set(known) - {MERGE_AXIS})
         if unknown:
             problems.append(f"not apply_patch keywords: {', '.join(unknown)} (it takes {', '.join(known)})")
@@ -103,8 +97,8 @@ class QualityConfig:
                 problems.append(f"{name} must be ≥ 1, got {value}")
         if self.batch < 1 or self.warmup < 0:
             problems.append("batch must be ≥ 1 and warmup ≥ 0")
-        if self.dtype not in DTYPES:
-            problems.append(f"dtype must be one of {tuple(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in models.DTYPES:
+            problems.append(f"dtype must be one of {tuple(models.DTYPES)}, got {self.dtype!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -112,19 +106,6 @@ class QualityConfig:
     def columns(self) -> List[Tuple[str, int]]:
         """(prompt, seed) of each image, seed-major: the contact sheet's first columns show every prompt."""
         return [(p, s) for s in self.seeds for p in self.prompts]
-
-
-def grid_settings(grid: Dict[str, Sequence[Any]]) -> List[Dict[str, Any]]:
-    """apply_patch keyword dicts: the product of the grid's value lists, in the order given (the last
-    key varies fastest). A value that is a dict (a MERGE_AXIS entry) contributes all its keywords."""
-    keys = list(grid)
-    settings = []
-    for values in itertools.product(*(grid[k] for k in keys)):
-        params: Dict[str, Any] = {}
-        for key, value in zip(keys, values):
-            params.update(value if isinstance(value, dict) else {key: value})
-        settings.append(params)
-    return settings
 
 
 def setting_label(params: Dict[str, Any]) -> str:
@@ -137,21 +118,9 @@ def setting_label(params: Dict[str, Any]) -> str:
     if any(f"merge_{s}" in params for s in SUBLAYERS):
         on = [s for s in SUBLAYERS if params.get(f"merge_{s}", s == "attn")]
         parts.append("+".join(on) if on else "none")
-    parts += [f"{k}={v}" for k, v in params.items() if k not in ("ratio", "max_downsample", *(f"merge_{s}" for s in SUBLAYERS))]
-    return " ".join(parts)
-
-
-@dataclass
-class QualityResult:
-    """rows: one dict per setting (keys ROW_FIELDS), the unpatched row first; tiles: per row, the
-    uint8 images [H, W, C] of the columns; tile_psnr: per row, per-image PSNR; env: versions, settings."""
-
-    rows: List[Dict[str, Any]]
-    tiles: List[List[Any]]
-    tile_psnr: List[List[float]]
-    columns: List[Tuple[str, int]]
-    env: Dict[str, Any] = field(default_factory=dict)
-    notes: List[str] = field(default_factory=list)
+    parts.append(cli.setting_label({k: v for k, v in params.items()
+                                    if k not in ("ratio", "max_downsample", *(f"merge_{s}" for s in SUBLAYERS))}))
+    return " ".join(filter(None, parts))
 
 
 def lpips_metric(device: str):
@@ -178,7 +147,7 @@ def lpips_metric(device: str):
     return measure, None
 
 
-class _Metrics:
+class Metrics:
     """PSNR / SSIM / LPIPS of images [B, C, H, W] in [0, 1] against the unpatched ones."""
 
     def __init__(self, device: str):
@@ -259,30 +228,12 @@ def _to_uint8(images) -> List[Any]:
 def check_settings(pipe, cfg: QualityConfig) -> None:
     """Apply and remove every setting once, before any image is made: a bad value fails now with
     apply_patch's own message (ValueError / TypeError)."""
-    import tomesd
-
-    try:
-        for params in grid_settings(cfg.grid):
-            try:
-                tomesd.apply_patch(pipe, **{"seed": cfg.patch_seed, **params})
-            except (ValueError, TypeError) as error:
-                raise type(error)(f"setting {setting_label(params)}: {error}") from None
-    finally:
-        tomesd.remove_patch(pipe)
+    cli.check_settings(pipe, grid_settings(cfg.grid), base={"seed": cfg.patch_seed}, label=setting_label)
 
 
 def environment(cfg: QualityConfig) -> Dict[str, Any]:
-    import diffusers
-    import torch
-
-    import tomesd
-
-    return dict(
-        tomesd=tomesd.__version__, torch=torch.__version__, diffusers=diffusers.__version__,
-        python=platform.python_version(), platform=platform.platform(), device=cfg.device,
-        gpu=torch.cuda.get_device_name(cfg.device) if str(cfg.device).startswith("cuda") else None,
-        cpu_threads=torch.get_num_threads(), config=asdict(cfg),
-    )
+    """Versions, device and the settings of the run."""
+    return dict(cli.environment(cfg.device), config=asdict(cfg))
 
 
 def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -> QualityResult:
@@ -293,11 +244,9 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     from tqdm import tqdm
 
     import tomesd
-    from tomesd import models
 
-    dtype = getattr(torch, DTYPES[cfg.dtype])
     if pipe is None:
-        pipe = models.load_pipeline(cfg.model, dtype=dtype, device=cfg.device)
+        pipe = models.load_pipeline(cfg.model, dtype=models.DTYPES[cfg.dtype], device=cfg.device)
     labels = None
     from tomesd.reference import DigitsPipeline, classify, load_classifier, parse_digit
 
@@ -307,7 +256,7 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     check_settings(pipe, cfg)
     settings = grid_settings(cfg.grid)
     columns = cfg.columns
-    metrics = _Metrics(cfg.device)
+    metrics = Metrics(cfg.device)
     env = environment(cfg)
     for _ in range(cfg.warmup):
         _generate(pipe, cfg, columns[:cfg.batch])
@@ -343,137 +292,6 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     return QualityResult(rows=rows, tiles=tiles, tile_psnr=tile_psnr, columns=columns, env=env, notes=notes)
 
 
-def _fmt(value, spec: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    return format(value, spec)
-
-
-def format_table(result: QualityResult) -> str:
-    """The rows as an aligned text table."""
-    header = ("setting", "s/img", "speedup", "PSNR dB", "min PSNR", "SSIM", "LPIPS", "accuracy")
-    lines = [header]
-    for r in result.rows:
-        lines.append((r["setting"], _fmt(r["s_per_image"], ".3f"), _fmt(r["speedup"], ".2f") + "x",
-                      _fmt(r["psnr"], ".2f"), _fmt(r["psnr_min"], ".2f"), _fmt(r["ssim"], ".4f"),
-                      _fmt(r["lpips"], ".4f"), _fmt(r["accuracy"], ".3f")))
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in lines]
-    out.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(out)
-
-
-def contact_sheet(result: QualityResult, path: Optional[str] = None, tile: int = 128, max_columns: int = 10):
-    """PIL image: one row per setting (the unpatched row first), one column per prompt/seed (the
-    first max_columns), each image scaled to tile × tile px with its setting, s/img and PSNR below,
-    the prompt and seed above each column. Saved as PNG to `path` when given."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    font = ImageFont.load_default()
-    cols = min(len(result.columns), max_columns)
-    pad, text_h, head_h = SHEET_PAD, SHEET_TEXT_H, SHEET_HEAD_H
-    cell_w, cell_h = tile + 2 * pad, tile + text_h + pad
-    sheet = Image.new("RGB", (cols * cell_w, head_h + len(result.rows) * cell_h), "white")
-    draw = ImageDraw.Draw(sheet)
-    for j, (prompt, seed) in enumerate(result.columns[:cols]):
-        draw.text((j * cell_w + pad, 2), _clip(f"{prompt} | seed {seed}", tile), fill="black", font=font)
-    for i, row in enumerate(result.rows):
-        for j in range(cols):
-            array = result.tiles[i][j]
-            img = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).convert("RGB")
-            small = img.width < tile
-            img = img.resize((tile, tile), Image.NEAREST if small else Image.LANCZOS)
-            x, y = j * cell_w + pad, head_h + i * cell_h
-            sheet.paste(img, (x, y))
-            psnr = result.tile_psnr[i][j]
-            lines = (*_wrap(row["setting"], tile, 2), f"{row['s_per_image']:.3f} s/img",
-                     "PSNR inf" if math.isinf(psnr) else f"PSNR {psnr:.1f} dB")
-            for k, text in enumerate(lines):
-                draw.text((x, y + tile + 1 + SHEET_LINE_H * k), text, fill="black", font=font)
-    if path is not None:
-        sheet.save(path, format="PNG")
-    return sheet
-
-
-def _clip(text: str, width_px: int) -> str:
-    limit = max(4, width_px // 6)  # the default font is about 6 px per character
-    return text if len(text) <= limit else text[:limit - 1] + "…"
-
-
-def _wrap(text: str, width_px: int, max_lines: int) -> List[str]:
-    """text in at most max_lines lines of width_px, broken at spaces; the last line clipped."""
-    limit = max(4, width_px // 6)
-    lines: List[str] = []
-    for word in text.split(" "):
-        if lines and len(lines[-1]) + 1 + len(word) <= limit:
-            lines[-1] += " " + word
-        else:
-            lines.append(word)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines - 1] + [" ".join(lines[max_lines - 1:])]
-    return [_clip(line, width_px) for line in lines]
-
-
-def write_results(result: QualityResult, out_dir: str, tile: int = 128, max_columns: int = 10) -> Dict[str, str]:
-    """Write results.json, results.csv and contact_sheet.png into out_dir; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = {name: os.path.join(out_dir, name) for name in ("results.json", "results.csv", "contact_sheet.png")}
-    with open(paths["results.json"], "w") as f:
-        json.dump(dict(rows=result.rows, columns=result.columns, tile_psnr=result.tile_psnr, environment=result.env),
-                  f, indent=2, default=str)
-    with open(paths["results.csv"], "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=ROW_FIELDS)
-        writer.writeheader()
-        writer.writerows({**r, "params": json.dumps(r["params"])} for r in result.rows)
-    contact_sheet(result, paths["contact_sheet.png"], tile=tile, max_columns=max_columns)
-    return paths
-
-
-def parse_value(text: str) -> Any:
-    """'true'/'false' → bool, 'none' → None, integers, floats, else the string."""
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null", "default"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
-
-
-def _values(kind=None):
-    """argparse type: a comma-separated list of values (parse_value, or `kind`)."""
-
-    def parse(text: str) -> tuple:
-        parts = [v for v in text.split(",") if v.strip()]
-        if not parts:
-            raise argparse.ArgumentTypeError(f"expected comma-separated values, got {text!r}")
-        values = tuple(parse_value(v) for v in parts)
-        if kind is bool and not all(isinstance(v, bool) for v in values):
-            raise argparse.ArgumentTypeError(f"expected true/false values, got {text!r}")
-        if kind is float and not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
-        if kind is int and not all(v is None or (isinstance(v, int) and not isinstance(v, bool)) for v in values):
-            raise argparse.ArgumentTypeError(f"expected comma-separated integers (or none), got {text!r}")
-        return values
-
-    return parse
-
-
-def _assignment(text: str) -> Tuple[str, tuple]:
-    key, sep, values = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=V1[,V2...], got {text!r}")
-    return key.strip().replace("-", "_"), _values()(values)
-
-
 def _sublayer_sets(text: str) -> tuple:
     """'attn,attn+crossattn' → ({merge_attn: True, merge_crossattn: False, merge_mlp: False}, ...)."""
     out = []
@@ -502,16 +320,6 @@ def _seeds(text: str) -> tuple:
     return tuple(seeds)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tomesd-quality",
@@ -527,27 +335,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more); reference model: a digit")
     p.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line ('#' comments and blank lines skipped)")
     p.add_argument("--seeds", type=_seeds, default=(0,), help="seeds per prompt: 0,1,2 or 0-9 (default 0)")
-    p.add_argument("--steps", type=_positive, default=20, help="inference steps (default 20)")
-    p.add_argument("--height", type=_positive)
-    p.add_argument("--width", type=_positive)
+    p.add_argument("--steps", type=cli.positive, default=20, help="inference steps (default 20)")
+    p.add_argument("--height", type=cli.positive)
+    p.add_argument("--width", type=cli.positive)
     p.add_argument("--guidance-scale", type=float)
     g = p.add_argument_group("ToMe grid (each a comma-separated list; the grid is their product)")
-    g.add_argument("--ratios", type=_values(float), default=(0.3, 0.5, 0.7), help="default 0.3,0.5,0.7")
-    g.add_argument("--max-downsample", type=_values(int), help="e.g. 1,2 (none: the highest-resolution transformer level)")
+    g.add_argument("--ratios", type=cli.values(float), help="default 0.3,0.5,0.7 (unless --set ratio=...)")
+    g.add_argument("--max-downsample", type=cli.values(int), help="e.g. 1,2 (none: the highest-resolution transformer level)")
     g.add_argument("--merge", type=_sublayer_sets, help="sub-layer sets, e.g. attn,attn+crossattn,attn+crossattn+mlp")
-    g.add_argument("--merge-attn", type=_values(bool), help="true,false")
-    g.add_argument("--merge-crossattn", type=_values(bool), help="true,false")
-    g.add_argument("--merge-mlp", type=_values(bool), help="true,false")
-    g.add_argument("--set", dest="assign", action="append", type=_assignment, default=[], metavar="KEY=V1[,V2]",
+    g.add_argument("--merge-attn", type=cli.values(bool), help="true,false")
+    g.add_argument("--merge-crossattn", type=cli.values(bool), help="true,false")
+    g.add_argument("--merge-mlp", type=cli.values(bool), help="true,false")
+    g.add_argument("--set", dest="assign", action="append", type=cli.assignment, default=[], metavar="KEY=V1[,V2]",
                    help="any other apply_patch keyword and its values, e.g. --set sx=2,4 --set use_rand=false")
     p.add_argument("--patch-seed", type=int, default=0, help="apply_patch's seed (random dst choice), unless --set seed=...")
-    p.add_argument("--batch", type=_positive, default=1, help="images per pipeline call (default 1)")
+    p.add_argument("--batch", type=cli.positive, default=1, help="images per pipeline call (default 1)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="default fp16 on a GPU, fp32 on a CPU")
+    p.add_argument("--dtype", choices=tuple(models.DTYPES), help="default fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--warmup", type=int, default=1, help="untimed pipeline calls before the first timed one")
     p.add_argument("--out", default="tomesd-quality-results", help="directory for results.json, results.csv, contact_sheet.png")
-    p.add_argument("--tile", type=_positive, default=128, help="contact sheet tile side in px (default 128)")
-    p.add_argument("--sheet-columns", type=_positive, default=10, help="prompt/seed columns on the contact sheet (default 10)")
+    p.add_argument("--tile", type=cli.positive, default=128, help="contact sheet tile side in px (default 128)")
+    p.add_argument("--sheet-columns", type=cli.positive, default=10, help="prompt/seed columns on the contact sheet (default 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -565,16 +373,18 @@ def _read_prompts(parser, args) -> List[str]:
 
 def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> QualityConfig:
     """Validate the parsed arguments into a QualityConfig (parser.error on a problem)."""
-    from tomesd import models
-
-    grid: Dict[str, tuple] = {"ratio": args.ratios}
+    problem = models.model_problem(args.model, "pipeline", hub=False)
+    if problem:
+        parser.error(f"--model {problem}")
+    grid: Dict[str, tuple] = {}
+    if args.ratios is not None or "ratio" not in {key for key, _ in args.assign}:
+        grid["ratio"] = DEFAULT_RATIOS if args.ratios is None else args.ratios
+    flags = {key: "--" + key.replace("_", "-") for key in ("ratio", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")}
+    flags["ratio"] = "--ratios"
     for key in ("max_downsample", "merge_attn", "merge_crossattn", "merge_mlp"):
         if getattr(args, key) is not None:
             grid[key] = getattr(args, key)
-    for key, values in args.assign:
-        if key in grid:
-            parser.error(f"--set {key}: already given")
-        grid[key] = values
+    cli.add_axes(parser, grid, args.assign, given_by={k: flags[k] for k in grid})
     if args.merge is not None:
         clash = [k for k in ("merge_attn", "merge_crossattn", "merge_mlp") if k in grid]
         if clash:
@@ -593,13 +403,10 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             [parse_digit(p) for p in prompts]
         except ValueError as error:
             parser.error(str(error))
-    device = args.device
-    import torch
-
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"--device {device}: no CUDA device is available")
+    problem = cli.cuda_problem(args.device)
+    if problem:
+        parser.error(problem)
+    device = cli.default_device(args.device)
     dtype = args.dtype or ("fp16" if device.startswith("cuda") else "fp32")
     try:
         return QualityConfig(
@@ -621,10 +428,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"tomesd.quality: {cfg.model}, {len(cfg.columns)} images per setting ({len(cfg.prompts)} prompts × "
           f"{len(cfg.seeds)} seeds), {len(grid_settings(cfg.grid))} settings + no ToMe, {cfg.dtype} on {cfg.device}",
           file=sys.stderr)
-    from tomesd import models
-    import torch
-
-    pipe = models.load_pipeline(cfg.model, dtype=getattr(torch, DTYPES[cfg.dtype]), device=cfg.device)
+    try:
+        pipe = models.load_pipeline(cfg.model, dtype=models.DTYPES[cfg.dtype], device=cfg.device)
+    except Exception as error:  # noqa: BLE001 - a hub id that is not there, a broken directory: one line each
+        parser.error(f"--model {cfg.model}: cannot load it ({cli.error_line(error)})")
     try:
         check_settings(pipe, cfg)
     except (ValueError, TypeError) as error:

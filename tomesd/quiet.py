@@ -1,0 +1,30 @@
+"""Silencing diffusers' known-harmless noise around model loading (a leaf: imports nothing of tomesd).
+
+- `dtype_kwarg_quiet()`: newer diffusers call `from_pretrained`'s `torch_dtype` keyword `dtype` and
+  warn (FutureWarning) on the old name, which 0.32 — still supported — is the only one it knows.
+- `diffusers_quiet()`: diffusers' logger at ERROR level for the block (e.g. casting a randomly
+  initialized model, where its "modules to keep in float32" notice does not apply).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+
+@contextlib.contextmanager
+def dtype_kwarg_quiet():
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        yield
+
+
+@contextlib.contextmanager
+def diffusers_quiet():
+    from diffusers.utils import logging as dlogging
+
+    level = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlogging.set_verbosity(level)

@@ -1,0 +1,153 @@
+"""Timing and isolating denoiser calls for `tomesd.bench`.
+
+- `time_calls`: timed windows of consecutive denoiser calls, the timestep changing at every call as
+  in a sampler (`timesteps`). It is the measuring seam: bench calls it as `timing.time_calls(...)`,
+  so a test can monkeypatch it to fake times or to watch what is measured;
+- memory: `rss_mib`, `peak_rss_mib` (this process), `is_oom` (CUDA and CPU out-of-memory errors);
+- `backend_env`: TOMESD_BACKEND for the duration of a block;
+- isolation: `run_in_child` runs one function in a fresh child of a multiprocessing "forkserver"
+  (the server imports torch and diffusers once, before any OpenMP thread exists, so each child
+  starts in milliseconds and inherits no peak RSS from an earlier measurement).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+import traceback
+from typing import Any, Callable, List, Optional, Tuple
+
+MIB = float(1 << 20)
+PRELOAD = ("torch", "diffusers", "tomesd", "tomesd.archs")  # what the forkserver imports once
+
+
+def timesteps(first: int, count: int) -> List[int]:
+    """Timesteps of calls first .. first + count − 1: a 50-step sampler's, from 999 down, cycling."""
+    return [999 - 20 * (i % 50) for i in range(first, first + count)]
+
+
+def time_calls(model, args: tuple, kwargs: dict, *, calls: int = 1, warmup: int = 0, steps: int = 1, first: int = 0,
+               device: str = "cpu", timestep_scale: float = 1.0) -> List[float]:
+    """Milliseconds per call of each of `steps` timed windows of `calls` consecutive calls, after
+    `warmup` untimed calls (CUDA events on a cuda `device`, perf_counter otherwise). args =
+    (sample, timestep, ...), or () with the timestep in kwargs (MMDiT transformers): call i of the
+    run gets timesteps(first, ...)[i] / timestep_scale (Flux takes timesteps in [0, 1]: 1000)."""
+    import torch
+
+    on_gpu = str(device).startswith("cuda")
+    timestep = args[1] if args else kwargs["timestep"]
+    ts = [torch.full_like(torch.as_tensor(timestep), t / timestep_scale) for t in timesteps(first, warmup + steps * calls)]
+    if args:
+        per_call = iter([((args[0], t, *args[2:]), kwargs) for t in ts])
+    else:
+        per_call = iter([((), {**kwargs, "timestep": t}) for t in ts])
+    times = []
+    with torch.inference_mode():
+        for _ in range(warmup):
+            a, kw = next(per_call)
+            model(*a, **kw)
+        windows = [[next(per_call) for _ in range(calls)] for _ in range(steps)]
+        if on_gpu:
+            torch.cuda.synchronize(device)
+        for window in windows:
+            if on_gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for a, kw in window:
+                    model(*a, **kw)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / calls)
+            else:
+                t0 = time.perf_counter()
+                for a, kw in window:
+                    model(*a, **kw)
+                times.append((time.perf_counter() - t0) * 1000.0 / calls)
+    return times
+
+
+def is_oom(error: BaseException) -> bool:
+    """True for CUDA and CPU out-of-memory errors."""
+    import torch
+
+    if isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)):
+        return True
+    text = str(error).lower()
+    return isinstance(error, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text)
+
+
+@contextlib.contextmanager
+def backend_env(backend: str):
+    """Set TOMESD_BACKEND (read by tomesd.ops at each call) for the duration of the block."""
+    previous = os.environ.get("TOMESD_BACKEND")
+    os.environ["TOMESD_BACKEND"] = backend
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["TOMESD_BACKEND"]
+        else:
+            os.environ["TOMESD_BACKEND"] = previous
+
+
+def rss_mib() -> Optional[float]:
+    """Current resident set size of this process (Linux), else None."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MIB
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_rss_mib() -> Optional[float]:
+    """Peak resident set size of this process so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / MIB if sys.platform == "darwin" else peak / 1024.0
+
+
+def forkserver_available() -> bool:
+    import multiprocessing
+
+    return "forkserver" in multiprocessing.get_all_start_methods()
+
+
+def _child(fn: Callable[..., Any], args: tuple, conn) -> None:
+    """Forkserver child: send ("ok", fn(*args)), or ("oom" | "error", the traceback as text)."""
+    try:
+        conn.send(("ok", fn(*args)))
+    except Exception as error:  # noqa: BLE001 - reported to the parent, which decides
+        kind = "oom" if is_oom(error) else "error"
+        conn.send((kind, "".join(traceback.format_exception(type(error), error, error.__traceback__))))
+    finally:
+        conn.close()
+
+
+_PRELOADED = False
+
+
+def run_in_child(fn: Callable[..., Any], *args) -> Tuple[Optional[str], Any, Optional[int]]:
+    """Run fn(*args) (both picklable: fn a module-level function) in a fresh forkserver child.
+    Returns (kind, payload, exit code): ("ok", fn's result), ("oom" | "error", traceback text), or
+    (None, None) when the child died without a word (the kernel's OOM killer, most likely)."""
+    import multiprocessing
+
+    global _PRELOADED
+    ctx = multiprocessing.get_context("forkserver")
+    if not _PRELOADED:
+        ctx.set_forkserver_preload(list(PRELOAD))
+        _PRELOADED = True
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_child, args=(fn, args, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        kind, payload = receive.recv()
+    except EOFError:
+        kind, payload = None, None
+    child.join()
+    return kind, payload, child.exitcode
