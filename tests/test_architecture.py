@@ -1,0 +1,87 @@
+"""The package's shape (issue 16): modules a reader can hold in mind, no import cycles, no private
+names imported across modules. Read from the source with `ast`, nothing imported."""
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "tomesd"
+MAX_LINES = 450
+
+
+def _modules():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        yield name.removesuffix(".__init__"), path
+
+
+def _runtime_nodes(tree):
+    """Every node but those under `if TYPE_CHECKING:` (imports for annotations only)."""
+    stack = [tree]
+    while stack:
+        node = stack.pop()
+        yield node
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING":
+                stack.extend(child.orelse)
+                continue
+            stack.append(child)
+
+
+def _imports(name: str, path: Path):
+    """(module imported, names taken from it) for every run-time import inside the package, resolved."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in _runtime_nodes(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] == "tomesd":
+                yield target, [a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.split(".")[0] == "tomesd":
+                    yield alias.name, []
+
+
+def test_no_module_is_too_long():
+    long = {name: n for name, path in _modules() if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_no_private_name_is_imported_across_modules():
+    found = [(name, target, n) for name, path in _modules() for target, names in _imports(name, path)
+             for n in names if n.startswith("_") and not n.startswith("__")]
+    assert not found, found
+
+
+def test_no_import_cycle():
+    modules = dict(_modules())
+    graph = {}
+    for name, path in modules.items():
+        edges = set()
+        for target, names in _imports(name, path):
+            # `from pkg import sub` imports the submodule pkg.sub
+            subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
+            edges.update(subs or ([target] if target in modules else []))
+        graph[name] = edges - {name}
+
+    # a module importing its own package's __init__ (or an ancestor) is the normal Python layout, not a cycle
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    state, cycles = {}, []
+
+    def visit(node, stack):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
