@@ -184,6 +184,8 @@ def plan_of(state: ModelState, index: int, block: BlockCall) -> Optional[MergePl
         block.plan = state.plans.provide(ctx, index, request)
         if ctx.records is not None and index in ctx.records:
             ctx.records[index].plan = block.plan
+        for observe in state.observers:
+            observe(index, block.plan, request)
     return block.plan
 
 

@@ -87,7 +87,8 @@ class CallContext:
     of the level with that many tokens (None: no level). ratios: level → resolved ratio. blocks: block
     index → its BlockCall while the block runs. records: block index → Record, for calls made with
     gradients (None otherwise). recompute: this is a copy opened by a checkpoint recompute of one
-    block. shared: level → the plan its blocks share in this call (share_plan).
+    block. shared: level → the plan its blocks share in this call (share_plan). tail: tokens that follow
+    the image grid in each block's sequence and pass through unmerged (Flux Kontext's reference image).
     """
 
     height: int
@@ -102,6 +103,7 @@ class CallContext:
     records: Optional[Dict[int, Record]] = None
     recompute: bool = False
     shared: Dict[int, MergePlan] = field(default_factory=dict)
+    tail: int = 0
 
 
 class Calls(threading.local):
@@ -123,6 +125,8 @@ class ModelState:
 
     live: calls with gradients whose autograd graph is alive (weak; the graph holds them).
     running: threads with an eager call in progress (apply / remove from another thread is refused then).
+    observers: callables `observe(index, plan, request)` told of every plan a block merges with, when
+    it is provided (the seam tools such as tomesd.visualize.MergeRecorder record merges through).
     modes: sub-layer name → the Mode merging there. plans: where block plans come from.
     """
 
@@ -137,11 +141,12 @@ class ModelState:
     live: "weakref.WeakValueDictionary[int, CallContext]" = field(default_factory=weakref.WeakValueDictionary)
     ids: Any = field(default_factory=itertools.count)
     lock: Any = field(default_factory=threading.Lock)
-    warned: set = field(default_factory=set)
+    warned: "Tags" = field(default_factory=lambda: Tags())
     active: bool = True
     modes: Dict[str, "Mode"] = field(default_factory=dict)
     plans: Optional["PlanProvider"] = None
     running: Dict[int, bool] = field(default_factory=dict)
+    observers: List[Any] = field(default_factory=list)
 
     @property
     def frames(self) -> List[Optional[CallContext]]:
@@ -163,7 +168,7 @@ class ModelState:
 
     # A copy (copy.deepcopy, pickle, torch.save of a patched model) is patched alike: its hooks hold a
     # copy of this state, with no open or live call, new locks, and its own blocks claimed.
-    _FRESH = ("calls", "live", "ids", "lock", "running")
+    _FRESH = ("calls", "live", "ids", "lock", "running", "observers")
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._FRESH}
@@ -171,7 +176,7 @@ class ModelState:
     def __setstate__(self, values):
         self.__dict__.update(values)
         self.calls, self.live = Calls(), weakref.WeakValueDictionary()
-        self.ids, self.lock, self.running = itertools.count(), threading.Lock(), {}
+        self.ids, self.lock, self.running, self.observers = itertools.count(), threading.Lock(), {}, []
         if self.active:
             for block in self.host.blocks:
                 claim(block, self)
@@ -202,18 +207,43 @@ def check_idle(state: ModelState, action: str) -> None:
                            "Wait for those calls to finish (e.g. join their threads) first")
 
 
-@torch.compiler.disable
-def _log(state: ModelState, tag: str, message: str, level: int) -> None:
-    if tag not in state.warned:
-        state.warned.add(tag)
+class Tags(set):
+    """The tags a model has logged. Registered under `key` so that a logging call reordered out of a
+    compiled graph (which may only carry constants) finds them; a copy gets its own key."""
+
+    def __init__(self, items=()):
+        super().__init__(items)
+        self.key = next(_TAG_KEYS)
+        _TAGS[self.key] = self
+
+    def __reduce__(self):
+        return (Tags, (list(self),))
+
+
+_TAG_KEYS = itertools.count()
+_TAGS: "weakref.WeakValueDictionary[int, Tags]" = weakref.WeakValueDictionary()
+
+
+def _log_tagged(key: int, tag: str, message: str, level: int) -> None:
+    """Log message unless the Tags registered under key hold tag. Registered with dynamo as a reorderable
+    logging function: compiled code calls it after its graph, with no graph break and no guard."""
+    tags = _TAGS.get(key)
+    if tags is not None and tag not in tags:
+        tags.add(tag)
         logger.log(level, message)
 
 
+torch._dynamo.config.reorderable_logging_functions.add(_log_tagged)
+
+
 def log_once(state: ModelState, tag: str, message: str, level: int) -> None:
-    """Log `message` the first time `tag` is seen on this model. Once logged, compiled code does not
-    reach the (compile-disabled) logger again: the check is traced, not a graph break per call."""
-    if tag not in state.warned:
-        _log(state, tag, message, level)
+    """Log `message` the first time `tag` is seen on this model. In compiled code the check runs after
+    the graph (reordered), so tracing neither breaks the graph (fullgraph=True holds) nor guards on
+    what has been logged (no recompile once it has)."""
+    if torch.compiler.is_compiling():
+        _log_tagged(state.warned.key, tag, message, level)
+    elif tag not in state.warned:
+        _log_tagged(state.warned.key, tag, message, level)
 
 
 def current_plan(state: ModelState, index: int) -> Optional[MergePlan]:
