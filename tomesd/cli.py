@@ -1,7 +1,7 @@
 """Pieces the command-line tools (`tomesd.bench`, `tomesd.quality`) share.
 
 - argument types for argparse: `parse_value`, `values`, `assignment` (KEY=V1,V2), `setting`
-  (KEY=V,KEY=V), `comma_list`, `positive`, `positive_number`;
+  (KEY=V,KEY=V), `comma_list`, `bounded` (`positive`, `positive_number`);
 - the settings grid: `patch_keywords` (what a grid may vary), `grid_settings` (the product of the
   axes), `setting_label`, `check_settings` (apply every setting once, before any work);
 - output: `fmt` (a table cell), `align` (an aligned text table), `environment` (versions, device),
@@ -103,26 +103,24 @@ def comma_list(kind) -> Callable[[str], tuple]:
     return parse
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer ≥ 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be ≥ 1, got {text}")
-    return value
+def bounded(kind, noun: str, ok: Callable[[Any], bool], bound: str) -> Callable[[str], Any]:
+    """argparse type: a `kind` (int, float) for which ok(value) holds; messages "expected NOUN" and
+    "must be BOUND"."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
 
 
-def positive_number(text: str) -> float:
-    """argparse type: a number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number such as 1.5, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+positive = bounded(int, "an integer", lambda v: v >= 1, "≥ 1")  # argparse type: an integer ≥ 1
+positive_number = bounded(float, "a number such as 1.5", lambda v: v > 0, "> 0")  # argparse type: a number > 0
 
 
 # ---- the settings grid ----

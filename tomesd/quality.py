@@ -17,14 +17,13 @@ results.json, results.csv and contact_sheet.png (one row per setting, the unpatc
 column per prompt/seed, each tile labelled with its setting, time and PSNR).
 
 API: `QualityConfig`, `grid_settings`, `run`, `format_table`, `contact_sheet`, `write_results`
-(the last three, and `QualityResult`, live in tomesd.quality_report; the argument types and the
-settings grid in tomesd.cli; the model loader is tomesd.models).
+(the last three, and `QualityResult`, live in tomesd.quality_report; the metrics in
+tomesd.quality_metrics; the argument types and the settings grid in tomesd.cli; the model loader is
+tomesd.models).
 """
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,13 +31,14 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import cli, models
 from .cli import grid_settings
+from .quality_metrics import Metrics, lpips_metric
 from .quality_report import (ROW_FIELDS, SHEET_HEAD_H, SHEET_LINE_H, SHEET_PAD, SHEET_TEXT_H, QualityResult, contact_sheet,
                              format_table, write_results)
 
 __all__ = [
-    "QualityConfig", "QualityResult", "Metrics", "grid_settings", "setting_label", "run", "check_settings", "format_table",
-    "contact_sheet", "write_results", "build_parser", "config_from_args", "main", "ROW_FIELDS", "SHEET_PAD",
-    "SHEET_HEAD_H", "SHEET_LINE_H", "SHEET_TEXT_H",
+    "QualityConfig", "QualityResult", "Metrics", "lpips_metric", "grid_settings", "setting_label", "run",
+    "check_settings", "format_table", "contact_sheet", "write_results", "build_parser", "config_from_args", "main",
+    "ROW_FIELDS", "SHEET_PAD", "SHEET_HEAD_H", "SHEET_LINE_H", "SHEET_TEXT_H",
 ]
 
 NEEDS = ("diffusers", "torchmetrics", "tqdm", "PIL")
@@ -121,59 +121,6 @@ def setting_label(params: Dict[str, Any]) -> str:
     parts.append(cli.setting_label({k: v for k, v in params.items()
                                     if k not in ("ratio", "max_downsample", *(f"merge_{s}" for s in SUBLAYERS))}))
     return " ".join(filter(None, parts))
-
-
-def lpips_metric(device: str):
-    """(callable(a, b) → LPIPS per image, None) when torchvision and its AlexNet weights are already
-    installed, else (None, why). Never downloads."""
-    if importlib.util.find_spec("torchvision") is None:
-        return None, "LPIPS skipped: torchvision is not installed"
-    try:
-        import torch
-        import torchvision
-
-        url = torchvision.models.AlexNet_Weights.DEFAULT.url
-        weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-        if not os.path.isfile(weights):
-            return None, f"LPIPS skipped: the AlexNet weights are not at {weights} (tomesd never downloads them)"
-        from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips
-    except (ImportError, AttributeError) as error:
-        return None, f"LPIPS skipped: {error}"
-
-    def measure(a, b):  # [B, C, H, W] in [0, 1]; one channel is repeated to three
-        a, b = (x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x for x in (a, b))
-        return lpips(a.to(device), b.to(device), net_type="alex", reduction="mean", normalize=True)
-
-    return measure, None
-
-
-class Metrics:
-    """PSNR / SSIM / LPIPS of images [B, C, H, W] in [0, 1] against the unpatched ones."""
-
-    def __init__(self, device: str):
-        self.device = device
-        self.lpips, self.lpips_note = lpips_metric(device)
-
-    def __call__(self, images, base) -> Dict[str, Any]:
-        import torch
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-
-        x, y = images.double(), base.double()
-        per_image = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
-        out = dict(
-            psnr=float(peak_signal_noise_ratio(x, y, data_range=1.0)),
-            psnr_min=float(per_image.min()),
-            ssim=float(structural_similarity_index_measure(x, y, data_range=1.0)),
-            identical=bool(torch.equal(images, base)),
-            tile_psnr=[float(v) for v in per_image],
-            lpips=None,
-        )
-        if self.lpips is not None:
-            try:
-                out["lpips"] = float(self.lpips(images.float(), base.float()))
-            except (RuntimeError, ValueError) as error:  # e.g. images too small for AlexNet
-                self.lpips, self.lpips_note = None, f"LPIPS skipped: {str(error).splitlines()[0]}"
-        return out
 
 
 def _sync(device: str):
