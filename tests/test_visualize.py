@@ -6,6 +6,7 @@ from PIL import Image
 
 import tiny
 import tomesd
+from tomesd.patch import patched_state
 from tomesd.visualize import GREY, MergeRecorder, MergeSnapshot, color_map, overlay, token_colors
 
 
@@ -93,8 +94,44 @@ def test_recorder_picks_block_and_level_and_says_what_it_has(patched_pipe):
     assert len(blocks) == 3  # tiny sd1 at /1: one transformer block on the way down, two up
     assert recorder.get(step=0, level=1).block == blocks[0]
     assert recorder.get(step=1, block=blocks[2]).block == blocks[2]
-    with pytest.raises(KeyError, match="recorded"):
+    with pytest.raises(KeyError, match="recorded") as raised:
         recorder.get(step=5)
+    assert str(raised.value).startswith("MergeRecorder.get(step=5")  # plain text, not a quoted key
+
+
+def test_recorder_records_with_merge_attn_off():
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, merge_attn=False, merge_mlp=True, seed=0)
+    args, kwargs = tiny.unet_inputs("sd1")
+    with torch.no_grad(), MergeRecorder(unet) as recorder:
+        unet(*args, **kwargs)
+    assert recorder.snapshots, "merge_mlp alone merges, so something is recorded"
+    snap = recorder.get(step=0, level=1)
+    h, w = snap.grid
+    assert snap.slot.shape[1] == h * w and snap.merged_tokens() == (h * w) // 2
+
+
+def test_recorder_on_flux_records_the_image_grid():
+    model, inputs = tiny.flux(), tiny.flux_inputs(grid=4, width=6)
+    tomesd.apply_patch(model, ratio=0.5, seed=0)
+    with torch.no_grad(), MergeRecorder(model, steps=[1]) as recorder:
+        model(**inputs)
+        model(**inputs)
+    assert recorder.calls == 2 and {s.step for s in recorder.snapshots} == {1}
+    snap = recorder.get()
+    assert snap.grid == (4, 6) and snap.downsample == 1 and snap.slot.shape == (2, 24)
+    assert snap.merged_tokens() == 12
+    assert color_map(snap).shape == (4, 6, 3)
+    assert not patched_state(model).observers  # the recorder left nothing behind
+
+
+def test_get_says_nothing_was_recorded():
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    tomesd.apply_patch(model, ratio=0.5)
+    with torch.no_grad(), MergeRecorder(model, steps=[3]) as recorder:
+        model(**inputs)
+    with pytest.raises(KeyError, match="nothing was recorded.*called 1 time.*steps \\[3\\]"):
+        recorder.get()
 
 
 def test_recorder_needs_a_patched_model():

@@ -5,9 +5,11 @@
         image = pipe(prompt).images[0]
     overlay(image, rec.get(step=10)).save("merges.png")
 
-A MergeRecorder adds, after tomesd's own hooks, a pre-hook on the denoiser (counting its calls: one
-per denoising step) and one on each patched block's attn1, where the block's MergePlan is built; at
-the chosen steps it copies the plan's slot map [B, N] to the CPU. Tokens with the same slot form one
+A MergeRecorder adds a pre-hook on the denoiser (counting its calls: one per denoising step) and an
+observer to the patched model (`patched_state(model).observers`, told of every block's MergePlan and
+the request it was built for); at the chosen steps it copies the plan's slot map of the image grid
+[B, h·w] to the CPU. It records on every host tomesd patches (UNets, SD 3, Flux) and whichever
+sub-layers merge (merge_attn=False included). Tokens with the same slot form one
 group: a dst and the src tokens averaged into it. `token_colors` gives each group of two or more
 tokens its own color (distinct for every group of the map) and every unmerged token one grey;
 `overlay` upsamples that h × w map to the image and blends it in.
@@ -25,7 +27,6 @@ import torch
 from torch import Tensor
 
 from .patch import patched_state
-from .patch import current_plan, level_of
 
 GREY = (128, 128, 128)
 _M24 = (1 << 24) - 1
@@ -57,6 +58,13 @@ class MergeSnapshot:
         return int(slot.numel() - sizes.numel())
 
 
+class NoMergeRecorded(KeyError):
+    """MergeRecorder.get found no snapshot matching its filters (a KeyError, printed as plain text)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class MergeRecorder:
     """Context manager recording MergeSnapshots of a patched model (pipeline or denoiser).
 
@@ -70,56 +78,54 @@ class MergeRecorder:
         self.snapshots: List[MergeSnapshot] = []
         self.calls = 0
         self._step = -1
-        self._latent: Optional[Tuple[int, int]] = None
-        self._handles = []
+        self._state = None
+        self._handle = None
 
     def __enter__(self) -> "MergeRecorder":
         state = patched_state(self.model)
         if state is None:
             raise ValueError("MergeRecorder: the model is not patched; call tomesd.apply_patch first")
-        host = state.host
-        self._handles.append(host.root.register_forward_pre_hook(self._on_call, with_kwargs=True))
-        for index, module in enumerate(host.blocks):
-            attn = getattr(module, host.sublayers[0].name, None)
-            if attn is not None:
-                self._handles.append(attn.register_forward_pre_hook(self._block_hook(state, index)))
+        self._state = state
+        self._handle = state.host.root.register_forward_pre_hook(self._on_call)
+        state.observers.append(self._observe)
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        if self._state is not None and self._observe in self._state.observers:
+            self._state.observers.remove(self._observe)
+        self._state = None
 
-    def _on_call(self, module, args, kwargs) -> None:
-        sample = args[0] if args else next((kwargs[k] for k in ("sample", "x", "hidden_states") if k in kwargs), None)
-        self._latent = tuple(sample.shape[-2:]) if isinstance(sample, Tensor) and sample.ndim >= 4 else None
+    def _on_call(self, module, args) -> None:
         self._step = self.calls
         self.calls += 1
 
-    def _block_hook(self, state, index: int):
-        def hook(module, args) -> None:
-            plan = current_plan(state, index)
-            if plan is None or self._latent is None or (self.steps is not None and self._step not in self.steps):
-                return
-            p = state.host.patch_size
-            level = level_of(self._latent[0] // p, self._latent[1] // p, plan.slot.shape[1])
-            if level is None:
-                return  # a token layout this recorder cannot place on the image
-            downsample, *grid = level
-            self.snapshots.append(MergeSnapshot(self._step, index, tuple(grid), downsample, plan.slot.detach().cpu()))
-
-        return hook
+    def _observe(self, index: int, plan, request) -> None:
+        """Observer of the patched model: block `index` merges with `plan` built for `request`."""
+        if self._step < 0 or (self.steps is not None and self._step not in self.steps):
+            return
+        n = request.h * request.w  # the image grid; tokens after it (Flux references) are not drawn
+        slot = plan.slot[:, :n].detach().cpu()
+        self.snapshots.append(MergeSnapshot(self._step, index, (request.h, request.w), request.downsample, slot))
 
     def get(self, step: Optional[int] = None, block: Optional[int] = None, level: Optional[int] = None) -> MergeSnapshot:
         """The snapshot of `step` (default: the first recorded) and `block` (default: the first
-        merged block of that step, at downsample `level` when given)."""
+        merged block of that step, at downsample `level` when given). Raises NoMergeRecorded (a
+        KeyError) naming what was recorded when nothing matches."""
         found = [s for s in self.snapshots if (step is None or s.step == step) and (block is None or s.block == block)
                  and (level is None or s.downsample == level)]
-        if not found:
-            have = sorted({(s.step, s.block, s.downsample) for s in self.snapshots})
-            raise KeyError(f"no merge recorded for step={step}, block={block}, level={level}; "
-                           f"recorded (step, block, level): {have}")
-        return found[0]
+        if found:
+            return found[0]
+        wanted = f"step={step}, block={block}, level={level}"
+        if not self.snapshots:
+            which = "all steps" if self.steps is None else f"steps {sorted(self.steps)}"
+            raise NoMergeRecorded(f"MergeRecorder.get({wanted}): nothing was recorded — the model was called "
+                                  f"{self.calls} time(s) inside the recorder and merged no block at {which}")
+        have = sorted({(s.step, s.block, s.downsample) for s in self.snapshots})
+        raise NoMergeRecorded(f"MergeRecorder.get({wanted}): no merge recorded there; "
+                              f"recorded (step, block, level): {have}")
 
 
 def _scramble24(x: Tensor) -> Tensor:
