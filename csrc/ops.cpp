@@ -1,4 +1,4 @@
-// CUDA implementations of the tomesd ops. The schemas are defined once, in Python (tomesd/ops.py),
+// CUDA implementations of the tomesd ops. The schemas are defined once, in Python (tomesd/library.py),
 // so they exist (with CPU and fake impls) on machines without this extension; this file only adds
 // the CUDA kernels with TORCH_LIBRARY_IMPL. Every buffer comes from PyTorch's caching allocator and
 // every kernel runs on the current stream, so the ops can be captured in a CUDA graph.
@@ -140,30 +140,59 @@ std::tuple<Tensor, Tensor> best_dst_cuda(const Tensor& metric_in, const Tensor& 
   return {score, dst_pos.to(at::kLong)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric_in, const Tensor& dst_idx_in,
-                                                           const Tensor& src_idx_in, int64_t r) {
+// The window's geometry, checked against the metric (host integers only: no synchronization).
+LocalArgs local_args(const MatchArgs& a, int64_t h, int64_t w, int64_t sx, int64_t sy, int64_t k) {
+  TORCH_CHECK(h >= 1 && w >= 1 && sx >= 1 && sy >= 1 && h * w == a.N, "tomesd: grid ", h, " x ", w,
+              " with cells ", sy, " x ", sx, " does not fit N = ", a.N, " tokens");
+  TORCH_CHECK(k >= 1 && k % 2 == 1, "tomesd: match_window must be an odd int >= 1, got ", k);
+  TORCH_CHECK(a.D == 0 || (h >= sy && w >= sx), "tomesd: a ", h, " x ", w, " grid has no ", sy, " x ", sx, " cell");
+  return LocalArgs{static_cast<int>(h), static_cast<int>(w), static_cast<int>(sx), static_cast<int>(sy),
+                   static_cast<int>(std::min<int64_t>(k, int64_t{1} << 30))};
+}
+
+// Local matching: score [B, S] fp32 and dst_pos [B, S] int32, on the current stream.
+std::tuple<Tensor, Tensor> run_best_dst_local(const Tensor& metric, const Tensor& dst_idx, const Tensor& src_idx,
+                                              MatchArgs a, const LocalArgs& g) {
+  a.metric = metric.data_ptr();
+  a.dst_idx = dst_idx.data_ptr<int64_t>();
+  a.src_idx = src_idx.data_ptr<int64_t>();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  const auto f32 = metric.options().dtype(at::kFloat);
+  const auto i32 = metric.options().dtype(at::kInt);
+  Tensor inv_norm = at::empty({a.B, a.N}, f32);
+  launch_inv_norms(a, inv_norm.data_ptr<float>(), stream);
+  Tensor cell_dst = at::empty({std::max<int64_t>(1, static_cast<int64_t>(g.h / g.sy) * (g.w / g.sx))}, i32);
+  Tensor score = at::empty({a.B, a.S}, f32);
+  Tensor dst_pos = at::empty({a.B, a.S}, i32);
+  launch_best_dst_local(a, g, inv_norm.data_ptr<float>(), cell_dst.data_ptr<int>(), score.data_ptr<float>(),
+                        dst_pos.data_ptr<int>(), stream);
+  return {score, dst_pos};
+}
+
+std::tuple<Tensor, Tensor> best_dst_local_cuda(const Tensor& metric_in, const Tensor& dst_idx_in,
+                                               const Tensor& src_idx_in, int64_t h, int64_t w, int64_t sx, int64_t sy,
+                                               int64_t window) {
   const c10::cuda::CUDAGuard guard(metric_in.device());
   const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
   const MatchArgs a = match_args(metric, dst_idx, src_idx);
-  TORCH_CHECK(0 <= r && r <= a.S, "tomesd: r = ", r, " must be in [0, ", a.S, "] (the number of src tokens)");
-  TORCH_CHECK(r == 0 || a.D > 0, "tomesd: dst_idx is empty but r = ", r, " src tokens must merge");
+  const LocalArgs g = local_args(a, h, w, sx, sy, window);
+  if (a.B == 0 || a.S == 0) {
+    return {at::empty({a.B, a.S}, metric.options().dtype(at::kFloat)),
+            at::empty({a.B, a.S}, metric.options().dtype(at::kLong))};
+  }
+  TORCH_CHECK(a.D > 0, "tomesd: dst_idx is empty but ", a.S, " src tokens need a match");
+  if (a.C == 0) return zero_channel_matches(metric, a);
+  auto [score, dst_pos] = run_best_dst_local(metric, dst_idx, src_idx, a, g);
+  return {score, dst_pos.to(at::kLong)};
+}
+
+// The plan of the r best matches (score [B, S] fp32, dst_pos [B, S] int32): slot, counts, CSR.
+std::tuple<Tensor, Tensor, Tensor, Tensor> plan_of_matches(const Tensor& metric, const Tensor& dst_idx,
+                                                           const Tensor& src_idx, const MatchArgs& a, int64_t r,
+                                                           const Tensor& score, const Tensor& dst_pos) {
   const int B = a.B, N = a.N, M = N - static_cast<int>(r);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   const auto i32 = metric.options().dtype(at::kInt);
-  if (B == 0 || N == 0) {  // empty plan, no launch: offsets are all N = 0 (the PyTorch path's shapes)
-    return {at::empty({B, N}, metric.options().dtype(at::kLong)), at::empty({B, M}, i32), at::zeros({B, M + 1}, i32),
-            at::empty({B, N}, i32)};
-  }
-  Tensor score, dst_pos;
-  if (r > 0 && a.C == 0) {
-    std::tie(score, dst_pos) = zero_channel_matches(metric, a);
-    dst_pos = dst_pos.to(at::kInt);
-  } else if (r > 0) {
-    std::tie(score, dst_pos) = run_best_dst(metric, dst_idx, src_idx, a);
-  } else {
-    score = at::empty({B, a.S}, metric.options().dtype(at::kFloat));
-    dst_pos = at::empty({B, a.S}, i32);
-  }
   Tensor target = at::empty({B, N}, i32);
   Tensor slot = at::empty({B, N}, metric.options().dtype(at::kLong));
   Tensor counts = at::empty({B, M}, i32);
@@ -185,6 +214,50 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric_
   launch_sort(temp.data_ptr(), temp_bytes, keys_in, keys_out, values.data_ptr<int>(), members.data_ptr<int>(), items,
               end_bit, stream);
   return {slot, counts, offsets, members};
+}
+
+// build_plan (window = nullptr: global matching) and build_plan_local.
+std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_with(const Tensor& metric_in, const Tensor& dst_idx_in,
+                                                           const Tensor& src_idx_in, int64_t r,
+                                                           const int64_t* window) {
+  const c10::cuda::CUDAGuard guard(metric_in.device());
+  const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
+  const MatchArgs a = match_args(metric, dst_idx, src_idx);
+  LocalArgs g{};
+  if (window != nullptr) g = local_args(a, window[0], window[1], window[2], window[3], window[4]);
+  TORCH_CHECK(0 <= r && r <= a.S, "tomesd: r = ", r, " must be in [0, ", a.S, "] (the number of src tokens)");
+  TORCH_CHECK(r == 0 || a.D > 0, "tomesd: dst_idx is empty but r = ", r, " src tokens must merge");
+  const int B = a.B, N = a.N, M = N - static_cast<int>(r);
+  const auto i32 = metric.options().dtype(at::kInt);
+  if (B == 0 || N == 0) {  // empty plan, no launch: offsets are all N = 0 (the PyTorch path's shapes)
+    return {at::empty({B, N}, metric.options().dtype(at::kLong)), at::empty({B, M}, i32), at::zeros({B, M + 1}, i32),
+            at::empty({B, N}, i32)};
+  }
+  Tensor score, dst_pos;
+  if (r > 0 && a.C == 0) {
+    std::tie(score, dst_pos) = zero_channel_matches(metric, a);
+    dst_pos = dst_pos.to(at::kInt);
+  } else if (r > 0 && window != nullptr) {
+    std::tie(score, dst_pos) = run_best_dst_local(metric, dst_idx, src_idx, a, g);
+  } else if (r > 0) {
+    std::tie(score, dst_pos) = run_best_dst(metric, dst_idx, src_idx, a);
+  } else {
+    score = at::empty({B, a.S}, metric.options().dtype(at::kFloat));
+    dst_pos = at::empty({B, a.S}, i32);
+  }
+  return plan_of_matches(metric, dst_idx, src_idx, a, r, score, dst_pos);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_cuda(const Tensor& metric, const Tensor& dst_idx,
+                                                           const Tensor& src_idx, int64_t r) {
+  return build_plan_with(metric, dst_idx, src_idx, r, nullptr);
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_local_cuda(const Tensor& metric, const Tensor& dst_idx,
+                                                                 const Tensor& src_idx, int64_t h, int64_t w,
+                                                                 int64_t sx, int64_t sy, int64_t window, int64_t r) {
+  const int64_t geometry[5] = {h, w, sx, sy, window};
+  return build_plan_with(metric, dst_idx, src_idx, r, geometry);
 }
 
 void check_plan(const Tensor& t, const Tensor& slot, const Tensor& offsets, const Tensor& members) {
@@ -237,6 +310,8 @@ Tensor unmerge_cuda(const Tensor& y_in, const Tensor& slot_in, const Tensor& off
 TORCH_LIBRARY_IMPL(tomesd, CUDA, m) {
   m.impl("best_dst", &best_dst_cuda);
   m.impl("build_plan", &build_plan_cuda);
+  m.impl("best_dst_local", &best_dst_local_cuda);
+  m.impl("build_plan_local", &build_plan_local_cuda);
   m.impl("merge", &merge_cuda);
   m.impl("unmerge", &unmerge_cuda);
 }

@@ -38,6 +38,16 @@ int match_splits(const MatchArgs& a, int device);
 void launch_best_dst(const MatchArgs& a, const float* inv_norm, int splits, float* part_val, int* part_idx,
                      float* score, int* dst_pos, int device, cudaStream_t stream);
 
+// Local matching on an h x w grid (N = h * w) of sy x sx cells, window k (odd): see local.cu.
+struct LocalArgs {
+  int h, w, sx, sy, k;
+};
+
+// score [B, S] and dst_pos [B, S] of local matching (lowest dst position on ties). cell_dst:
+// [(h / sy) * (w / sx)] int32 scratch (dst position of each cell).
+void launch_best_dst_local(const MatchArgs& a, const LocalArgs& g, const float* inv_norm, int* cell_dst, float* score,
+                           int* dst_pos, cudaStream_t stream);
+
 // Selection of the r best src rows (ties: lower src position; NaN first) and the slot map, one
 // block per batch row. Writes slot, counts, offsets and the sort keys/values (b * M + slot, n) of
 // every token; target [B, N] is scratch. D: entries of dst_idx (dst_pos is bound-checked).

@@ -31,6 +31,7 @@ def apply_patch(
     prop_attn=None,
     share_plan: bool = False,
     plan_every: int = 1,
+    match_window=None,
 ):
     """Patch `model` so its transformer blocks merge tokens; returns `model`.
 
@@ -63,6 +64,10 @@ def apply_patch(
         by the others (one matching per level instead of one per block).
     plan_every: rebuild plans every k-th denoiser call and reuse them in between (calls with another
         latent size or batch rebuild); not with torch.compile.
+    match_window: None (default): global matching, every src token compares with every dst (tomesd
+        0.1.3's). An odd k ≥ 1: local matching, a src token compares only with the dst of the k × k
+        cells around its own cell (clipped at the edges): O(N·k²·C) instead of O(N²·C), for high
+        resolutions. A window covering the whole grid gives exactly the global plan.
 
     Applying to a patched model replaces its settings.
     """
@@ -70,6 +75,7 @@ def apply_patch(
         ratio=ratio, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed,
         mode=mode, prop_attn=prop_attn, share_plan=share_plan, plan_every=plan_every,
+        match_window=match_window,
     )
     if not isinstance(patch_controlnet, bool):
         raise TypeError(f"patch_controlnet must be a bool, got {patch_controlnet!r}")

@@ -135,6 +135,8 @@ class ToMeConfig:
     the model's default, resolved when patching (`resolved`): tokens (tomesd 0.1.3's), kv on Flux.
     prop_attn: None resolves to True in kv mode and False in tokens mode.
     share_plan: one plan per level per call; plan_every: rebuild plans every k-th call.
+    match_window: None (global matching: every src compares with every dst) or an odd k ≥ 1 (local
+    matching: the dst of the k × k cells around the src's own cell).
     """
 
     ratio: RatioSpec = 0.5
@@ -150,6 +152,7 @@ class ToMeConfig:
     prop_attn: Optional[bool] = None
     share_plan: bool = False
     plan_every: int = 1
+    match_window: Optional[int] = None
     schedule: RatioSchedule = field(init=False, repr=False, compare=False)
     # whether prop_attn was given (True / False) rather than left to follow the mode (None)
     prop_attn_given: bool = field(init=False, repr=False, compare=False, default=False)
@@ -177,6 +180,12 @@ class ToMeConfig:
         if self.prop_attn and not self.merge_attn:
             raise ValueError("prop_attn=True needs merge_attn=True: it biases the self-attention over merged tokens")
         object.__setattr__(self, "plan_every", _check_positive_int(self.plan_every, "plan_every"))
+        if self.match_window is not None:
+            k = self.match_window
+            if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1 or k % 2 != 1:
+                raise ValueError("match_window must be None (global matching) or an odd int ≥ 1 (the k × k cells "
+                                 f"around a token's own cell: 1, 3, 5, ...), got {k!r}")
+            object.__setattr__(self, "match_window", int(k))
         object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))
 
     def resolved(self, default_mode: str, takes_bias: bool = True) -> "ToMeConfig":

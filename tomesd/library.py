@@ -8,6 +8,10 @@ tomesd.extension) only adds the CUDA kernels with `TORCH_LIBRARY_IMPL(tomesd, CU
   best_dst(metric [B, N, C], dst_idx [D], src_idx [S]) -> (score [B, S] fp32, dst_pos [B, S] int64)
   build_plan(metric, dst_idx, src_idx, r) -> (slot [B, N] int64, counts [B, M] int32,
                                               offsets [B, M + 1] int32, members [B, N] int32)
+  best_dst_local(metric, dst_idx, src_idx, h, w, sx, sy, window) -> (score, dst_pos)   local matching:
+      candidates are the dst of the window × window cells around a src's cell (matching.best_dst_local);
+      N = h·w and dst_idx holds one token per sy × sx cell of the grid (as matching.partition gives)
+  build_plan_local(metric, dst_idx, src_idx, h, w, sx, sy, window, r) -> as build_plan
   merge(x [B, N, C], slot, offsets, members, mean) -> [B, M, C]   segment mean (or sum) over the CSR rows
   unmerge(y [B, M, C], slot, offsets, members) -> [B, N, C]       y[b, slot[b, n]]
 
@@ -24,17 +28,21 @@ CUDA-graph capture).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import matching
-from .matching import MergePlan
+from .matching import LocalWindow, MergePlan
 
 SCHEMAS = {
     "best_dst": "best_dst(Tensor metric, Tensor dst_idx, Tensor src_idx) -> (Tensor, Tensor)",
     "build_plan": "build_plan(Tensor metric, Tensor dst_idx, Tensor src_idx, int r) -> (Tensor, Tensor, Tensor, Tensor)",
+    "best_dst_local": ("best_dst_local(Tensor metric, Tensor dst_idx, Tensor src_idx, int h, int w, int sx, int sy, "
+                       "int window) -> (Tensor, Tensor)"),
+    "build_plan_local": ("build_plan_local(Tensor metric, Tensor dst_idx, Tensor src_idx, int h, int w, int sx, int sy, "
+                         "int window, int r) -> (Tensor, Tensor, Tensor, Tensor)"),
     "merge": "merge(Tensor x, Tensor slot, Tensor offsets, Tensor members, bool mean=True) -> Tensor",
     "unmerge": "unmerge(Tensor y, Tensor slot, Tensor offsets, Tensor members) -> Tensor",
 }
@@ -54,6 +62,22 @@ def check_partition(n: int, dst_idx: Tensor, src_idx: Tensor) -> None:
     both = torch.cat([dst_idx.flatten(), src_idx.flatten()])
     if both.numel() and (bool(both.min() < 0) or bool(both.max() >= n) or both.unique().numel() != both.numel()):
         raise ValueError(f"tomesd: dst_idx and src_idx must be distinct token indices in [0, {n})")
+
+
+def check_window(n: int, dst_idx: Tensor, h: int, w: int, sx: int, sy: int, window: int) -> LocalWindow:
+    """The LocalWindow of a local matching op's arguments; raises ValueError unless N = h·w, window is odd
+    ≥ 1 and dst_idx holds exactly one token per sy × sx cell of the top-left (h//sy·sy) × (w//sx·sx) region."""
+    if min(h, w, sx, sy) < 1 or h * w != n:
+        raise ValueError(f"tomesd: a {h} x {w} grid with {sy} x {sx} cells does not fit N = {n} tokens")
+    if window < 1 or window % 2 != 1:
+        raise ValueError(f"tomesd: match_window must be an odd int ≥ 1, got {window}")
+    hsy, wsx = h // sy, w // sx
+    rows, cols = dst_idx // w, dst_idx % w
+    cells = (rows // sy) * max(wsx, 1) + cols // sx
+    if (dst_idx.numel() != hsy * wsx or bool((rows >= hsy * sy).any() | (cols >= wsx * sx).any())
+            or cells.unique().numel() != cells.numel()):
+        raise ValueError(f"tomesd: local matching needs one dst token per {sy} x {sx} cell of the {h} x {w} grid")
+    return LocalWindow(h, w, sx, sy, window)
 
 
 def check_plan(n: int, slot: Tensor, offsets: Tensor, members: Tensor) -> None:
@@ -86,8 +110,29 @@ def _best_dst_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor) -> Tuple[Ten
     return score.contiguous(), dst_pos.contiguous()
 
 
+def _best_dst_local_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, h: int, w: int, sx: int, sy: int,
+                        window: int) -> Tuple[Tensor, Tensor]:
+    check_partition(metric.shape[1], dst_idx, src_idx)
+    win = check_window(metric.shape[1], dst_idx, h, w, sx, sy, window)
+    if src_idx.numel() == 0 or metric.shape[0] == 0:
+        return _best_dst_fake(metric, dst_idx, src_idx)
+    with torch.no_grad():
+        score, dst_pos = matching.best_dst_local(metric, dst_idx, src_idx, win)
+    return score.contiguous(), dst_pos.contiguous()
+
+
+def _build_plan_local_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, h: int, w: int, sx: int, sy: int,
+                          window: int, r: int):
+    check_partition(metric.shape[1], dst_idx, src_idx)
+    return _plan_cpu(metric, dst_idx, src_idx, r, check_window(metric.shape[1], dst_idx, h, w, sx, sy, window))
+
+
 def _build_plan_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int):
     check_partition(metric.shape[1], dst_idx, src_idx)
+    return _plan_cpu(metric, dst_idx, src_idx, r, None)
+
+
+def _plan_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int, window: Optional[LocalWindow]):
     if not 0 <= r <= src_idx.shape[0]:
         raise RuntimeError(f"tomesd: r = {r} must be in [0, {src_idx.shape[0]}] (the number of src tokens)")
     if r == 0:
@@ -95,7 +140,7 @@ def _build_plan_cpu(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int):
         slot = torch.arange(N, device=metric.device).expand(B, N).contiguous()
         counts = torch.ones(B, N, dtype=torch.int32, device=metric.device)
     else:
-        plan = matching.build_plan(metric, dst_idx, src_idx, r)
+        plan = matching.build_plan(metric, dst_idx, src_idx, r, window)
         slot, counts = plan.slot, plan.counts
     offsets, members = csr(slot, counts)
     return slot, counts.to(torch.int32), offsets, members
@@ -125,6 +170,18 @@ def _build_plan_fake(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int):
     i32 = torch.int32
     return (metric.new_empty(B, N, dtype=torch.int64), metric.new_empty(B, M, dtype=i32),
             metric.new_empty(B, M + 1, dtype=i32), metric.new_empty(B, N, dtype=i32))
+
+
+def _best_dst_local_fake(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, h: int, w: int, sx: int, sy: int,
+                         window: int):
+    torch._check(window >= 1 and window % 2 == 1, lambda: f"match_window must be an odd int ≥ 1, got {window}")
+    return _best_dst_fake(metric, dst_idx, src_idx)
+
+
+def _build_plan_local_fake(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, h: int, w: int, sx: int, sy: int,
+                           window: int, r: int):
+    torch._check(window >= 1 and window % 2 == 1, lambda: f"match_window must be an odd int ≥ 1, got {window}")
+    return _build_plan_fake(metric, dst_idx, src_idx, r)
 
 
 def _check_plan_shapes(t: Tensor, slot: Tensor, offsets: Tensor, members: Tensor) -> None:
@@ -175,6 +232,8 @@ def _register() -> None:
     for name, cpu, fake in (
         ("best_dst", _best_dst_cpu, _best_dst_fake),
         ("build_plan", _build_plan_cpu, _build_plan_fake),
+        ("best_dst_local", _best_dst_local_cpu, _best_dst_local_fake),
+        ("build_plan_local", _build_plan_local_cpu, _build_plan_local_fake),
         ("merge", _merge_cpu, _merge_fake),
         ("unmerge", _unmerge_cpu, _unmerge_fake),
     ):

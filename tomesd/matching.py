@@ -10,7 +10,7 @@ Nothing here imports diffusers; the CUDA ops in csrc/ implement the same contrac
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -95,6 +95,120 @@ def best_dst(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, tile_elems: int =
     return torch.cat(vals, dim=1), torch.cat(idxs, dim=1)
 
 
+@dataclass(frozen=True)
+class LocalWindow:
+    """Local matching on an h × w grid of sy × sx cells: a src token's candidates are the dst of the
+    k × k cells around its own cell (|cy' − cy| ≤ k // 2, |cx' − cx| ≤ k // 2, clipped at the grid's
+    edges). Tokens of the remainder rows / columns belong to the nearest (last) cell. k odd ≥ 1."""
+
+    h: int
+    w: int
+    sx: int
+    sy: int
+    k: int
+
+    @property
+    def cells(self) -> Tuple[int, int]:
+        """(cells along y, cells along x) = (h // sy, w // sx)."""
+        return self.h // self.sy, self.w // self.sx
+
+    def covers_grid(self) -> bool:
+        """Whether every dst is a candidate of every src (k ≥ 2·max(cells per side) − 1): the global matching."""
+        return self.k >= 2 * max(self.cells) - 1
+
+
+class Neighbourhood(NamedTuple):
+    """Key-independent layout of a LocalWindow on one device (cached per grid shape).
+
+    cell_of:  [N] int64, cell of each token (raster order of cells, remainder tokens in the last cell)
+    members:  [D, P] int64, tokens of each cell (padded with N), P = (sy + h % sy)·(sx + w % sx)
+    near:     [D, K] int64, the cells of each cell's window in raster order (D where it leaves the grid);
+              K = min(k, 2·hsy − 1)·min(k, 2·wsx − 1)
+    """
+
+    cell_of: Tensor
+    members: Tensor
+    near: Tensor
+
+
+_NEIGHBOURHOODS: Dict[tuple, Neighbourhood] = {}
+
+
+def neighbourhood(win: LocalWindow, device) -> Neighbourhood:
+    """The Neighbourhood of `win` on `device`, built once per grid shape (not cached while tracing)."""
+    key = (win, str(torch.device(device)))
+    found = _NEIGHBOURHOODS.get(key)
+    if found is not None and not torch.compiler.is_compiling():
+        return found
+    made = _neighbourhood(win, torch.device(device))
+    if not torch.compiler.is_compiling() and all(type(t) is Tensor for t in made):  # no fake tensors
+        _NEIGHBOURHOODS[key] = made
+    return made
+
+
+def _neighbourhood(win: LocalWindow, device) -> Neighbourhood:
+    h, w, sx, sy = win.h, win.w, win.sx, win.sy
+    hsy, wsx = win.cells
+    rows, cols = torch.arange(h, device=device), torch.arange(w, device=device)
+    cy, cx = (rows // sy).clamp_max(hsy - 1), (cols // sx).clamp_max(wsx - 1)
+    cell_of = (cy[:, None] * wsx + cx[None, :]).flatten()
+    py, px = sy + h % sy, sx + w % sx  # largest cell (the last row / column takes the remainder)
+    within = ((rows - cy * sy)[:, None] * px + (cols - cx * sx)[None, :]).flatten()
+    D, P = hsy * wsx, py * px
+    members = torch.full((D * P,), h * w, dtype=torch.int64, device=device)
+    members[cell_of * P + within] = torch.arange(h * w, device=device)
+    half = win.k // 2
+    ky, kx = min(win.k, 2 * hsy - 1), min(win.k, 2 * wsx - 1)  # offsets beyond the grid never hit
+    dy = torch.arange(ky, device=device) - min(half, hsy - 1)
+    dx = torch.arange(kx, device=device) - min(half, wsx - 1)
+    ny = torch.arange(hsy, device=device)[:, None, None, None] + dy[None, None, :, None]
+    nx = torch.arange(wsx, device=device)[None, :, None, None] + dx[None, None, None, :]
+    inside = (ny >= 0) & (ny < hsy) & (nx >= 0) & (nx < wsx)
+    near = torch.where(inside, ny * wsx + nx, D).reshape(D, ky * kx)
+    return Neighbourhood(cell_of, members.view(D, P), near)
+
+
+def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalWindow,
+                   tile_elems: int = SCORE_TILE_ELEMS) -> Tuple[Tensor, Tensor]:
+    """best_dst with each src's candidates restricted to the dst of the k × k cells around its cell.
+
+    metric: [B, N, C], N = h·w; dst_idx: one token per cell of the top-left (h//sy·sy) × (w//sx·sx)
+    region (as `partition` gives). Returns (score [B, S] fp32, dst position [B, S] int64), ties broken
+    as best_dst (the lowest dst position; NaN first). O(N·k²·C) work; cells are scored in chunks of
+    [B, cells, P, K] so that the gathered dst rows [B, cells, K, C] stay within `tile_elems`: nothing
+    of size N × N is allocated.
+    """
+    B, N, C = metric.shape
+    nb = neighbourhood(win, metric.device)
+    D, P = nb.members.shape
+    K = nb.near.shape[1]
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    m = torch.cat([m, m.new_zeros(B, 1, C)], dim=1)  # row N: the padding of `members`
+    cells = nb.cell_of[dst_idx]
+    cell_pos = torch.full((D + 1,), D, dtype=torch.int64, device=metric.device)  # index D: outside the grid
+    cell_pos[cells] = torch.arange(D, device=metric.device)  # dst position of each cell
+    cell_tok = torch.full((D + 1,), N, dtype=torch.int64, device=metric.device)
+    cell_tok[cells] = dst_idx  # dst token of each cell
+    cand_pos = cell_pos[nb.near]  # [D, K] dst position of each candidate, D outside the grid
+    cand_tok = cell_tok[nb.near]
+    score = m.new_empty(B, N + 1)
+    pos = torch.empty(B, N + 1, dtype=torch.int64, device=metric.device)
+    chunk = max(1, tile_elems // max(1, B * ((K + P) * C + P * K)))
+    for c0 in range(0, D, chunk):
+        c1 = min(D, c0 + chunk)
+        tok = nb.members[c0:c1]
+        s = m[:, tok] @ m[:, cand_tok[c0:c1]].transpose(-1, -2)  # [B, cells, P, K]
+        s = s.masked_fill(cand_pos[c0:c1, None, :] == D, float("-inf"))
+        best = s.max(dim=-1, keepdim=True).values
+        hit = (s == best) | (s.isnan() & best.isnan())
+        first = torch.where(hit, cand_pos[c0:c1, None, :], D).amin(dim=-1)
+        flat = tok.flatten()
+        score[:, flat] = best.flatten(1)
+        pos[:, flat] = first.flatten(1)
+    return score[:, src_idx], pos[:, src_idx]
+
+
 def plan_from_matches(score: Tensor, dst_pos: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int, n: int) -> MergePlan:
     """Merge the r src tokens with the highest score into their best dst; build the slot map.
 
@@ -114,10 +228,17 @@ def plan_from_matches(score: Tensor, dst_pos: Tensor, dst_idx: Tensor, src_idx: 
     return MergePlan(slot=slot, counts=counts, num_out=n - r)
 
 
-def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int) -> MergePlan:
-    """MergePlan for metric [B, N, C] given the partition; 0 < r ≤ len(src_idx)."""
+def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int,
+               window: Optional[LocalWindow] = None) -> MergePlan:
+    """MergePlan for metric [B, N, C] given the partition; 0 < r ≤ len(src_idx).
+
+    window: local matching (best_dst_local); None or a window covering the grid: global (best_dst).
+    """
     with torch.no_grad():
-        score, dst_pos = best_dst(metric, dst_idx, src_idx)
+        if window is None or window.covers_grid():
+            score, dst_pos = best_dst(metric, dst_idx, src_idx)
+        else:
+            score, dst_pos = best_dst_local(metric, dst_idx, src_idx, window)
         return plan_from_matches(score, dst_pos, dst_idx, src_idx, r, metric.shape[1])
 
 

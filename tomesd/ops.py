@@ -18,10 +18,10 @@ from torch import Tensor
 
 from . import extension, matching
 from .library import csr
-from .matching import MergePlan
+from .matching import LocalWindow, MergePlan
 
 __all__ = ["BACKENDS", "CUDA_DTYPES", "requested_backend", "cuda_refusal", "cuda_refusal_for", "choose_backend",
-           "csr", "plan_csr", "build_plan", "merge", "unmerge"]
+           "csr", "plan_csr", "LocalWindow", "build_plan", "merge", "unmerge"]
 
 BACKENDS = ("auto", "torch", "cuda")
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -88,13 +88,24 @@ def plan_csr(plan: MergePlan) -> Tuple[Tensor, Tensor]:
     return csr(plan.slot, plan.counts)
 
 
-def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int) -> MergePlan:
-    """MergePlan for metric [B, N, C]: the r best-matching src merge into their dst; 0 < r ≤ S."""
+def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int,
+               window: Optional[LocalWindow] = None) -> MergePlan:
+    """MergePlan for metric [B, N, C]: the r best-matching src merge into their dst; 0 < r ≤ S.
+
+    window: local matching (each src compares with the dst of the k × k cells around its own; dst_idx
+    from matching.partition on the window's grid); None, or a window covering the whole grid: global.
+    """
+    if window is not None and window.covers_grid():
+        window = None  # every dst is a candidate: the global matching, exactly
     if _use_cuda(metric):
         with torch.no_grad():
-            slot, counts, offsets, members = torch.ops.tomesd.build_plan(metric, dst_idx, src_idx, r)
+            if window is None:
+                slot, counts, offsets, members = torch.ops.tomesd.build_plan(metric, dst_idx, src_idx, r)
+            else:
+                slot, counts, offsets, members = torch.ops.tomesd.build_plan_local(
+                    metric, dst_idx, src_idx, window.h, window.w, window.sx, window.sy, window.k, r)
         return MergePlan(slot=slot, counts=counts, num_out=metric.shape[1] - r, offsets=offsets, members=members)
-    return matching.build_plan(metric, dst_idx, src_idx, r)
+    return matching.build_plan(metric, dst_idx, src_idx, r, window)
 
 
 def merge(x: Tensor, plan: MergePlan) -> Tensor:

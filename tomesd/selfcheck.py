@@ -5,7 +5,8 @@ The cases are chosen to reach the code paths real workloads take (tests/test_cud
 each property from csrc's constants and rules, and fails if the list stops covering one): several dst
 tiles per block in both matching kernels, r = S, unaligned (unvectorized) loads, pack width 1 in
 merge / unmerge, non-contiguous and offset inputs, merge with mean=False, block-scan chunks > 1 in
-the plan kernel, grids that the cells do not divide, every dtype, an empty batch. The CPU side stays
+the plan kernel, grids that the cells do not divide, every dtype, an empty batch. Local matching
+(best_dst_local, build_plan_local) is checked on every case with a 3 × 3 window. The CPU side stays
 cheap (about 0.1 s on one thread): the largest case scores 2 × 3,072 × 1,024 pairs.
 
 `self_check(kernels, device)` runs them; tomesd.extension calls it on the device of the first CUDA
@@ -33,12 +34,14 @@ class Kernels(NamedTuple):
     build_plan: Callable
     merge: Callable
     unmerge: Callable
+    best_dst_local: Callable
+    build_plan_local: Callable
 
 
 def torch_kernels() -> Kernels:
     """The registered ops: on CUDA tensors they dispatch to the kernels."""
     ops = torch.ops.tomesd
-    return Kernels(ops.best_dst, ops.build_plan, ops.merge, ops.unmerge)
+    return Kernels(ops.best_dst, ops.build_plan, ops.merge, ops.unmerge, ops.best_dst_local, ops.build_plan_local)
 
 
 class Case(NamedTuple):
@@ -76,6 +79,8 @@ SELF_CHECK_CASES: Tuple[Case, ...] = (
     Case(2, 48, 48, 33, 2, 2, "float32", layout="strided"),
     Case(0, 8, 8, 16, 2, 2, "float16"),
 )
+# Local matching is checked on every case with this window (smaller than each case's grid of cells).
+LOCAL_WINDOW = 3
 # Largest |score difference| allowed against the fp32 reference, and the merge error floor.
 SCORE_TOL = {"float16": 2e-3, "bfloat16": 2e-3, "float32": 1e-5}
 MERGE_FLOOR = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
@@ -154,36 +159,38 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
         want = torch.ops.tomesd.build_plan(metric, dst, src, r)  # the CPU impl
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in want]:
             return f"build_plan on an empty batch gives shapes {[tuple(t.shape) for t in got]}"
+        got = host(k.build_plan_local(*dev, h, w, case.sx, case.sy, LOCAL_WINDOW, r))
+        if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in want]:
+            return f"build_plan_local on an empty batch gives shapes {[tuple(t.shape) for t in got]}"
         return ""
 
     score, pos = host(k.best_dst(*dev))
-    reason = _check_matches(metric, dst, src, score, pos, SCORE_TOL[case.dtype])
+    reason = _check_matches(metric, dst, src, score, pos, SCORE_TOL[case.dtype], matching.best_dst(metric, dst, src))
+    if reason:
+        return reason
+    slot, counts, offsets, members = host(k.build_plan(*dev, r))
+    reason = _check_plan(slot, counts, offsets, members, score, pos, dst, src, r, "build_plan")
     if reason:
         return reason
 
-    slot, counts, offsets, members = host(k.build_plan(*dev, r))
-    ref = matching.plan_from_matches(score, pos, dst, src, r, N)  # the kernels' own matches
-    if slot.shape != ref.slot.shape or counts.shape != ref.counts.shape:
-        return f"build_plan gives shapes {tuple(slot.shape)}, {tuple(counts.shape)}"
-    if not torch.equal(slot, ref.slot) and not _tie_at_rank(score, r):
-        return f"build_plan's slot map differs from the PyTorch path for {int((slot != ref.slot).sum())} token(s)"
-    if bool((slot < 0).any() or (slot >= N - r).any()):
-        return "build_plan wrote a slot outside [0, N - r)"
-    ones = torch.ones_like(slot, dtype=torch.int32)
-    want_counts = torch.zeros(B, N - r, dtype=torch.int32, device=CPU).scatter_add_(1, slot, ones)
-    if not torch.equal(counts.int(), want_counts):
-        return "build_plan's counts do not count its slot map"
-    want_offsets, want_members = csr(slot, want_counts)
-    if not (torch.equal(offsets, want_offsets) and torch.equal(members, want_members)):
-        return "build_plan's CSR offsets / members do not list its slot map in raster order"
+    geometry = (h, w, case.sx, case.sy, LOCAL_WINDOW)
+    local_score, local_pos = host(k.best_dst_local(*dev, *geometry))
+    want = matching.best_dst_local(metric, dst, src, matching.LocalWindow(*geometry))
+    reason = _check_matches(metric, dst, src, local_score, local_pos, SCORE_TOL[case.dtype], want, "best_dst_local")
+    if reason:
+        return reason
+    local_plan = host(k.build_plan_local(*dev, *geometry, r))
+    reason = _check_plan(*local_plan, local_score, local_pos, dst, src, r, "build_plan_local")
+    if reason:
+        return reason
 
-    plan = matching.MergePlan(slot=slot, counts=want_counts, num_out=N - r)
+    plan = matching.MergePlan(slot=slot, counts=counts.int(), num_out=N - r)
     on_dev = [t.to(device) for t in (slot, offsets, members)]
     x_dev = placed(x, case.layout, device)
     for mean in (True, False):
         merged = k.merge(x_dev, *on_dev, mean).cpu()
         exact = matching.merge(x.double(), plan, mean=mean)
-        floor = MERGE_FLOOR[case.dtype] * (1 if mean else int(want_counts.max()))
+        floor = MERGE_FLOOR[case.dtype] * (1 if mean else int(counts.max()))
         bound = 2 * (matching.merge(x, plan, mean=mean).double() - exact).abs().max().item() + floor
         error = (merged.double() - exact).abs().max().item() if merged.shape == exact.shape else float("inf")
         if merged.dtype != dtype or not error <= bound:
@@ -195,19 +202,43 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
     return ""
 
 
-def _check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: Tensor, tol: float) -> str:
-    """best_dst's (score, pos) against matching.best_dst: scores within tol, another dst only on a near-tie."""
-    ref_score, ref_pos = matching.best_dst(metric, dst, src)
+def _check_plan(slot: Tensor, counts: Tensor, offsets: Tensor, members: Tensor, score: Tensor, pos: Tensor,
+                dst: Tensor, src: Tensor, r: int, what: str) -> str:
+    """A plan op's outputs (on the CPU) against the PyTorch plan of the kernels' own matches (score, pos):
+    the same slot map (except on an exact score tie at the r-th place), counts that count it, and its CSR."""
+    B, N = slot.shape[0], src.numel() + dst.numel()
+    ref = matching.plan_from_matches(score, pos, dst, src, r, N)
+    if slot.shape != ref.slot.shape or counts.shape != ref.counts.shape:
+        return f"{what} gives shapes {tuple(slot.shape)}, {tuple(counts.shape)}"
+    if not torch.equal(slot, ref.slot) and not _tie_at_rank(score, r):
+        return f"{what}'s slot map differs from the PyTorch path for {int((slot != ref.slot).sum())} token(s)"
+    if bool((slot < 0).any() or (slot >= N - r).any()):
+        return f"{what} wrote a slot outside [0, N - r)"
+    ones = torch.ones_like(slot, dtype=torch.int32)
+    want_counts = torch.zeros(B, N - r, dtype=torch.int32, device=CPU).scatter_add_(1, slot, ones)
+    if not torch.equal(counts.int(), want_counts):
+        return f"{what}'s counts do not count its slot map"
+    want_offsets, want_members = csr(slot, want_counts)
+    if not (torch.equal(offsets, want_offsets) and torch.equal(members, want_members)):
+        return f"{what}'s CSR offsets / members do not list its slot map in raster order"
+    return ""
+
+
+def _check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: Tensor, tol: float,
+                   reference: Tuple[Tensor, Tensor], what: str = "best_dst") -> str:
+    """A matching op's (score, pos) against the PyTorch path's (reference): scores within tol, another
+    dst only on a near-tie."""
+    ref_score, ref_pos = reference
     if score.shape != ref_score.shape or pos.shape != ref_pos.shape:
-        return f"best_dst gives shapes {tuple(score.shape)}, {tuple(pos.shape)}, expected {tuple(ref_score.shape)}"
+        return f"{what} gives shapes {tuple(score.shape)}, {tuple(pos.shape)}, expected {tuple(ref_score.shape)}"
     gap = (score - ref_score).abs().max().item()
     if not gap <= tol:
-        return f"best_dst scores differ from the PyTorch path by {gap:.3g} (tolerance {tol:g})"
+        return f"{what} scores differ from the PyTorch path by {gap:.3g} (tolerance {tol:g})"
     differ = pos != ref_pos
     if not differ.any():
         return ""
     if not bool(((pos >= 0) & (pos < len(dst))).all()):
-        return "best_dst wrote a dst position outside dst_idx"
+        return f"{what} wrote a dst position outside dst_idx"
     b, s = differ.nonzero(as_tuple=True)
     a = metric[b, src[s]].double()
 
@@ -217,7 +248,7 @@ def _check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos:
 
     loss = (cosine(ref_pos[b, s]) - cosine(pos[b, s])).max().item()
     if loss > 2 * tol:
-        return f"best_dst picked a dst {loss:.3g} worse than the best for {int(differ.sum())} src token(s)"
+        return f"{what} picked a dst {loss:.3g} worse than the best for {int(differ.sum())} src token(s)"
     return ""
 
 

@@ -60,7 +60,9 @@ class PlanProvider:
         """A new plan from the request's own metric: partition of its grid, then the matching."""
         cfg = self.config
         dst_idx, src_idx = matching.partition(request.h, request.w, cfg.sx, cfg.sy, request.key, request.metric.device)
-        return ops.build_plan(request.metric, dst_idx, src_idx, request.r)
+        window = None if cfg.match_window is None else matching.LocalWindow(request.h, request.w, cfg.sx, cfg.sy,
+                                                                            cfg.match_window)
+        return ops.build_plan(request.metric, dst_idx, src_idx, request.r, window)
 
     def begin_call(self, ctx: CallContext) -> None:
         """A denoiser call starts on this thread (only plan_every > 1 counts calls)."""
