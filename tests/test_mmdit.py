@@ -328,3 +328,110 @@ def test_attention_output_cache_is_refused_on_sd3(order, caplog):
     assert attn and set(attn) == {64}  # the joint attention sees every image token
     assert ff and set(ff) == {32}  # the feed-forward, without such a hook, still merges
     assert "attn is not merged" in caplog.text and "pyramid_attention_broadcast" in caplog.text
+
+
+# Flux img_ids layouts, positional img_ids, ControlNets (issue 22 items 4-6, issue 17 items 2, 10, 11) ----
+
+@pytest.fixture
+def builds(monkeypatch):
+    """(h, w, r, tail, num_in, num_out) of every plan built: what merged, and on which grid."""
+    from tomesd.patch.plans import PlanProvider
+
+    seen = []
+    build = PlanProvider.build
+
+    def counted(self, request):
+        plan = build(self, request)
+        seen.append((request.h, request.w, request.r, request.tail, plan.num_in, plan.num_out))
+        return plan
+
+    monkeypatch.setattr(PlanProvider, "build", counted)
+    return seen
+
+
+def test_flux_ids_layouts():
+    from tomesd.patch.hosts.mmdit import ids_layout
+
+    g = tiny.grid_ids
+    assert ids_layout(g(4, 8)) == (4, 8, 0)
+    assert ids_layout(g(4, 8)[None]) == (4, 8, 0)  # deprecated batched ids
+    assert ids_layout(torch.cat([g(4, 8), g(8, 4, first=1)])) == (4, 8, 32)  # Kontext, swapped aspect
+    assert ids_layout(torch.cat([g(4, 8), g(8, 4)])) == (4, 8, 32)  # bounding box 8×8 would be a made-up grid
+    assert ids_layout(torch.cat([g(4, 4), g(4, 4, col0=4)])) == (4, 4, 16)  # a reference beside the image
+    assert "whole numbers" in ids_layout(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)))
+    shuffled = g(8, 8)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    assert isinstance(ids_layout(shuffled), str)
+    assert isinstance(ids_layout(g(8, 8).flip(0)), str)
+
+
+@needs_split_single_blocks
+def test_flux_kontext_merges_the_output_grid_only(builds):
+    model = tiny.flux()
+    inputs = tiny.flux_inputs(grid=4, width=8)
+    reference = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(3))
+    inputs["hidden_states"] = torch.cat([inputs["hidden_states"], reference], dim=1)
+    inputs["img_ids"] = torch.cat([tiny.grid_ids(4, 8), tiny.grid_ids(8, 4, first=1)])
+    calls = []
+    tomesd.apply_patch(model, ratio=lambda h, w: calls.append((h, w)) or 0.5)
+    seen = _run(model, inputs, record=True)
+    assert calls == [(4 * 16, 8 * 16)]  # the ratio is resolved for the output image, not 64 tokens
+    assert builds == [(4, 8, 16, 32, 64, 48)] * 4  # 32 grid tokens, 16 merged; 32 reference tokens pass through
+    assert seen == [(5 + 64, 5 + 48)] * 4
+    from tomesd import matching
+    from tomesd.patch.plans import with_tail
+
+    base = matching.build_plan(torch.randn(1, 16, 4), *matching.partition(4, 4, 2, 2, None, "cpu"), 6)
+    extended = with_tail(base, 3)
+    x = torch.randn(1, 19, 4)
+    merged = matching.merge(x, extended)
+    assert torch.equal(merged[:, base.num_out:], x[:, 16:])  # reference tokens pass through exactly
+    assert torch.equal(matching.unmerge(merged, extended)[:, 16:], x[:, 16:])
+
+
+@needs_split_single_blocks
+def test_flux_unrecognized_img_ids_are_refused_with_a_message(builds, caplog):
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    inputs["img_ids"] = torch.randn(64, 3, generator=torch.Generator().manual_seed(0))  # diffusers' model tests
+    want = _run(model, inputs)
+    tomesd.apply_patch(model, ratio=0.5)
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        got = _run(model, inputs)
+    assert not builds and torch.equal(got, want)
+    assert "not whole numbers" in caplog.text and "merging is off" in caplog.text
+
+
+@needs_split_single_blocks
+def test_flux_img_ids_passed_positionally(builds, caplog):
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    tomesd.apply_patch(model, ratio=0.5)
+    names = ("hidden_states", "encoder_hidden_states", "pooled_projections", "timestep", "img_ids", "txt_ids")
+    with caplog.at_level(logging.WARNING, logger="tomesd"), torch.no_grad():
+        positional = model(*(inputs[n] for n in names)).sample
+    assert not caplog.records and len(builds) == 4
+    assert torch.equal(positional, _run(model, inputs))
+
+
+@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=needs_split_single_blocks)])
+def test_mmdit_controlnets_merge(kind, builds):
+    net = getattr(tiny, kind + "_controlnet")()
+    if kind == "sd3":
+        inputs = dict(tiny.sd3_inputs(), controlnet_cond=torch.randn(2, 4, 16, 16))
+    else:
+        inputs = dict(tiny.flux_inputs(), controlnet_cond=torch.randn(2, 64, 16))
+    with torch.no_grad():
+        want = net(**inputs)[0][0]
+    tomesd.apply_patch(net, ratio=0.5)
+    with torch.no_grad():
+        got = net(**inputs)[0][0]
+    assert len(builds) == len(patched_state(net).host.blocks) > 0 and not torch.equal(got, want)
+    tomesd.remove_patch(net)
+    with torch.no_grad():
+        assert torch.equal(net(**inputs)[0][0], want)
+
+    class Pipeline:  # a pipeline's transformer and controlnet (patch_controlnet=True)
+        transformer = getattr(tiny, kind)()
+        controlnet = net
+
+    pipe = Pipeline()
+    tomesd.apply_patch(pipe, ratio=0.5, patch_controlnet=True)
+    assert tomesd.is_patched(pipe.transformer) and tomesd.is_patched(pipe.controlnet)

@@ -320,3 +320,38 @@ def mmdit_pipeline(kind: str, directory):
 
     return FluxPipeline(transformer=flux(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
                         text_encoder=text_encoder(16), tokenizer=tok, text_encoder_2=_tiny_t5(), tokenizer_2=tok)
+
+
+def grid_ids(h: int, w: int, first: float = 0, row0: int = 0, col0: int = 0):
+    """Flux img_ids [h·w, 3] of an h × w grid in raster order: (first, row0 + row, col0 + column)."""
+    ids = torch.zeros(h, w, 3)
+    ids[..., 0] = first
+    ids[..., 1] = row0 + torch.arange(h)[:, None]
+    ids[..., 2] = col0 + torch.arange(w)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def sd3_controlnet(seed: int = 0):
+    """A tiny SD3ControlNetModel (JointTransformerBlocks) matching tiny.sd3's sizes."""
+    from diffusers import SD3ControlNetModel
+
+    torch.manual_seed(seed)
+    config = {k: v for k, v in SD3_TRANSFORMER.items() if k not in ("dual_attention_layers", "qk_norm")}
+    return _unzeroed(SD3ControlNetModel(**dict(config, num_layers=2)).eval())
+
+
+def flux_controlnet(seed: int = 0):
+    """A tiny FluxControlNetModel (Flux double- and single-stream blocks) matching tiny.flux's sizes."""
+    from diffusers import FluxControlNetModel
+
+    torch.manual_seed(seed)
+    return _unzeroed(FluxControlNetModel(**FLUX_TRANSFORMER).eval())
+
+
+def _unzeroed(net):
+    """diffusers zero-inits a ControlNet's output and conditioning layers: make the residuals matter."""
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if name.startswith(("controlnet_", "pos_embed_input")):
+                p.normal_(std=0.05)
+    return net

@@ -13,7 +13,7 @@ from .. import keys
 from ..config import ToMeConfig
 from . import hosts, modes
 from .args import arg_position
-from .calls import block_entry, on_block_call, on_block_done, on_root_call, on_root_done
+from .calls import block_entry, on_block_call, on_block_done, on_root_done, root_pre_hook
 from .compiled import is_compiled
 from .hosts import KIND_FLAGS, Host
 from .plans import PlanProvider
@@ -43,7 +43,7 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
                    for sub in host.sublayers}
     _log_exclusions(state)
     add = state.handles.append
-    add(host.root.register_forward_pre_hook(partial(on_root_call, state), with_kwargs=True))
+    add(host.root.register_forward_pre_hook(root_pre_hook(state), with_kwargs=True))
     add(host.root.register_forward_hook(partial(on_root_done, state), with_kwargs=True, always_call=True))
     subs = [sub for sub in host.sublayers if getattr(config, KIND_FLAGS[sub.kind])]
     for index, module in enumerate(host.blocks):

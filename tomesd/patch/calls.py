@@ -9,6 +9,7 @@ checkpoint recompute and finds its call through `recompute.find_call`.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import Optional
 
 import torch
@@ -32,6 +33,11 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
         state.plans.drop()
     sample, _ = get_arg(args, kwargs, host.sample_names, state.sample_pos)
     size = host.locate(args, kwargs) if isinstance(sample, Tensor) else None
+    if isinstance(size, str):  # the host found its token layout but cannot merge on it
+        state.warn_once(f"layout-{size}", f"tomesd: {type(module).__name__} was called with {size}; token "
+                        "merging is off for such calls")
+        frames.append(None)
+        return
     if size is None and isinstance(sample, Tensor) and sample.ndim in (4, 5):
         size = sample.shape[-2], sample.shape[-1]
     if size is None:
@@ -42,12 +48,26 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
         return
     timestep, _ = get_arg(args, kwargs, host.timestep_names, state.timestep_pos)
     key = keys.step_key(state.base_key, timestep, sample.device) if state.config.use_rand else None
-    H, W = size
+    H, W = size[:2]
     p = host.patch_size
     records = {} if torch.is_grad_enabled() else None
-    ctx = CallContext(height=H, width=W, grid_h=H // p, grid_w=W // p, key=key, timestep=timestep, records=records)
+    ctx = CallContext(height=H, width=W, grid_h=H // p, grid_w=W // p, key=key, timestep=timestep, records=records,
+                      tail=size[2] if len(size) > 2 else 0)
     state.plans.begin_call(ctx)
     frames.append(ctx)
+
+
+@torch.compiler.disable
+def on_root_call_eager(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """on_root_call outside compiled code, for a host that reads its token layout from input values (Flux's
+    img_ids): torch.compile(model) runs root hooks outside its graph, so this costs no graph break there;
+    a compiled region around the model call breaks once here."""
+    on_root_call(state, module, args, kwargs)
+
+
+def root_pre_hook(state: ModelState):
+    """The root's forward pre-hook (with_kwargs) for state's host."""
+    return partial(on_root_call_eager if getattr(state.host, "reads_inputs", False) else on_root_call, state)
 
 
 def on_root_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -132,13 +152,15 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
                         "without [B, N, C] tokens as hidden_states; it is not merged")
         return None
     B, N, _ = x.shape
-    if N not in ctx.levels:
-        ctx.levels[N] = level_of(ctx.grid_h, ctx.grid_w, N)
-    level = ctx.levels[N]
+    n = N - ctx.tail  # image-grid tokens; the tail passes through (identity slots of the plan)
+    if n not in ctx.levels:
+        ctx.levels[n] = level_of(ctx.grid_h, ctx.grid_w, n)
+    level = ctx.levels[n]
     if level is None:
+        after = f" (after {ctx.tail} reference tokens are set aside)" if ctx.tail else ""
         state.warn_once(f"grid-{index}", f"tomesd: transformer block {index} has {N} tokens, which is no level "
                         f"of the {ctx.grid_h}×{ctx.grid_w} token grid of the latent (halving each side, rounding "
-                        "up); it is not merged")
+                        f"up){after}; it is not merged")
         return None
     downsample, h, w = level
     if downsample > state.max_downsample:
@@ -151,12 +173,12 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
                  "merged", logging.INFO)
         return None
     ratio = _ratio(state, ctx, downsample)
-    r = min(int(N * ratio), N - dst)
+    r = min(int(n * ratio), n - dst)
     if r <= 0:
         if ratio > 0:
-            state.warn_once(f"r0-{downsample}-{N}", f"tomesd: ratio {ratio:g} merges int({N} × {ratio:g}) = 0 of the "
-                            f"{N} tokens of the /{downsample} level ({h}×{w}); nothing is merged there (a ratio of at "
-                            f"least {1 / N:.3g} merges one token)")
+            state.warn_once(f"r0-{downsample}-{n}", f"tomesd: ratio {ratio:g} merges int({n} × {ratio:g}) = 0 of the "
+                            f"{n} tokens of the /{downsample} level ({h}×{w}); nothing is merged there (a ratio of at "
+                            f"least {1 / n:.3g} merges one token)")
         return None
     key = ctx.key
     if key is not None and B % 2 == 1:
@@ -165,7 +187,7 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
         key = None
     if key is not None:
         key = keys.block_key(key, index)
-    return MergeRequest(metric=x, h=h, w=w, r=r, key=key, downsample=downsample)
+    return MergeRequest(metric=x, h=h, w=w, r=r, key=key, downsample=downsample, tail=ctx.tail)
 
 
 def exit_block(state: ModelState, index: int) -> None:

@@ -44,6 +44,21 @@ def fits(plan: MergePlan, request: MergeRequest) -> bool:
     return tuple(plan.slot.shape) == (B, N) and plan.num_out == N - request.r and plan.slot.device == m.device
 
 
+def with_tail(plan: MergePlan, tail: int) -> MergePlan:
+    """plan [B, N] → [B, N + tail]: the tail tokens (reference images after the image grid) each get an
+    output row of their own after the plan's M, so they pass through merge and unmerge unchanged."""
+    B, N = plan.slot.shape
+    rows = torch.arange(plan.num_out, plan.num_out + tail, device=plan.slot.device, dtype=plan.slot.dtype)
+    slot = torch.cat([plan.slot, rows.expand(B, tail)], dim=1)
+    counts = torch.cat([plan.counts, plan.counts.new_ones(B, tail)], dim=1)
+    offsets = members = None
+    if plan.offsets is not None and plan.members is not None:
+        steps = torch.arange(1, tail + 1, device=plan.offsets.device, dtype=plan.offsets.dtype)
+        offsets = torch.cat([plan.offsets, plan.offsets[:, -1:] + steps], dim=1)
+        members = torch.cat([plan.members, (N + steps - 1).to(plan.members.dtype).expand(B, tail)], dim=1)
+    return MergePlan(slot=slot, counts=counts, num_out=plan.num_out + tail, offsets=offsets, members=members)
+
+
 @torch.compiler.disable
 def _timestep_value(timestep) -> Optional[float]:
     return None if timestep is None else float(torch.as_tensor(timestep).reshape(-1)[0].item())
@@ -59,10 +74,12 @@ class PlanProvider:
     def build(self, request: MergeRequest) -> MergePlan:
         """A new plan from the request's own metric: partition of its grid, then the matching."""
         cfg = self.config
-        dst_idx, src_idx = matching.partition(request.h, request.w, cfg.sx, cfg.sy, request.key, request.metric.device)
+        metric = request.metric[:, : request.metric.shape[1] - request.tail] if request.tail else request.metric
+        dst_idx, src_idx = matching.partition(request.h, request.w, cfg.sx, cfg.sy, request.key, metric.device)
         window = None if cfg.match_window is None else matching.LocalWindow(request.h, request.w, cfg.sx, cfg.sy,
                                                                             cfg.match_window)
-        return ops.build_plan(request.metric, dst_idx, src_idx, request.r, window)
+        plan = ops.build_plan(metric, dst_idx, src_idx, request.r, window)
+        return with_tail(plan, request.tail) if request.tail else plan
 
     def begin_call(self, ctx: CallContext) -> None:
         """A denoiser call starts on this thread (only plan_every > 1 counts calls)."""

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
+from torch._dynamo.comptime import comptime
 from torch import Tensor, nn
 
 from ..config import ToMeConfig
@@ -33,7 +34,8 @@ STATE_ATTR = "_tomesd"
 @dataclass
 class MergeRequest:
     """A block call's merge, resolved but not yet planned: the metric [B, N, C] on the h × w grid of
-    level /downsample, r tokens to merge, the block's random key (None: each cell's first token)."""
+    level /downsample (its first h·w tokens; the `tail` tokens after them pass through unmerged), r
+    tokens to merge, the block's random key (None: each cell's first token)."""
 
     metric: Tensor
     h: int
@@ -41,6 +43,7 @@ class MergeRequest:
     r: int
     key: Optional[Tensor]
     downsample: int = 1
+    tail: int = 0
 
 
 @dataclass
@@ -225,25 +228,28 @@ _TAGS: "weakref.WeakValueDictionary[int, Tags]" = weakref.WeakValueDictionary()
 
 
 def _log_tagged(key: int, tag: str, message: str, level: int) -> None:
-    """Log message unless the Tags registered under key hold tag. Registered with dynamo as a reorderable
-    logging function: compiled code calls it after its graph, with no graph break and no guard."""
+    """Log message unless the Tags registered under key hold tag."""
     tags = _TAGS.get(key)
     if tags is not None and tag not in tags:
         tags.add(tag)
         logger.log(level, message)
 
 
-torch._dynamo.config.reorderable_logging_functions.add(_log_tagged)
+def _log_while_tracing(ctx) -> None:
+    """A comptime callback: log_once's message, logged while dynamo traces the call (its locals are
+    constants there)."""
+    _log_tagged(*(ctx.get_local(name).as_python_constant() for name in ("key", "tag", "message", "level")))
 
 
 def log_once(state: ModelState, tag: str, message: str, level: int) -> None:
-    """Log `message` the first time `tag` is seen on this model. In compiled code the check runs after
-    the graph (reordered), so tracing neither breaks the graph (fullgraph=True holds) nor guards on
+    """Log `message` the first time `tag` is seen on this model. Compiled code logs it when the call is
+    traced (dynamo's comptime), so tracing neither breaks the graph (fullgraph=True holds) nor guards on
     what has been logged (no recompile once it has)."""
+    key = state.warned.key
     if torch.compiler.is_compiling():
-        _log_tagged(state.warned.key, tag, message, level)
+        comptime(_log_while_tracing)
     elif tag not in state.warned:
-        _log_tagged(state.warned.key, tag, message, level)
+        _log_tagged(key, tag, message, level)
 
 
 def current_plan(state: ModelState, index: int) -> Optional[MergePlan]:

@@ -50,8 +50,9 @@ def controlnet_hosts(model) -> List[Host]:
     for net in nets:
         try:
             hosts.append(find_host(model, root=net))
-        except ValueError:
-            raise ValueError(f"tomesd: patch_controlnet=True but {type(net).__name__} holds no transformer blocks") from None
+        except ValueError as error:
+            why = str(error).replace("tomesd: ", "", 1)
+            raise ValueError(f"tomesd: patch_controlnet=True, but {type(net).__name__} cannot be patched: {why}") from None
     return hosts
 
 

@@ -18,7 +18,8 @@ input is the concatenated sequence, which is no token grid, so they are not merg
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Optional, Tuple
 
@@ -29,13 +30,14 @@ from torch.overrides import TorchFunctionMode
 
 from ... import ops
 from ...matching import MergePlan
-from ..args import get_arg
+from ..args import arg_position, get_arg
 from ..wrappers import MethodWrapper
 from .base import Attention, Sublayer, size_bias
 from .diffusers import DiffusersHost, denoiser, vae_scale_factor
 
 SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("ff", "mlp"))
 FLUX_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("ff", "mlp"))
+MAX_REFERENCES = 8  # reference image grids after the output image's in Flux img_ids (Kontext: 1)
 FLUX_TOKENS_REFUSAL = ("Flux applies rotary position embeddings per token, and merged tokens have no single "
                        "position")
 
@@ -83,6 +85,9 @@ class Joint(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
         if func is not F.scaled_dot_product_attention or self.used:
+            if getattr(func, "__name__", None) and getattr(Tensor, func.__name__, None) is func and args:
+                # a Tensor method: called as one (dynamo traces x.unflatten(...), not Tensor.unflatten's body)
+                return getattr(args[0], func.__name__)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         self.used = True
         names = ("query", "key", "value", "attn_mask")
@@ -130,37 +135,115 @@ def _joint_forward(state, index: int, name: str, original, args: tuple, kwargs: 
 
 @dataclass
 class FluxHost(DiffusersHost):
-    """Flux: packed 2×2 latent tokens whose grid comes from img_ids."""
+    """Flux: packed 2×2 latent tokens whose layout comes from img_ids (its root's argument `img_ids`, at
+    position ids_pos when passed positionally)."""
+
+    ids_pos: Optional[int] = None
+    last: "LastIds" = field(default_factory=lambda: LastIds(), repr=False, compare=False)
+    reads_inputs = True  # its layout is read from img_ids' values (a class attribute, not a field)
 
     def locate(self, args, kwargs):
-        """(H, W) of the latent behind Flux's packed 2×2 tokens, from img_ids [N, 3] = (0, row, col)."""
-        ids, _ = get_arg(args, kwargs, ("img_ids",), None)
-        if not isinstance(ids, Tensor) or ids.shape[-1] != 3:
+        """(H, W, tail): the latent size behind the output image's packed 2×2 tokens and the number of
+        tokens after them (reference images, passed through unmerged), read from img_ids; a str saying why
+        img_ids are no layout tomesd recognizes; None without img_ids. The ids are read once per tensor (a
+        pipeline passes the same img_ids at every step): one host sync, outside compiled code."""
+        ids, _ = get_arg(args, kwargs, ("img_ids",), self.ids_pos)
+        if not isinstance(ids, Tensor):
             return None
-        ids = ids.reshape(-1, 3)
-        rows, cols = ids[:, 1].max(), ids[:, 2].max()
-        return 2 * (int(rows) + 1), 2 * (int(cols) + 1)
+        layout = _cached_layout(self, ids)
+        if isinstance(layout, str):
+            return layout
+        h, w, tail = layout
+        return 2 * h, 2 * w, tail
+
+
+class LastIds:
+    """The last img_ids tensor read (weakly) and its layout; a copy of the host starts empty."""
+
+    def __init__(self):
+        self.entry: Optional[tuple] = None
+
+    def __reduce__(self):
+        return (LastIds, ())
+
+
+@torch.compiler.disable
+def _cached_layout(host: FluxHost, ids: Tensor):
+    entry = host.last.entry
+    memory = (ids._version, tuple(ids.shape), ids.device)
+    if entry is not None and entry[0]() is ids and entry[1] == memory:
+        return entry[2]
+    layout = ids_layout(ids)
+    host.last.entry = (weakref.ref(ids), memory, layout)
+    return layout
+
+
+def _grid(ids: Tensor, start: int) -> Tuple[int, int]:
+    """(h, w) of the raster grid that starts at token `start` of ids [N, 3] (float64, on the CPU): one
+    first coordinate, rows r0, r0 + 1, ... and columns c0, c0 + 1, ..., each row whole."""
+    rest = ids[start:]
+    c, r0, c0 = rest[0].tolist()
+    n = torch.arange(rest.shape[0], dtype=ids.dtype)
+    run = (rest[:, 0] == c) & (rest[:, 1] == r0) & (rest[:, 2] == c0 + n)
+    w = int(run.int().cumprod(0).sum())
+    h_max = rest.shape[0] // w
+    k = n[: h_max * w]
+    whole = ((rest[: h_max * w, 0] == c) & (rest[: h_max * w, 1] == r0 + k // w) & (rest[: h_max * w, 2] == c0 + k % w))
+    return int(whole.view(h_max, w).all(1).int().cumprod(0).sum()), w
+
+
+def ids_layout(ids: Tensor):
+    """(h, w, tail) of Flux's img_ids [N, 3] (or [1, N, 3]), one (c, row, col) per image token, or a str
+    saying why it is no such layout.
+
+    The layouts diffusers' Flux pipelines produce: the output image's h × w grid in raster order (one c,
+    rows and columns counting up from the first token's), then `tail` tokens of reference images, each
+    a raster grid of its own (FluxKontextPipeline: c = 1, its own size). Fill, Control and Redux pass
+    the plain grid (tail 0). Only the output image's grid is merged; anything else is refused."""
+    if ids.ndim == 3:  # deprecated batched ids: diffusers reads the first
+        ids = ids[0]
+    if ids.ndim != 2 or ids.shape[1] != 3 or ids.shape[0] == 0:
+        return f"img_ids of shape {tuple(ids.shape)} are not [N, 3] (c, row, column) ids"
+    ids = ids.detach().to("cpu", torch.float64)
+    if not bool((ids == ids.round()).all()):
+        return "img_ids hold positions that are not whole numbers"
+    if ids[0, 1:].tolist() != [0.0, 0.0]:
+        return "img_ids do not start at row 0, column 0 (the output image's first token)"
+    h, w = _grid(ids, 0)
+    start, pieces = h * w, 0
+    while start < ids.shape[0] and pieces <= MAX_REFERENCES:
+        gh, gw = _grid(ids, start)
+        start, pieces = start + gh * gw, pieces + 1
+    if pieces > MAX_REFERENCES:
+        return (f"the img_ids after the output image's {h}×{w} grid are no reference image grids in raster "
+                f"order (more than {MAX_REFERENCES} pieces)")
+    return h, w, ids.shape[0] - h * w
 
 
 def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost]:
-    """Host for an SD 3 / 3.5 or Flux transformer (or pipeline), or None if `model` is neither."""
+    """Host for an SD 3 / 3.5 or Flux transformer or ControlNet (or a pipeline's transformer), or None if
+    `model` is none of them."""
     root = denoiser(model) if root is None else root
     if root is None:
         return None
     name = type(root).__name__
-    if name == "SD3Transformer2DModel":
+    if name in ("SD3Transformer2DModel", "SD3ControlNetModel"):
         from diffusers.models.attention import JointTransformerBlock
 
         blocks = [m for m in root.modules() if isinstance(m, JointTransformerBlock)]
+        if not blocks and name == "SD3ControlNetModel":
+            raise ValueError(f"tomesd: this {name} (SD 3.5 Large ControlNet) is built of SD3SingleTransformerBlocks, "
+                             "which take the image tokens the transformer embedded rather than a latent and have no "
+                             "joint attention; tomesd does not merge there (patch the transformer only)")
         return DiffusersHost(name="sd3", root=root, blocks=blocks, top_level=1, attention=JointAttention(True),
                              vae_scale_factor=vae_scale_factor(model), patch_size=int(root.config.patch_size),
                              sample_names=("hidden_states",), sublayers=SD3_SUBLAYERS)
-    if name == "FluxTransformer2DModel":
+    if name in ("FluxTransformer2DModel", "FluxControlNetModel"):
         from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
         blocks = [m for m in root.modules() if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))]
         return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=JointAttention(False),
                         vae_scale_factor=vae_scale_factor(model), patch_size=2, sample_names=("hidden_states",),
                         sublayers=FLUX_SUBLAYERS, tokens_refusal=FLUX_TOKENS_REFUSAL, default_mode="kv",
-                        timestep_scale=1000.0)
+                        timestep_scale=1000.0, ids_pos=arg_position(root, ("img_ids",), None))
     return None

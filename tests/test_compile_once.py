@@ -1,0 +1,77 @@
+"""diffusers' compile-test properties on patched models (tiny UNet, SD 3, Flux): a patched model compiles
+as often as the unpatched one (no recompilation across calls, error_on_recompile), with no graph break
+(fullgraph=True, batch 1 and 2), logs what it logs once, and merges while compiled."""
+import logging
+
+import pytest
+import torch
+
+import tiny
+import tomesd
+
+pytestmark = pytest.mark.slow
+
+
+def _model(kind, batch):
+    if kind == "unet":
+        args, kwargs = tiny.unet_inputs("sd1", batch=batch)
+        return tiny.unet("sd1"), dict(sample=args[0], timestep=args[1], **kwargs)
+    return getattr(tiny, kind)(), getattr(tiny, kind + "_inputs")(batch=batch)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("kind", ["unet", "sd3", "flux"])
+def test_patched_model_compiles_once_fullgraph(kind, batch):
+    model, inputs = _model(kind, batch)
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        tomesd.apply_patch(model, ratio=0.5, seed=0)
+        eager = model(**inputs).sample
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            outs = [compiled(**inputs).sample for _ in range(3)]
+    assert not torch.allclose(eager, plain, atol=1e-4)  # merging is in effect
+    for out in outs:
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_batch_one_logs_once_under_fullgraph(caplog):
+    model, inputs = tiny.sd3(), tiny.sd3_inputs(batch=1)
+    tomesd.apply_patch(model, ratio=0.5, seed=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with caplog.at_level(logging.INFO, logger="tomesd"), torch.no_grad():
+        for _ in range(3):
+            compiled(**inputs)
+    odd = [r for r in caplog.records if "batch of odd size" in r.getMessage()]
+    assert len(odd) == 1
+
+
+def test_compiled_flux_kv_runs_and_merges():
+    """Plain torch.compile of a patched Flux (kv mode, prop_attn): its first call used to raise about an
+    attention mask (a graph break inside the joint attention's interception)."""
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        tomesd.apply_patch(model, ratio=0.5, seed=0)
+        eager = model(**inputs).sample
+        torch._dynamo.reset()
+        out = torch.compile(model, backend="eager")(**inputs).sample
+    assert not torch.allclose(eager, plain, atol=1e-4)
+    torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_flux_img_ids_read_once_per_tensor(monkeypatch):
+    """A pipeline passes the same img_ids at every step: they are read (a host sync) once."""
+    from tomesd.patch.hosts import mmdit
+
+    reads = []
+    layout = mmdit.ids_layout
+    monkeypatch.setattr(mmdit, "ids_layout", lambda ids: reads.append(1) or layout(ids))
+    model, inputs = tiny.flux(), tiny.flux_inputs()
+    tomesd.apply_patch(model, ratio=0.5)
+    with torch.no_grad():
+        for _ in range(3):
+            model(**inputs)
+    assert len(reads) == 1
