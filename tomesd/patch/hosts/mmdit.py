@@ -30,9 +30,10 @@ from torch.overrides import TorchFunctionMode
 
 from ... import ops
 from ...matching import MergePlan
+from ...prop_attention import choose_form, prop_attention
 from ..args import arg_position, get_arg
 from ..wrappers import MethodWrapper
-from .base import Attention, Sublayer, size_bias
+from .base import Attention, Sublayer
 from .diffusers import DiffusersHost, denoiser, vae_scale_factor
 
 SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("ff", "mlp"))
@@ -54,7 +55,8 @@ def joint_attention(sdpa, q: Tensor, k: Tensor, v: Tensor, plan: MergePlan, merg
     """A joint attention `sdpa(q, k, v, mask, ...)` ([B, H, S, D] queries, keys, values) whose image keys
     and values are merged (merge_kv: kv mode) and / or biased by log size (bias: prop_attn). The image
     part is the first or last `plan.num_in` (kv mode) or `plan.num_out` (tokens mode: already merged)
-    positions of the keys; queries are untouched."""
+    positions of the keys; queries are untouched. The bias is an additive mask or an extra head channel
+    (tomesd.prop_attention, the form chosen per device)."""
     S = k.shape[2]
     n = plan.num_in if merge_kv else plan.num_out
     image = slice(0, n) if image_first else slice(S - n, S)
@@ -65,12 +67,13 @@ def joint_attention(sdpa, q: Tensor, k: Tensor, v: Tensor, plan: MergePlan, merg
         if not image_first:
             parts, vparts = parts[::-1], vparts[::-1]
         k, v = torch.cat(parts, dim=2), torch.cat(vparts, dim=2)
-    mask = None
-    if bias:
-        zeros = q.new_zeros(q.shape[0], S - n)
-        size = size_bias(plan, q.dtype)[:, 0]
-        mask = torch.cat([size, zeros] if image_first else [zeros, size], dim=1)[:, None, None, :]
-    return sdpa(q, k, v, mask, *rest, **kwargs)
+    if not bias:
+        return sdpa(q, k, v, None, *rest, **kwargs)
+    size = plan.counts.to(torch.float32).log()
+    zeros = size.new_zeros(q.shape[0], S - n)
+    log_size = torch.cat([size, zeros] if image_first else [zeros, size], dim=1)
+    kwargs.update(zip(("dropout_p", "is_causal", "scale"), rest))  # SDPA's positional arguments after the mask
+    return prop_attention(q, k, v, log_size, kwargs.pop("scale", None), choose_form(q.device), sdpa, **kwargs)
 
 
 class Joint(TorchFunctionMode):
