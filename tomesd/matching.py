@@ -183,22 +183,22 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
     D, P = nb.members.shape
     K = nb.near.shape[1]
     m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    m = torch.cat([m, m.new_zeros(B, 1, C)], dim=1)  # row N: the padding of `members`
+    inv = torch.cat([1 / m.norm(dim=-1).clamp_min(1e-12), m.new_zeros(B, 1)], dim=1)  # [B, N + 1], 0 for padding
     cells = nb.cell_of[dst_idx]
     cell_pos = torch.full((D + 1,), D, dtype=torch.int64, device=metric.device)  # index D: outside the grid
     cell_pos[cells] = torch.arange(D, device=metric.device)  # dst position of each cell
     cell_tok = torch.full((D + 1,), N, dtype=torch.int64, device=metric.device)
     cell_tok[cells] = dst_idx  # dst token of each cell
     cand_pos = cell_pos[nb.near]  # [D, K] dst position of each candidate, D outside the grid
-    cand_tok = cell_tok[nb.near]
+    cand_tok = cell_tok[nb.near]  # its token, N outside the grid
     score = m.new_empty(B, N + 1)
     pos = torch.empty(B, N + 1, dtype=torch.int64, device=metric.device)
     chunk = max(1, tile_elems // max(1, B * ((K + P) * C + P * K)))
     for c0 in range(0, D, chunk):
         c1 = min(D, c0 + chunk)
-        tok = nb.members[c0:c1]
-        s = m[:, tok] @ m[:, cand_tok[c0:c1]].transpose(-1, -2)  # [B, cells, P, K]
+        tok, cand = nb.members[c0:c1], cand_tok[c0:c1]  # [cells, P], [cells, K]; N: padding
+        dots = m[:, tok.clamp_max(N - 1)] @ m[:, cand.clamp_max(N - 1)].transpose(-1, -2)  # [B, cells, P, K]
+        s = dots * inv[:, tok][..., None] * inv[:, cand][:, :, None, :]  # cosine, 0 for padding
         s = s.masked_fill(cand_pos[c0:c1, None, :] == D, float("-inf"))
         best = s.max(dim=-1, keepdim=True).values
         hit = (s == best) | (s.isnan() & best.isnan())
