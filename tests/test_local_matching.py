@@ -175,27 +175,6 @@ def test_self_check_covers_local_matching():
     assert "best_dst_local" in reason
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cuda_local_matching_matches_the_pytorch_path(dtype):
-    if ops.cuda_refusal_for("cuda", dtype):
-        pytest.skip(ops.cuda_refusal_for("cuda", dtype))
-    h, w = 64, 48
-    metric, dst, src = _case(h, w, 2, 2, C=40)
-    metric = metric.to(dtype)
-    win = LocalWindow(h, w, 2, 2, 5)
-    score, pos = OPS.best_dst_local(metric.cuda(), dst.cuda(), src.cuda(), h, w, 2, 2, 5)
-    want_score, want_pos = matching.best_dst_local(metric, dst, src, win)
-    tol = selfcheck.SCORE_TOL[str(dtype).split(".")[1]]
-    torch.testing.assert_close(score.cpu(), want_score, rtol=0, atol=tol)
-    assert (pos.cpu() != want_pos).float().mean() < 0.01  # other dst only on near-ties
-    r = len(src) // 2
-    plan = ops.build_plan(metric.cuda(), dst.cuda(), src.cuda(), r, win)
-    ref = matching.plan_from_matches(score.cpu(), pos.cpu(), dst, src, r, h * w)
-    assert torch.equal(plan.slot.cpu(), ref.slot)
-    opcheck(OPS.build_plan_local, (metric.cuda(), dst.cuda(), src.cuda(), h, w, 2, 2, 5, r))
-
-
 # ---- apply_patch ----
 
 @pytest.mark.parametrize("bad", [0, 2, -1, 4, True, 3.0, "3"])
