@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Text-to-image at any resolution with Token Merging (Stable Diffusion 1.x, 2.x and XL).
+"""Text-to-image at any resolution with Token Merging (Stable Diffusion 1.x, 2.x, XL, 3 / 3.5, Flux, and the shipped reference models).
+
+    python examples/generate_highres.py --model reference --prompt 3 --height 64 --width 64   # offline, a CPU, seconds
 
     python examples/generate_highres.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
         --prompt "a castle on a hill" --height 1024 --width 1024 --ratio "512:0.3,1024:0.5,2048:0.6"
@@ -9,6 +11,12 @@
 
     # split prompts across processes (one per GPU)
     accelerate launch --num_processes 2 examples/generate_highres.py --model DIR --prompt "a" --prompt "b"
+
+--model: a shipped reference model by name ("reference": the digits model, trained at 16 px, prompt a
+digit), any local diffusers pipeline directory, or a hub id. --height/--width default to the model's
+size and may be any multiple it takes (8 px for SD's VAE, 16 for Flux, 2 for the pixel-space
+reference models). --hires-fix needs an img2img pipeline (the SD and Flux families have one; the
+reference models do not).
 
 --ratio is a float or `side:ratio` pairs, linearly interpolated in the image side sqrt(H·W) px and
 resolved at every UNet call, so one mapping serves both passes of --hires-fix. Each image gets the
@@ -25,8 +33,7 @@ import sys
 import time
 
 import tomesd
-from tomesd import models
-from tomesd.cli import error_line
+from tomesd import cli, models
 
 
 def parse_ratio(text: str):
@@ -58,18 +65,18 @@ def _number(kind, low, high=math.inf, low_open=False):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = cli.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True,
-                   help="local diffusers pipeline directory or hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux); tomesd.models "
-                   "loads it ('reference', the digits model, loads but is not a text-to-image pipeline)")
+                   help="'reference' (the shipped digits model: --prompt a digit), a local diffusers pipeline directory "
+                   "or a hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux); loaded by tomesd.models")
     p.add_argument("--prompt", action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--images-per-prompt", type=_number(int, 1), default=1)
-    p.add_argument("--height", type=_number(int, 64), default=1024, help="px, a multiple of 8")
-    p.add_argument("--width", type=_number(int, 64), default=1024, help="px, a multiple of 8")
+    p.add_argument("--height", type=_number(int, 1), help="px (default: the model's size; a multiple it takes)")
+    p.add_argument("--width", type=_number(int, 1), help="px (default: the model's size; a multiple it takes)")
     p.add_argument("--steps", type=_number(int, 1), default=30)
-    p.add_argument("--guidance", type=_number(float, 0.0), default=7.5)
+    p.add_argument("--guidance", type=_number(float, 0.0), help="guidance scale (default: the pipeline's)")
     p.add_argument("--seed", type=_number(int, 0), default=0)
     p.add_argument("--dtype", choices=sorted(models.DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", help="default: the accelerate process's device (cuda when available, else cpu)")
@@ -90,11 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("height", "width"):
-        if getattr(args, name) % 8:
-            parser.error(f"--{name} must be a multiple of 8, got {getattr(args, name)}")
-    if args.prompt is None:
-        args.prompt = ["a photograph of an astronaut riding a horse on the moon"]
     missing = [name for name in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[examples]'")
@@ -102,6 +104,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     if problem:
         parser.error(f"--model {problem}")
     return args
+
+
+def fail(message: str):
+    """Exit with `message` as the one-line error of this command (after parsing, e.g. once the model is loaded)."""
+    build_parser().error(message)
 
 
 def jobs(prompts, images_per_prompt: int, seed: int):
@@ -122,20 +129,35 @@ def hires_size(height: int, width: int, factor: float):
     return max(8, round(height * factor / 8) * 8), max(8, round(width * factor / 8) * 8)
 
 
-def load_pipelines(args, device: str):
-    """(text-to-image pipeline, img2img pipeline sharing its components or None)."""
-    from diffusers import (AutoPipelineForImage2Image, FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+TEXT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
 
+
+def load_pipelines(args, device: str):
+    """(pipeline, img2img pipeline sharing its components or None); fills in the model's defaults
+    (size, prompt) and checks them against it, one line on a problem."""
     dtype = models.DTYPES[args.dtype or ("fp16" if device.startswith("cuda") else "fp32")]
     try:
         pipe = models.load_pipeline(args.model, dtype=dtype, device=device)
     except Exception as error:  # noqa: BLE001 - a missing hub id, a broken directory: one line each
-        sys.exit(f"error: cannot load --model {args.model!r}: {error_line(error)}")
-    if not isinstance(pipe, (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline, FluxPipeline)):
-        sys.exit(f"error: --model {args.model!r} loaded a {type(pipe).__name__}, not a Stable Diffusion 1.x/2.x/XL/3 or "
-                 "Flux pipeline")
-    img2img = AutoPipelineForImage2Image.from_pipe(pipe) if args.hires_fix else None
+        fail(f"--model {args.model}: cannot load it ({cli.error_line(error)})")
+    size = models.pipeline_size(pipe)
+    args.height, args.width = args.height or size, args.width or size
+    if args.prompt is None:
+        args.prompt = ["0"] if models.is_class_pipeline(pipe) else [TEXT_PROMPT]
+    problems = [models.prompt_problem(pipe, p) for p in args.prompt] + [models.size_problem(pipe, args.height, args.width)]
+    if args.negative_prompt is not None and models.is_class_pipeline(pipe):
+        problems.append(f"--negative-prompt: {type(pipe).__name__} takes none")
+    img2img = None
+    if args.hires_fix:
+        from diffusers import AutoPipelineForImage2Image
+
+        try:
+            img2img = AutoPipelineForImage2Image.from_pipe(pipe)
+        except ValueError:
+            problems.append(f"--hires-fix: {type(pipe).__name__} has no img2img pipeline to refine with")
+    problem = next((p for p in problems if p), "")
+    if problem:
+        fail(problem)
     if img2img is not None:
         img2img.set_progress_bar_config(disable=True)
     if not args.no_tome:
@@ -166,8 +188,11 @@ def generate(pipe, img2img, args, prompt: str, seed: int, device: str):
     import torch
     from PIL import Image
 
-    common = dict(prompt=prompt, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                  guidance_scale=args.guidance, generator=torch.Generator("cpu").manual_seed(seed))
+    common = dict(prompt=prompt, num_inference_steps=args.steps, generator=torch.Generator("cpu").manual_seed(seed))
+    if args.negative_prompt is not None:
+        common["negative_prompt"] = args.negative_prompt
+    if args.guidance is not None:
+        common["guidance_scale"] = args.guidance
     image = pipe(height=args.height, width=args.width, **common).images[0]
     if img2img is not None:
         height, width = hires_size(args.height, args.width, args.hires_fix)

@@ -135,7 +135,9 @@ def _cli_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         quality.main(argv)
     assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("tomesd-quality: error: ") and not any(line.startswith("usage:") for line in err)
+    return err[-1]
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -77,7 +77,7 @@ __all__ = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="tomesd-bench",
         description="Speed and peak memory of one UNet step (classifier-free-guidance batch), baseline "
         "against Token Merging, over resolutions and ratios. Built-in architectures use random weights "

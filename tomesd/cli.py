@@ -7,7 +7,8 @@
 - output: `fmt` (a table cell), `align` (an aligned text table), `environment` (versions, device),
   `write_json`, `write_csv`;
 - optional dependencies: `available` (tests monkeypatch it to play a missing module), `progress`;
-- `default_device`, `cuda_problem`, `error_line` (an exception in one line).
+- `default_device`, `cuda_problem`, `error_line` (an exception in one line);
+- `Parser`: an argparse.ArgumentParser whose errors are one line (no usage block before them).
 """
 from __future__ import annotations
 
@@ -22,6 +23,14 @@ import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 DEFAULTS_LABEL = "apply_patch defaults"  # how an empty setting is named in messages
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse.ArgumentParser whose error is one line on stderr, `prog: error: message`, exit status 2
+    (argparse's own prints the usage block first; --help still prints it)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ---- argument types ----

@@ -21,7 +21,7 @@ import torch
 
 from .archs import ARCHS, TRANSFORMER_ARCHS, build_transformer
 from .cli import error_line
-from .quiet import diffusers_quiet, dtype_kwarg_quiet
+from .quiet import diffusers_quiet, dtype_kwarg_quiet, loading_quiet
 
 REFERENCE = "reference"
 REFERENCE_CLASS = "DigitsPipeline"
@@ -138,10 +138,58 @@ def load_pipeline(model: str, dtype=None, device="cpu"):
     if path is not None:
         from .reference import load_pipeline as load_reference
 
-        return load_reference(path, device=device, dtype=dtype)
+        with loading_quiet():
+            return load_reference(path, device=device, dtype=dtype)
     from diffusers import DiffusionPipeline
 
-    with dtype_kwarg_quiet():
+    with dtype_kwarg_quiet(), loading_quiet():
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
+
+
+# ---- what a loaded pipeline takes (the examples ask before generating) ----
+
+def is_class_pipeline(pipe) -> bool:
+    """True for the shipped reference pipelines (tomesd.reference): prompts name a class, not text."""
+    return callable(getattr(pipe, "class_id", None))
+
+
+def pipeline_size(pipe) -> int:
+    """The image side in px a pipeline generates by default (its denoiser's sample size × the VAE's
+    factor; diffusers' default_sample_size where the denoiser has none, e.g. Flux)."""
+    denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+    sample = getattr(getattr(denoiser, "config", None), "sample_size", None) or getattr(pipe, "default_sample_size", 64)
+    sample = sample[0] if isinstance(sample, (tuple, list)) else sample
+    return int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
+
+
+def size_multiple(pipe) -> int:
+    """Image sides must be multiples of this: the VAE's factor for latent pipelines (×2 for the packed
+    2×2 latents of Flux), 2^(downsampling levels) for pixel-space UNets (vae_scale_factor 1)."""
+    factor = int(getattr(pipe, "vae_scale_factor", 8))
+    if factor > 1:
+        return factor * 2 if type(pipe).__name__.startswith("Flux") else factor
+    unet = getattr(pipe, "unet", None)
+    levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0,))) - 1
+    return 2 ** max(levels, 0)
+
+
+def size_problem(pipe, height: int, width: int) -> str:
+    """One line if `pipe` cannot generate height × width px, else ""."""
+    step = size_multiple(pipe)
+    bad = [f"--{name} {value}" for name, value in (("height", height), ("width", width)) if value < step or value % step]
+    if bad:
+        return f"{', '.join(bad)}: {type(pipe).__name__} needs multiples of {step} px (its default is {pipeline_size(pipe)})"
+    return ""
+
+
+def prompt_problem(pipe, prompt) -> str:
+    """One line if a class pipeline cannot read `prompt` (a text pipeline reads anything), else ""."""
+    if not is_class_pipeline(pipe):
+        return ""
+    try:
+        pipe.class_id(prompt)
+    except ValueError as error:
+        return f"--prompt: {error}"
+    return ""

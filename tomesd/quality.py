@@ -268,7 +268,7 @@ def _seeds(text: str) -> tuple:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = cli.Parser(
         prog="tomesd-quality",
         description="Image quality of Token Merging settings against the unpatched pipeline, from the same "
         "seeds: time per image, PSNR, SSIM (LPIPS when its weights are installed), classifier accuracy "

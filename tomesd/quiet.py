@@ -4,6 +4,8 @@
   warn (FutureWarning) on the old name, which 0.32 — still supported — is the only one it knows.
 - `diffusers_quiet()`: diffusers' logger at ERROR level for the block (e.g. casting a randomly
   initialized model, where its "modules to keep in float32" notice does not apply).
+- `loading_quiet()`: no loading bars of diffusers ("Loading pipeline components") or transformers
+  ("Loading weights") for the block (the tools print one line).
 """
 from __future__ import annotations
 
@@ -28,3 +30,24 @@ def diffusers_quiet():
         yield
     finally:
         dlogging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def loading_quiet():
+    import importlib
+
+    bars = []
+    for name in ("diffusers.utils.logging", "transformers.utils.logging"):
+        try:
+            bars.append(importlib.import_module(name))
+        except ImportError:
+            continue
+    enabled = [bar.is_progress_bar_enabled() for bar in bars]
+    for bar in bars:
+        bar.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for bar, was in zip(bars, enabled):
+            if was:
+                bar.enable_progress_bar()
