@@ -132,6 +132,11 @@ def test_no_score_matrix_is_allocated():
 
 def test_neighbourhood_is_cached_per_grid_shape():
     win = LocalWindow(16, 12, 2, 2, 3)
+    metric, dst, src = _case(16, 12, 2, 2)
+    with torch.inference_mode():  # the first call caches; later ones may track gradients
+        matching.best_dst_local(metric, dst, src, win)
+    assert not matching.neighbourhood(win, "cpu").near.is_inference()
+    matching.best_dst_local(metric.requires_grad_(), dst, src, win)
     assert matching.neighbourhood(win, "cpu") is matching.neighbourhood(LocalWindow(16, 12, 2, 2, 3), "cpu")
     assert matching.neighbourhood(win, "cpu") is not matching.neighbourhood(LocalWindow(16, 12, 2, 2, 5), "cpu")
 

@@ -135,13 +135,17 @@ _NEIGHBOURHOODS: Dict[tuple, Neighbourhood] = {}
 
 
 def neighbourhood(win: LocalWindow, device) -> Neighbourhood:
-    """The Neighbourhood of `win` on `device`, built once per grid shape (not cached while tracing)."""
+    """The Neighbourhood of `win` on `device`, built once per grid shape (not cached while tracing; made
+    outside inference mode, so a cached one serves calls that track gradients too)."""
+    if torch.compiler.is_compiling():
+        return _neighbourhood(win, torch.device(device))
     key = (win, str(torch.device(device)))
     found = _NEIGHBOURHOODS.get(key)
-    if found is not None and not torch.compiler.is_compiling():
+    if found is not None:
         return found
-    made = _neighbourhood(win, torch.device(device))
-    if not torch.compiler.is_compiling() and all(type(t) is Tensor for t in made):  # no fake tensors
+    with torch.inference_mode(False):
+        made = _neighbourhood(win, torch.device(device))
+    if all(type(t) is Tensor for t in made):  # no fake tensors
         _NEIGHBOURHOODS[key] = made
     return made
 
