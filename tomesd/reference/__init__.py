@@ -119,6 +119,11 @@ class DigitsPipeline(DiffusionPipeline):
 
     model_cpu_offload_seq = "class_embedding->unet"
     vae_scale_factor = 1  # pixel space: one token per pixel at the top level
+    null_class = NULL_CLASS  # the class embedding's unconditional row
+
+    def class_id(self, prompt: Union[str, int]) -> int:
+        """The class id a prompt names (a subclass with other classes overrides this)."""
+        return parse_digit(prompt)
 
     def __init__(self, unet: UNet2DConditionModel, class_embedding: ClassEmbedding, scheduler: DDIMScheduler):
         super().__init__()
@@ -142,15 +147,15 @@ class DigitsPipeline(DiffusionPipeline):
             raise ValueError("give exactly one of prompt and class_labels")
         if class_labels is None:
             prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
-            class_labels = [parse_digit(p) for p in prompts]
-        labels = [parse_digit(int(c)) for c in class_labels for _ in range(num_images_per_prompt)]
-        height, width = height or SIZE, width or SIZE
+            class_labels = [self.class_id(p) for p in prompts]
+        labels = [self.class_id(int(c)) for c in class_labels for _ in range(num_images_per_prompt)]
+        height, width = height or self.unet.config.sample_size, width or self.unet.config.sample_size
         device, dtype = self.unet.device, self.unet.dtype
         ids = torch.tensor(labels, device=device)
         cond = self.class_embedding(ids).to(dtype)
         guided = guidance_scale > 1.0
         if guided:
-            cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, NULL_CLASS)).to(dtype)])
+            cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, self.null_class)).to(dtype)])
         x = _randn((len(labels), self.unet.config.in_channels, height, width), generator, device, dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
@@ -192,15 +197,17 @@ def new_pipeline(seed: int = 0) -> DigitsPipeline:
     return DigitsPipeline(UNet2DConditionModel(**UNET_CONFIG), ClassEmbedding(), scheduler)
 
 
-def load_pipeline(path: Optional[str] = None, device: Union[str, torch.device] = "cpu", dtype=torch.float32) -> DigitsPipeline:
-    """The shipped reference pipeline (or one saved at `path`), in eval mode, without gradients."""
+def load_pipeline(path: Optional[str] = None, device: Union[str, torch.device] = "cpu", dtype=torch.float32,
+                  pipeline_class=None) -> DigitsPipeline:
+    """The shipped reference pipeline (or one saved at `path`; pipeline_class: DigitsPipeline or a
+    subclass, e.g. photos.PhotosPipeline), in eval mode, without gradients."""
     path = path or PIPELINE_DIR
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"no reference model at {path}: train one with python -m tomesd.reference.train")
     from ..quiet import dtype_kwarg_quiet
 
     with dtype_kwarg_quiet():
-        pipe = DigitsPipeline.from_pretrained(path, torch_dtype=dtype)
+        pipe = (pipeline_class or DigitsPipeline).from_pretrained(path, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     for module in (pipe.unet, pipe.class_embedding):
         module.eval().requires_grad_(False)
@@ -218,8 +225,9 @@ def load_classifier(path: Optional[str] = None, device: Union[str, torch.device]
 
 @torch.no_grad()
 def classify(classifier: DigitClassifier, images: torch.Tensor) -> torch.Tensor:
-    """Predicted digit per image; images [B, 1, H, W] in [-1, 1] (or [B, H, W, 1] in [0, 1], numpy layout)."""
-    if images.shape[-1] == 1 and images.shape[1] != 1:
+    """Predicted class per image; images [B, C, H, W] in [-1, 1] (or [B, H, W, C] in [0, 1], numpy layout),
+    C = 1 (digits) or 3 (photos)."""
+    if images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
         images = images.permute(0, 3, 1, 2) * 2 - 1
     device = next(classifier.parameters()).device
     return classifier(images.float().to(device)).argmax(1).cpu()
