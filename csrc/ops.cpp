@@ -181,7 +181,8 @@ std::tuple<Tensor, Tensor> best_dst_local_cuda(const Tensor& metric_in, const Te
             at::empty({a.B, a.S}, metric.options().dtype(at::kLong))};
   }
   TORCH_CHECK(a.D > 0, "tomesd: dst_idx is empty but ", a.S, " src tokens need a match");
-  if (a.C == 0) return zero_channel_matches(metric, a);
+  // C = 0 runs the kernel too (it has no barriers): every cosine is 0 and the lowest dst position of
+  // each window wins, as in the PyTorch path (not dst 0, which may lie outside the window).
   auto [score, dst_pos] = run_best_dst_local(metric, dst_idx, src_idx, a, g);
   return {score, dst_pos.to(at::kLong)};
 }
@@ -234,11 +235,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_with(const Tensor& metric_
             at::empty({B, N}, i32)};
   }
   Tensor score, dst_pos;
-  if (r > 0 && a.C == 0) {
+  if (r > 0 && window != nullptr) {  // C = 0 included: see best_dst_local_cuda
+    std::tie(score, dst_pos) = run_best_dst_local(metric, dst_idx, src_idx, a, g);
+  } else if (r > 0 && a.C == 0) {
     std::tie(score, dst_pos) = zero_channel_matches(metric, a);
     dst_pos = dst_pos.to(at::kInt);
-  } else if (r > 0 && window != nullptr) {
-    std::tie(score, dst_pos) = run_best_dst_local(metric, dst_idx, src_idx, a, g);
   } else if (r > 0) {
     std::tie(score, dst_pos) = run_best_dst(metric, dst_idx, src_idx, a);
   } else {

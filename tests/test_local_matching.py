@@ -53,6 +53,15 @@ def test_local_matching_equals_brute_force_restricted_to_the_window(h, w, sx, sy
     assert not torch.equal(pos, matching.best_dst(metric, dst, src)[1]) or k >= 2 * max(win.cells) - 1
 
 
+def test_zero_channels_take_the_lowest_dst_of_the_window():
+    metric, dst, src = _case(12, 10, 2, 2, C=0)
+    win = LocalWindow(12, 10, 2, 2, 3)
+    score, pos = matching.best_dst_local(metric, dst, src, win)
+    want_score, want_pos = _reference(metric, dst, src, win)
+    assert torch.equal(pos, want_pos) and bool((score == 0).all())
+    assert bool((pos > 0).any())  # not dst 0 for everyone: the window excludes it for far tokens
+
+
 def test_small_chunks_give_the_same_matches():
     metric, dst, src = _case(13, 21, 2, 2)
     win = LocalWindow(13, 21, 2, 2, 3)
