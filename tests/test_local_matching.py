@@ -173,6 +173,9 @@ def test_local_ops_refuse_a_bad_geometry():
         OPS.best_dst_local(metric, dst, src, 8, 9, 2, 2, 3)
     with pytest.raises(ValueError, match="odd int"):
         OPS.best_dst_local(metric, dst, src, 8, 8, 2, 2, 4)
+    tiny_dst, tiny_src = matching.partition(1, 8, 2, 2, None, "cpu")  # one row: no 2 x 2 cell
+    with pytest.raises(ValueError, match="no 2 x 2 cell"):
+        OPS.best_dst_local(metric[:, :8], tiny_dst, tiny_src, 1, 8, 2, 2, 3)
     swapped = torch.cat([dst[:-1], src[:1]]), torch.cat([dst[-1:], src[1:]])  # two dst in one cell
     with pytest.raises(ValueError, match="one dst token per"):
         OPS.build_plan_local(metric, *swapped, 8, 8, 2, 2, 3, 4)

@@ -183,6 +183,8 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
     of size N × N is allocated.
     """
     B, N, C = metric.shape
+    if min(win.cells) < 1:
+        raise ValueError(f"tomesd: a {win.h} x {win.w} grid has no {win.sy} x {win.sx} cell, so no dst to match")
     nb = neighbourhood(win, metric.device)
     D, P = nb.members.shape
     K = nb.near.shape[1]
