@@ -41,8 +41,13 @@ The UNet is a built-in architecture with random weights (`--arch`, tomesd.archs)
 loaded by tomesd.models. Every setting is applied once at every ratio to the model (without
 weights) before any timing: a setting the model refuses is a one-line error, not a failed run.
 
-The default is the real SD 1.5 UNet on a GPU and on a CPU alike (on a CPU at small sizes, so it ends
-in about 5 minutes on 2 cores): the speed-ups it shows are the ones a user gets. `--arch tiny` is a
+The default is the real SD 1.5 UNet on a GPU and on a CPU alike: the speed-ups it shows are the ones
+a user gets. On a GPU it is the grid above (512/1024/2048 px, ratios 0.3/0.5/0.7). On a CPU, when no
+grid is asked for (no --model, --resolutions, --ratios, --set, --variant, --interleave,
+--target-speedup, --calls, --isolate), it is tomesd.bench_cpu: interleaved rounds of a whole step at
+512 px and of the finest-level block at 1024 px, apply_patch's defaults against the recommended
+fast setting, medians with their noise band, torch threads = physical cores, and a warning when the
+machine is loaded (a few minutes on 2 cores). `--arch tiny` is a
 toy (SD 1.5's layout at 1/10 width) whose attention dominates far more than SD 1.5's, so its
 speed-ups are larger; it is labelled as such wherever its results appear.
 
@@ -60,7 +65,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import cli, models
+from . import bench_cpu, cli, models
 from .archs import ARCHS, TRANSFORMER_ARCHS
 from .bench_config import (ATTENTION, BACKENDS, CPU_DEFAULTS, GPU_DEFAULTS, BenchConfig, calls_per_window, default_config,
                            denoiser_batch, grid, settings, unet_inputs)
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each point in a fresh child process (default: on for a CPU, where peak RSS "
                    "only grows within a process)")
+    p.add_argument("--threads", type=cli.positive, help="torch threads (default on a CPU: the physical cores)")
     p.add_argument("--out", default="tomesd-bench-results", help="directory for results.json, results.csv, bench.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -152,6 +158,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     problem = cli.cuda_problem(args.device)
     if problem:
         parser.error(problem)
+    set_threads(args)
     try:
         cfg = default_config(args.device, batch=args.batch, attention=args.attention, backend=args.backend,
                              seed=args.seed, grid=axes, variants=args.variant, interleave=args.interleave, **overrides)
@@ -162,6 +169,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"tomesd.bench: {where}, {cfg.dtype} on {cfg.device}, batch {cfg.batch} ({denoiser_batch(cfg)} rows per call), "
           f"{cfg.warmup} warmup calls + {cfg.steps} timed windows of {cfg.calls}+ calls per point, {len(grid(cfg))} "
           f"points{', interleaved' if cfg.interleave else ''}", file=sys.stderr)
+    if cpu_default(args, cfg):
+        return run_cpu_default(args, cfg)
     if not cli.available("matplotlib"):
         print("tomesd.bench: matplotlib is not installed: writing results.json and results.csv only "
               "(pip install matplotlib, or 'tomesd[bench]', for bench.png)", file=sys.stderr)
@@ -181,6 +190,62 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"warning: step times varied by more than 50% at {where}: something else was using the "
               f"{'GPU' if cfg.on_gpu else 'CPU'}; rerun on an idle machine or raise --steps", file=sys.stderr)
     paths = write_results(result, args.out)
+    print("wrote " + ", ".join(paths.values()))
+    return 0
+
+
+GRID_ARGS = ("model", "resolutions", "ratios", "calls", "isolate", "target_speedup", "layers")
+
+
+def cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> bool:
+    """The CPU default (tomesd.bench_cpu) runs on a CPU when no grid was asked for."""
+    asked = any(getattr(args, k) is not None for k in GRID_ARGS) or args.assign or args.variant or args.interleave
+    return not cfg.on_gpu and not asked and cfg.arch not in TRANSFORMER_ARCHS
+
+
+def set_threads(args: argparse.Namespace) -> None:
+    """On a CPU, torch's threads = --threads, else the physical cores; said in args.threads_line."""
+    import torch
+
+    if cli.default_device(args.device).startswith("cuda"):
+        args.threads_line = ""
+        return
+    cores = bench_cpu.physical_cores()
+    torch.set_num_threads(args.threads or cores)
+    args.threads_line = bench_cpu.describe(torch.get_num_threads(), cores, args.threads is not None)
+
+
+def run_cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> int:
+    """tomesd.bench_cpu's interleaved rounds; prints the table, the load warnings and writes results.json/csv."""
+    import torch
+
+    rounds, warmup = args.steps or 4, 1 if args.warmup is None else args.warmup
+    print(f"tomesd.bench (CPU default): {cfg.arch}{' (TOY architecture)' if cfg.toy else ''}, random weights, "
+          f"{cfg.dtype}; {args.threads_line}; {rounds} interleaved rounds after {warmup} warmup call(s) per case",
+          file=sys.stderr)
+    print(f"  settings: {bench_cpu.settings_line()}", file=sys.stderr)
+    load_before = bench_cpu.load_average()
+    unet = load_unet(cfg)
+    parts = bench_cpu.cases(unet, models.DTYPES[cfg.dtype], cfg.seed)
+    show = (lambda text: print(f"  {text}", file=sys.stderr, flush=True)) if not args.no_progress else (lambda text: None)
+    rows = bench_cpu.measure(parts, rounds, warmup, show)
+    load = max(x for x in (load_before, bench_cpu.load_average(), -1.0) if x is not None)
+    env = environment(cfg)
+    env.update(timing=f"perf_counter, {rounds} interleaved rounds (median, min-max)", threads=torch.get_num_threads(),
+               threads_line=args.threads_line, load_average=None if load < 0 else load, memory="not measured",
+               cpu_default=dict(step_px=bench_cpu.STEP_PX, block_px=bench_cpu.BLOCK_PX, settings=dict(bench_cpu.SETTINGS)))
+    print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, backend {env['backend']}, "
+          f"{args.threads_line}")
+    if cfg.toy:
+        print(f"[{TOY_NOTE}]")
+    print(bench_cpu.format_rows(rows))
+    print(f"'finest block' is the model's first transformer block alone ({bench_cpu.BLOCK_PX} px: a "
+          f"{bench_cpu.BLOCK_PX // 8}x{bench_cpu.BLOCK_PX // 8} latent), not a whole step; peak memory is not measured "
+          "here (run with --resolutions for the grid with memory)")
+    for line in bench_cpu.load_warnings(rows, torch.get_num_threads(), None if load < 0 else load):
+        print(f"warning: {line}", file=sys.stderr)
+    result = BenchResult(rows=[{k: v for k, v in r.items() if k != "times"} | {"times_ms": r["times"]} for r in rows], env=env)
+    paths = write_results(result, args.out, png=False)
     print("wrote " + ", ".join(paths.values()))
     return 0
 

@@ -122,6 +122,7 @@ def plot(result: BenchResult, path: Optional[str] = None):
         ax_mem.plot([m[0] for m in mem], [m[1] for m in mem], **style)
     env = result.env
     where = env.get("gpu") or f"CPU ({env.get('cpu_threads')} threads)"
+    ax_mem.set_ylim(bottom=0)  # from zero: a 1% difference stays a 1% difference in height
     ax_time.set_yscale("log")
     ax_time.yaxis.set_major_formatter(ScalarFormatter())
     for ax, ylabel in ((ax_time, "ms per UNet step (median, log scale)"), (ax_mem, "peak memory (MiB)")):
