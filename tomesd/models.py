@@ -4,6 +4,7 @@ A model name is one of:
 - a built-in architecture (tomesd.archs: `ARCHS` UNets, `TRANSFORMER_ARCHS` MMDiT transformers),
   built with random weights (`build_denoiser`; speed and memory do not depend on the weights);
 - "reference": the trained digits model shipped in `tomesd/reference/` (see tomesd.reference);
+- "photos": the trained photographs model shipped there too (tomesd.reference.photos);
 - a local directory: a diffusers pipeline (model_index.json; a saved reference pipeline is
   recognized by its class name) or a bare UNet directory (config.json, for `load_unet`);
 - a Hugging Face hub id (owner/name), loaded by diffusers (from its cache when HF_HUB_OFFLINE=1).
@@ -25,22 +26,44 @@ from .quiet import diffusers_quiet, dtype_kwarg_quiet, loading_quiet
 
 REFERENCE = "reference"
 REFERENCE_CLASS = "DigitsPipeline"
+PHOTOS = "photos"
+REFERENCE_CLASSES = (REFERENCE_CLASS, "PhotosPipeline")  # pipeline classes of tomesd.reference, by model_index name
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "math")  # diffusers' AttnProcessor2_0 / AttnProcessor
 
 
 def reference_dir(model: str) -> Optional[str]:
-    """The pipeline directory if `model` names the reference model or a saved copy of it, else None."""
+    """The pipeline directory if `model` names a reference model (digits or photos) or a saved copy of one, else None."""
     if model == REFERENCE:
         from .reference import PIPELINE_DIR
 
         return PIPELINE_DIR
-    index = os.path.join(model, "model_index.json")
+    if model == PHOTOS:
+        from .reference.photos import PHOTOS_DIR
+
+        return PHOTOS_DIR
+    return model if reference_class_name(model) is not None else None
+
+
+def reference_class_name(path: str) -> Optional[str]:
+    """'DigitsPipeline' or 'PhotosPipeline' if `path` holds a saved tomesd.reference pipeline, else None."""
+    index = os.path.join(path, "model_index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            if json.load(f).get("_class_name") == REFERENCE_CLASS:
-                return model
+            name = json.load(f).get("_class_name")
+        return name if name in REFERENCE_CLASSES else None
     return None
+
+
+def reference_pipeline_class(model: str):
+    """The tomesd.reference pipeline class of `model` (see reference_dir), or None for any other model."""
+    path = reference_dir(model)
+    if path is None:
+        return None
+    from .reference import DigitsPipeline
+    from .reference.photos import PhotosPipeline
+
+    return PhotosPipeline if reference_class_name(path) == "PhotosPipeline" else DigitsPipeline
 
 
 def unet_subfolder(model: str) -> Optional[str]:
@@ -55,7 +78,7 @@ def model_problem(model: str, kind: str = "unet", hub: bool = True) -> str:
     a local directory must hold a pipeline (model_index.json) or, for a UNet, unet/config.json or
     config.json; anything else must be "reference" or a hub id (owner/name) whose config loads (from
     the cache or the hub; hub=False: an id is taken as it is, and loading will tell)."""
-    if model == REFERENCE:
+    if model in (REFERENCE, PHOTOS):
         return ""
     if os.path.isdir(model):
         has = {name: os.path.isfile(os.path.join(model, name)) for name in ("model_index.json", "unet/config.json", "config.json")}
@@ -130,16 +153,16 @@ def load_denoiser(name: str, dtype=torch.float32, device="cpu", seed: int = 0, l
 
 
 def load_pipeline(model: str, dtype=None, device="cpu"):
-    """The pipeline of `model` ("reference", a local pipeline directory, a hub id) on `device` in
-    `dtype` (None: float32), progress bars off. The reference model gives a tomesd.reference.DigitsPipeline;
-    anything else what diffusers' DiffusionPipeline.from_pretrained makes of it."""
+    """The pipeline of `model` ("reference", "photos", a local pipeline directory, a hub id) on `device`
+    in `dtype` (None: float32), progress bars off. The reference models give a tomesd.reference.DigitsPipeline
+    or PhotosPipeline; anything else what diffusers' DiffusionPipeline.from_pretrained makes of it."""
     dtype = torch.float32 if dtype is None else dtype
     path = reference_dir(model)
     if path is not None:
         from .reference import load_pipeline as load_reference
 
         with loading_quiet():
-            return load_reference(path, device=device, dtype=dtype)
+            return load_reference(path, device=device, dtype=dtype, pipeline_class=reference_pipeline_class(path))
     from diffusers import DiffusionPipeline
 
     with dtype_kwarg_quiet(), loading_quiet():

@@ -8,7 +8,11 @@ setting gets:
   bit-identical) and the lowest per-image PSNR, SSIM (mean over images), both from torchmetrics with
   data range 1; LPIPS (AlexNet) only when torchvision and its AlexNet weights are already on disk —
   nothing is downloaded, a skipped LPIPS says why;
-- accuracy, for the reference digits model: how often its classifier reads the requested digit.
+- accuracy, for the reference models (digits, photos): how often the model's classifier reads the
+  requested class.
+
+`--sizes 32,64,128` repeats the whole run at each square size (a table per size, results in
+`<out>/<size>px/`): the photos model samples larger canvases, 1,024 to 16,384 finest-level tokens.
 
 The grid is the product of the value lists of every apply_patch keyword given (`--ratios`,
 `--max-downsample`, `--merge-crossattn`, `--merge-mlp`, `--merge` sub-layer sets, and `--set
@@ -24,9 +28,10 @@ tomesd.models).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from . import cli, models
@@ -185,8 +190,8 @@ def environment(cfg: QualityConfig) -> Dict[str, Any]:
 
 def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -> QualityResult:
     """Generate and compare every setting of cfg. pipe: an already loaded pipeline (else
-    tomesd.models.load_pipeline(cfg.model)); classifier: a digit classifier for DigitsPipeline
-    (default: the shipped one)."""
+    tomesd.models.load_pipeline(cfg.model)); classifier: for a reference pipeline (digits or photos),
+    its classifier (default: the shipped one, pipe.reference_classifier)."""
     import torch
     from tqdm import tqdm
 
@@ -195,11 +200,11 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     if pipe is None:
         pipe = models.load_pipeline(cfg.model, dtype=models.DTYPES[cfg.dtype], device=cfg.device)
     labels = None
-    from tomesd.reference import DigitsPipeline, classify, load_classifier, parse_digit
+    from tomesd.reference import DigitsPipeline, classify
 
-    if isinstance(pipe, DigitsPipeline):
-        classifier = classifier or load_classifier(device=cfg.device)
-        labels = torch.tensor([parse_digit(p) for p, _ in cfg.columns])
+    if isinstance(pipe, DigitsPipeline):  # the digits and photos reference models
+        classifier = classifier or pipe.reference_classifier(cfg.device)
+        labels = torch.tensor([pipe.class_id(p) for p, _ in cfg.columns])
     check_settings(pipe, cfg)
     settings = grid_settings(cfg.grid)
     columns = cfg.columns
@@ -234,7 +239,7 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
         bar.close()
     notes = [metrics.lpips_note] if metrics.lpips_note else []
     if labels is None:
-        notes.append("accuracy: only for the reference digits model")
+        notes.append("accuracy: only for the reference models (digits, photos)")
     env["notes"] = notes
     return QualityResult(rows=rows, tiles=tiles, tile_psnr=tile_psnr, columns=columns, env=env, notes=notes)
 
@@ -272,19 +277,22 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tomesd-quality",
         description="Image quality of Token Merging settings against the unpatched pipeline, from the same "
         "seeds: time per image, PSNR, SSIM (LPIPS when its weights are installed), classifier accuracy "
-        "on the reference digits model. Writes results.json, results.csv and contact_sheet.png.",
+        "on the reference models (digits, photos). Writes results.json, results.csv and contact_sheet.png.",
         epilog="The grid is the product of every list given. Example (the BENCHMARKS.md table): "
         "tomesd-quality --model reference --seeds 0-9 --ratios 0.3,0.5,0.7 "
         "--merge attn,attn+crossattn,attn+crossattn+mlp --max-downsample 1,2",
     )
     p.add_argument("--model", default="reference",
-                   help="'reference' (the shipped digits model, default), a local diffusers pipeline directory, or a hub id")
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for more); reference model: a digit")
+                   help="'reference' (the shipped digits model, default), 'photos' (the shipped photographs model), "
+                   "a local diffusers pipeline directory, or a hub id")
+    p.add_argument("--prompt", action="append", default=[],
+                   help="a prompt (repeat for more); reference models: a class (a digit, a photograph's name; default: every class)")
     p.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line ('#' comments and blank lines skipped)")
     p.add_argument("--seeds", type=_seeds, default=(0,), help="seeds per prompt: 0,1,2 or 0-9 (default 0)")
     p.add_argument("--steps", type=cli.positive, default=20, help="inference steps (default 20)")
     p.add_argument("--height", type=cli.positive)
     p.add_argument("--width", type=cli.positive)
+    p.add_argument("--sizes", type=cli.values(int), help="square sizes in px, one run each, e.g. 32,64,128 (not with --height/--width)")
     p.add_argument("--guidance-scale", type=float)
     g = p.add_argument_group("ToMe grid (each a comma-separated list; the grid is their product)")
     g.add_argument("--ratios", type=cli.values(float), help="default 0.3,0.5,0.7 (unless --set ratio=...)")
@@ -337,17 +345,17 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if clash:
             parser.error(f"--merge sets the sub-layers; do not also give {', '.join('--' + k.replace('_', '-') for k in clash)}")
         grid[MERGE_AXIS] = args.merge
+    if args.sizes is not None and (args.height or args.width or min(args.sizes) < 1):
+        parser.error("--sizes: positive sizes, and not with --height/--width")
     prompts = _read_prompts(parser, args)
-    reference = models.reference_dir(args.model) is not None
+    reference = models.reference_pipeline_class(args.model)
     if not prompts:
-        if not reference:
+        if reference is None:
             parser.error("give --prompt (repeatable) or --prompts FILE")
-        prompts = [str(d) for d in range(10)]
-    if reference:
-        from tomesd.reference import parse_digit
-
+        prompts = list(reference.class_names)
+    if reference is not None:
         try:
-            [parse_digit(p) for p in prompts]
+            [reference.class_id(p) for p in prompts]
         except ValueError as error:
             parser.error(str(error))
     problem = cli.cuda_problem(args.device)
@@ -383,15 +391,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_settings(pipe, cfg)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
-    result = run(cfg, pipe=pipe, progress=not args.no_progress)
-    for note in result.notes:
-        print(note, file=sys.stderr)
-    env = result.env
-    print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, "
-          f"{env['gpu'] or 'CPU ' + str(env['cpu_threads']) + ' threads'}")
-    print(format_table(result))
-    paths = write_results(result, args.out, tile=args.tile, max_columns=args.sheet_columns)
-    print("wrote " + ", ".join(paths.values()))
+    for size in args.sizes or (None,):
+        sized = cfg if size is None else replace(cfg, height=size, width=size)
+        result = run(sized, pipe=pipe, progress=not args.no_progress)
+        for note in result.notes:
+            print(note, file=sys.stderr)
+        env = result.env
+        if size is not None:
+            print(f"\n{size}×{size} px")
+        print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, "
+              f"{env['gpu'] or 'CPU ' + str(env['cpu_threads']) + ' threads'}")
+        print(format_table(result))
+        out = args.out if size is None else os.path.join(args.out, f"{size}px")
+        paths = write_results(result, out, tile=args.tile, max_columns=args.sheet_columns)
+        print("wrote " + ", ".join(paths.values()))
     return 0
 
 

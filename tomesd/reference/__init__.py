@@ -120,10 +120,16 @@ class DigitsPipeline(DiffusionPipeline):
     model_cpu_offload_seq = "class_embedding->unet"
     vae_scale_factor = 1  # pixel space: one token per pixel at the top level
     null_class = NULL_CLASS  # the class embedding's unconditional row
+    class_names = tuple(str(d) for d in range(NUM_CLASSES))  # one prompt per class, in class order
 
-    def class_id(self, prompt: Union[str, int]) -> int:
-        """The class id a prompt names (a subclass with other classes overrides this)."""
+    @classmethod
+    def class_id(cls, prompt: Union[str, int]) -> int:
+        """The class id a prompt names (a subclass with other classes overrides this and the two above)."""
         return parse_digit(prompt)
+
+    def reference_classifier(self, device: Union[str, torch.device] = "cpu") -> nn.Module:
+        """The classifier shipped with this model (its images → class logits)."""
+        return load_classifier(device=device)
 
     def __init__(self, unet: UNet2DConditionModel, class_embedding: ClassEmbedding, scheduler: DDIMScheduler):
         super().__init__()

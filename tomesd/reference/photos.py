@@ -68,7 +68,7 @@ def _load_source(name: str, source: str) -> torch.Tensor:
         import skimage.data
 
         array = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
-    x = torch.as_tensor(array, dtype=torch.float32) / 255.0
+    x = torch.tensor(array, dtype=torch.float32) / 255.0
     x = x.unsqueeze(0).expand(3, -1, -1) if x.ndim == 2 else x[..., :3].permute(2, 0, 1)
     if name == "retina":  # black outside the disc: keep the central square inside it
         h, w = x.shape[1:]
@@ -168,9 +168,14 @@ class PhotosPipeline(DigitsPipeline):
     images [B, H, W, 3] in "np"); H = W = 32 by default, any multiple of 2 (64, 128: larger canvases)."""
 
     null_class = NULL_CLASS
+    class_names = CLASSES
 
-    def class_id(self, prompt: Union[str, int]) -> int:
+    @classmethod
+    def class_id(cls, prompt: Union[str, int]) -> int:
         return parse_photo(prompt)
+
+    def reference_classifier(self, device: Union[str, torch.device] = "cpu") -> nn.Module:
+        return load_classifier(device=device)
 
 
 def new_pipeline(seed: int = 0) -> PhotosPipeline:

@@ -14,7 +14,7 @@ from . import classify
 from .photos import CLASSES, PHOTO_CLASSIFIER_PATH, PHOTOS_DIR, PHOTOS_LOG, UNET_CONFIG, PhotoClassifier, PhotoCrops, new_pipeline
 
 DEFAULTS = dict(
-    out=PHOTOS_DIR, classifier_out=PHOTO_CLASSIFIER_PATH, log=PHOTOS_LOG, steps=2500, batch=16, lr=1e-3, warmup=200,
+    out=PHOTOS_DIR, classifier_out=PHOTO_CLASSIFIER_PATH, log=PHOTOS_LOG, steps=2000, batch=16, lr=1e-3, warmup=200,
     ema=0.998, p_uncond=0.1, max_minutes=65.0, eval_every=500, eval_samples=48, classifier_epochs=8, threads=1,
 )
 HELD_OUT_PER_CLASS = 50

@@ -2,7 +2,7 @@
 
 --model digits (default) trains the digits model described below; --model photos trains the photos
 model (tomesd.reference.photos; its classifier and batches in photos_train.py, its defaults there too:
-log photos_train.log, 1 thread, 2500 steps of 16 crops) with the same diffusion loop.
+log photos_train.log, 1 thread, 2000 steps of 16 crops) with the same diffusion loop.
 
 Deterministic (seeded, single process, CPU): the same command gives the same weights on the same
 torch build. Two phases, both logged to `--log` (default tomesd/reference/train.log):
