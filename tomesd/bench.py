@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Speed and peak memory of one UNet step (classifier-free-guidance batch), baseline "
         "against Token Merging, over resolutions and ratios. Built-in architectures use random weights "
         "(speed and memory do not depend on them): nothing is downloaded.",
-        epilog="Defaults: the SD 1.5 UNet (--arch sd15), ratios 0.3,0.5,0.7; on a GPU --resolutions "
-        "512,1024,2048 --dtype fp16 --steps 10; on a CPU --resolutions 256,512 --dtype fp32 --steps 3 (about 5 "
-        "minutes on 2 cores). --arch tiny is a toy at 1/10 width for quick checks: its speed-ups are not SD 1.5's.",
+        epilog="Defaults: the SD 1.5 UNet (--arch sd15). On a GPU the grid --resolutions 512,1024,2048 --ratios "
+        "0.3,0.5,0.7 --dtype fp16 --steps 10. On a CPU, unless a grid argument is given: interleaved rounds (--steps, "
+        "default 4) of a whole step at 512 px and of the finest-level block at 1024 px, apply_patch's defaults "
+        "against ratio 0.7 + prop_attn + merge_mlp, with noise bands and load warnings (tomesd.bench_cpu). "
+        "--arch tiny is a toy at 1/10 width for quick checks: its speed-ups are not SD 1.5's.",
     )
     which = p.add_mutually_exclusive_group()
     which.add_argument("--arch", choices=sorted(ARCHS) + sorted(TRANSFORMER_ARCHS),
@@ -165,12 +167,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         check_settings(cfg)
     except (ValueError, TypeError) as error:
         parser.error(str(error))
+    if cpu_default(args, cfg):
+        return run_cpu_default(args, cfg)
     where = cfg.model or f"--arch {cfg.arch} ({'TOY architecture, ' if cfg.toy else ''}random weights)"
     print(f"tomesd.bench: {where}, {cfg.dtype} on {cfg.device}, batch {cfg.batch} ({denoiser_batch(cfg)} rows per call), "
           f"{cfg.warmup} warmup calls + {cfg.steps} timed windows of {cfg.calls}+ calls per point, {len(grid(cfg))} "
           f"points{', interleaved' if cfg.interleave else ''}", file=sys.stderr)
-    if cpu_default(args, cfg):
-        return run_cpu_default(args, cfg)
     if not cli.available("matplotlib"):
         print("tomesd.bench: matplotlib is not installed: writing results.json and results.csv only "
               "(pip install matplotlib, or 'tomesd[bench]', for bench.png)", file=sys.stderr)
