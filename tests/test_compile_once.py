@@ -75,3 +75,25 @@ def test_flux_img_ids_read_once_per_tensor(monkeypatch):
         for _ in range(3):
             model(**inputs)
     assert len(reads) == 1
+
+
+def test_compile_repeated_blocks_shares_compiled_code_between_blocks():
+    """Regional compilation (diffusers' compile_repeated_blocks) of a patched Flux with 10 + 10 blocks:
+    the hooks carry no per-block constant and the attention keeps one processor type, so the number
+    of compiles does not grow with the number of blocks (a recompile limit of 4 fails otherwise)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(**dict(tiny.FLUX_TRANSFORMER, num_layers=10, num_single_layers=10)).eval()
+    inputs = tiny.flux_inputs(batch=2)
+    with torch.no_grad():
+        plain = model(**inputs).sample
+        tomesd.apply_patch(model, ratio=0.5, seed=0)
+        eager = model(**inputs).sample
+        torch._dynamo.reset()
+        model.compile_repeated_blocks(backend="eager", fullgraph=True)
+        with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            outs = [model(**inputs).sample for _ in range(2)]
+    assert not torch.allclose(eager, plain, atol=1e-4)
+    for out in outs:
+        torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)

@@ -435,3 +435,21 @@ def test_mmdit_controlnets_merge(kind, builds):
     pipe = Pipeline()
     tomesd.apply_patch(pipe, ratio=0.5, patch_controlnet=True)
     assert tomesd.is_patched(pipe.transformer) and tomesd.is_patched(pipe.controlnet)
+
+
+def test_processor_replaced_after_patching_is_said_and_runs_unmerged(caplog):
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    except ImportError:  # diffusers < 0.35
+        from diffusers.models.attention_processor import FluxAttnProcessor2_0 as FluxAttnProcessor
+
+    model = tiny.flux()
+    inputs = tiny.flux_inputs(batch=2)
+    with torch.no_grad():
+        want = model(**inputs).sample
+        tomesd.apply_patch(model, ratio=0.5, seed=0)
+        model.set_attn_processor(FluxAttnProcessor())
+        with caplog.at_level(logging.WARNING, logger="tomesd"):
+            got = model(**inputs).sample
+    assert "replaced after patching" in caplog.text
+    torch.testing.assert_close(got, want)  # kv mode with nothing merged inside: the unpatched output

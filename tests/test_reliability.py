@@ -252,3 +252,16 @@ def test_remove_patch_while_another_thread_is_in_a_call_is_refused():
         handle.remove()
     tomesd.remove_patch(unet)  # the call ended: allowed
     assert not tomesd.is_patched(unet)
+
+
+def test_copies_of_a_patched_flux_compute_what_it_computes():
+    model = tiny.flux()
+    tomesd.apply_patch(model, ratio=0.5, seed=0)
+    inputs = tiny.flux_inputs(batch=2)
+    with torch.no_grad():
+        want = model(**inputs).sample
+        for twin in _copies(model):
+            assert torch.equal(twin(**inputs).sample, want)
+            tomesd.remove_patch(twin)
+            assert not any(type(m.processor).__name__.startswith("Wrapped") for m in twin.modules() if hasattr(m, "processor"))
+        assert torch.equal(model(**inputs).sample, want)

@@ -52,15 +52,15 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
             add(MethodWrapper(module, method, partial(block_entry, state, index)))
         else:
             add(module.register_forward_pre_hook(partial(on_block_call, state, index), with_kwargs=True))
-            add(module.register_forward_hook(partial(on_block_done, state, index), with_kwargs=True, always_call=True))
+            add(module.register_forward_hook(partial(on_block_done, state), with_kwargs=True, always_call=True))
         for spec in subs:
             sub = getattr(module, spec.name, None)
             if isinstance(sub, nn.Module):
-                pre = partial(on_sublayer_call, state, index, spec.name, spec.kind)
+                pre = partial(on_sublayer_call, state, spec.name, spec.kind)
                 add(sub.register_forward_pre_hook(pre, with_kwargs=True))
-                add(sub.register_forward_hook(partial(on_sublayer_done, state, index, spec.name), with_kwargs=True))
+                add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True))
                 if spec.kind == "self":
-                    handle = host.attention.wrap(state, index, spec.name, sub)
+                    handle = host.attention.wrap(state, spec.name, sub)
                     if handle is not None:
                         add(handle)
         claim(module, state)

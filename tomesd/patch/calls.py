@@ -134,7 +134,7 @@ def enter_block(state: ModelState, index: int, x) -> None:
     if opened is None:
         return
     ctx, replay = opened
-    block = ctx.blocks[index] = BlockCall(pushed=ctx.recompute)
+    block = ctx.block = BlockCall(index=index, pushed=ctx.recompute)
     if replay is not None:
         block.plan = replay  # the very plan of the forward
         return
@@ -190,24 +190,26 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
     return MergeRequest(metric=x, h=h, w=w, r=r, key=key, downsample=downsample, tail=ctx.tail)
 
 
-def exit_block(state: ModelState, index: int) -> None:
+def exit_block(state: ModelState) -> None:
     frames = state.frames
     ctx = frames[-1] if frames else None
-    block = ctx.blocks.pop(index, None) if ctx is not None else None
-    if block is not None and block.pushed:
-        frames.pop()
+    block = ctx.block if ctx is not None else None
+    if block is not None:
+        ctx.block = None
+        if block.pushed:
+            frames.pop()
 
 
-def plan_of(state: ModelState, index: int, block: BlockCall) -> Optional[MergePlan]:
+def plan_of(state: ModelState, block: BlockCall) -> Optional[MergePlan]:
     """The block's MergePlan for this call, provided on first use."""
     if block.plan is None and block.request is not None:
         request, block.request = block.request, None
         ctx = state.current()
-        block.plan = state.plans.provide(ctx, index, request)
-        if ctx.records is not None and index in ctx.records:
-            ctx.records[index].plan = block.plan
+        block.plan = state.plans.provide(ctx, block.index, request)
+        if ctx.records is not None and block.index in ctx.records:
+            ctx.records[block.index].plan = block.plan
         for observe in state.observers:
-            observe(index, block.plan, request)
+            observe(block.index, block.plan, request)
     return block.plan
 
 
@@ -216,8 +218,8 @@ def on_block_call(state: ModelState, index: int, module: nn.Module, args: tuple,
     enter_block(state, index, x)
 
 
-def on_block_done(state: ModelState, index: int, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
-    exit_block(state, index)
+def on_block_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+    exit_block(state)
 
 
 def block_entry(state: ModelState, index: int, original, args: tuple, kwargs: dict):
@@ -227,4 +229,4 @@ def block_entry(state: ModelState, index: int, original, args: tuple, kwargs: di
     try:
         return original(*args, **kwargs)
     finally:
-        exit_block(state, index)
+        exit_block(state)

@@ -111,4 +111,4 @@ def find_call(state: ModelState, index: int, x: Tensor) -> Optional[Tuple[CallCo
     if not calls:
         return None
     found = calls[-1]
-    return dataclasses.replace(found, blocks={}, records=None, recompute=True, shared={}), found.records[index].plan
+    return dataclasses.replace(found, block=None, records=None, recompute=True, shared={}), found.records[index].plan

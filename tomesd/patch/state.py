@@ -48,7 +48,7 @@ class MergeRequest:
 
 @dataclass
 class BlockCall:
-    """One block's merge within one denoiser call.
+    """One block's merge within one denoiser call (block `index` of the host's blocks).
 
     request: what to plan, until the block's first merged sub-layer builds `plan` from it.
     merged: sub-layer name → the plan its input was merged with (its rows, for a batch chunk), until
@@ -58,6 +58,7 @@ class BlockCall:
     opened a recompute context, which its exit closes.
     """
 
+    index: int = 0
     request: Optional[MergeRequest] = None
     plan: Optional[MergePlan] = None
     merged: Dict[str, MergePlan] = field(default_factory=dict)
@@ -87,8 +88,9 @@ class CallContext:
 
     height, width: the latent's size; grid_h, grid_w: its token grid at level 1 (latent / patch size).
     timestep: the call's timestep tensor (or number), if any. levels: token count → (downsample, h, w)
-    of the level with that many tokens (None: no level). ratios: level → resolved ratio. blocks: block
-    index → its BlockCall while the block runs. records: block index → Record, for calls made with
+    of the level with that many tokens (None: no level). ratios: level → resolved ratio. block: the
+    BlockCall of the block running now (blocks never nest; sub-layer hooks find it here, so they carry
+    no per-block constant and compiled code is shared between blocks). records: block index → Record, for calls made with
     gradients (None otherwise). recompute: this is a copy opened by a checkpoint recompute of one
     block. shared: level → the plan its blocks share in this call (share_plan). tail: tokens that follow
     the image grid in each block's sequence and pass through unmerged (Flux Kontext's reference image).
@@ -102,7 +104,7 @@ class CallContext:
     timestep: Any = None
     levels: Dict[int, Optional[Tuple[int, int, int]]] = field(default_factory=dict)
     ratios: Dict[int, float] = field(default_factory=dict)
-    blocks: Dict[int, BlockCall] = field(default_factory=dict)
+    block: Optional[BlockCall] = None
     records: Optional[Dict[int, Record]] = None
     recompute: bool = False
     shared: Dict[int, MergePlan] = field(default_factory=dict)
@@ -161,10 +163,10 @@ class ModelState:
         frames = self.calls.frames
         return frames[-1] if frames else None
 
-    def block(self, index: int) -> Optional[BlockCall]:
-        """Block `index`'s BlockCall in this thread's current call, if it is running and merges."""
+    def block(self) -> Optional[BlockCall]:
+        """The BlockCall of the block running in this thread's current call, if any."""
         ctx = self.current()
-        return None if ctx is None else ctx.blocks.get(index)
+        return None if ctx is None else ctx.block
 
     def warn_once(self, tag: str, message: str) -> None:
         log_once(self, tag, message, logging.WARNING)
@@ -254,8 +256,8 @@ def log_once(state: ModelState, tag: str, message: str, level: int) -> None:
 
 def current_plan(state: ModelState, index: int) -> Optional[MergePlan]:
     """The plan block `index` merges with in this thread's current call (None if not built)."""
-    block = state.block(index)
-    return None if block is None else block.plan
+    block = state.block()
+    return None if block is None or block.index != index else block.plan
 
 
 # Blocks patched by some model's state (one patch per block).

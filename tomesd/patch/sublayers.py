@@ -15,9 +15,8 @@ def _rows(plan: MergePlan, start: int, stop: int) -> MergePlan:
     return MergePlan(slot=plan.slot[start:stop], counts=plan.counts[start:stop], num_out=plan.num_out)
 
 
-def on_sublayer_call(state: ModelState, index: int, name: str, kind: str, module: nn.Module, args: tuple,
-                     kwargs: dict):
-    block = state.block(index)
+def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module, args: tuple, kwargs: dict):
+    block = state.block()
     if block is None or (block.request is None and block.plan is None):
         return None
     host = state.host
@@ -29,12 +28,12 @@ def on_sublayer_call(state: ModelState, index: int, name: str, kind: str, module
                         "are not merged (the mask is over unmerged tokens)")
         block.request = block.plan = None
         return None
-    plan = plan_of(state, index, block)
+    plan = plan_of(state, block)
     x, where = get_arg(args, kwargs, host.input_names, 0)
     if not isinstance(x, Tensor) or x.ndim != 3:
         state.warn_once(f"shape-{name}", f"tomesd: {name} was called without [B, N, C] tokens; it is not merged")
         return None
-    call = SublayerCall(state, block, index, name, kind, module, args, kwargs, x, where)
+    call = SublayerCall(state, block, name, kind, module, args, kwargs, x, where)
     mode = state.modes[name]
     B, N = plan.slot.shape
     if x.shape[1] != N and mode.takes_all_tokens(call):
@@ -57,8 +56,8 @@ def on_sublayer_call(state: ModelState, index: int, name: str, kind: str, module
     return args, kwargs
 
 
-def on_sublayer_done(state: ModelState, index: int, name: str, module: nn.Module, args: tuple, kwargs: dict, output):
-    block = state.block(index)
+def on_sublayer_done(state: ModelState, name: str, module: nn.Module, args: tuple, kwargs: dict, output):
+    block = state.block()
     plan = block.merged.pop(name, None) if block is not None else None
     if plan is None:
         return None

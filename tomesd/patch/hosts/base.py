@@ -50,7 +50,7 @@ class Attention:
     hold more than the block's image tokens). takes_bias: it can add a bias to its logits (prop_attn). prepare(...) → the sub-layer's (args, kwargs) for the
     call. refusals(host, config) → why the config cannot run on this host's attention (at patching).
     masked(kwargs): the call passes an attention mask over unmerged tokens (the block is not merged).
-    wrap(state, index, name, module) → a handle (with .remove()) around the sub-layer's forward, if the
+    wrap(state, name, module) → a handle (with .remove()) around the sub-layer's forward, if the
     attention needs one.
     """
 
@@ -67,7 +67,7 @@ class Attention:
     def masked(self, kwargs: dict) -> bool:
         return False
 
-    def wrap(self, state: "ModelState", index: int, name: str, module: nn.Module):
+    def wrap(self, state: "ModelState", name: str, module: nn.Module):
         return None
 
 

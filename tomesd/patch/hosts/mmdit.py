@@ -32,7 +32,7 @@ from ... import ops
 from ...matching import MergePlan
 from ...prop_attention import choose_form, prop_attention
 from ..args import arg_position, get_arg
-from ..wrappers import MethodWrapper
+from ..wrappers import ProcessorWrapper
 from .base import Attention, Sublayer
 from .diffusers import DiffusersHost, denoiser, vae_scale_factor
 
@@ -105,7 +105,9 @@ class Joint(TorchFunctionMode):
 
 class JointAttention(Attention):
     """A joint attention (image and text tokens in one SDPA call, the image part first or last):
-    kv mode and prop_attn act inside that call, through a Joint opened for the sub-layer's forward."""
+    kv mode and prop_attn act inside that call, through a Joint opened around the attention's processor
+    (wrapped when patching; a processor set after patching replaces the wrapper, and is then said and
+    left unmerged there)."""
 
     kv_inside = True
 
@@ -113,24 +115,30 @@ class JointAttention(Attention):
         self.image_first = image_first
 
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):
-        if merge_kv or bias:
-            call.block.extra[call.name] = Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first)
+        if not (merge_kv or bias):
+            return args, kwargs
+        if not isinstance(getattr(call.module, "processor", None), ProcessorWrapper):
+            call.state.warn_once(f"processor-{call.name}", f"tomesd: the attention processor of {call.name} was "
+                                 "replaced after patching (set_attn_processor?), so mode='kv' / prop_attn cannot act "
+                                 "inside it; apply_patch again after setting processors")
+            return args, kwargs
+        call.block.extra[call.name] = Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first)
         return args, kwargs
 
-    def wrap(self, state, index, name, module):
-        return MethodWrapper(module, "forward", partial(_joint_forward, state, index, name))
+    def wrap(self, state, name, module):
+        return ProcessorWrapper.wrap(module, partial(_joint_forward, state, name))
 
 
-def _joint_forward(state, index: int, name: str, original, args: tuple, kwargs: dict):
-    """A joint attention's forward, inside its Joint context when the pre-hook left one."""
-    block = state.block(index)
+def _joint_forward(state, name: str, original, args: tuple, kwargs: dict):
+    """A joint attention's processor call, inside its Joint context when the pre-hook left one."""
+    block = state.block()
     joint = block.extra.pop(name, None) if block is not None else None
     if joint is None:
         return original(*args, **kwargs)
     with joint:
         out = original(*args, **kwargs)
     if not joint.used:
-        raise RuntimeError(f"tomesd: {name} of transformer block {index} did not call torch's "
+        raise RuntimeError(f"tomesd: {name} of transformer block {block.index} did not call torch's "
                            "scaled_dot_product_attention, so its image keys/values cannot be merged "
                            "(mode='kv' / prop_attn on MMDiT models need the native attention backend)")
     return out

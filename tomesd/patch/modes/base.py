@@ -20,7 +20,6 @@ class SublayerCall:
 
     state: "ModelState"
     block: "BlockCall"
-    index: int
     name: str
     kind: str
     module: nn.Module
