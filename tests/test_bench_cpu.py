@@ -46,7 +46,7 @@ def test_default_cpu_run_is_interleaved_with_medians_bands_and_verdicts(tmp_path
     speed = {"baseline": 1.0, "default": 1.02, "recommended": 1.5}
     jitter = [1.0, 1.03, 0.98, 1.01]  # rounds that agree within a few percent
     order = _fake_times(monkeypatch, lambda part, s, k: base[part] / speed[s] * jitter[k] * (1.03 if s != "baseline" and k == 1 else 1))
-    monkeypatch.setattr(bench_cpu, "load_average", lambda: 0.1)
+    monkeypatch.setattr(timing, "load_average", lambda: 0.1)
     rc, out, err = _main(tmp_path, capsys)
     assert rc == 0
     # round-robin: every case once per round, the rounds in order, warmup only in the first
@@ -68,7 +68,7 @@ def test_default_cpu_run_is_interleaved_with_medians_bands_and_verdicts(tmp_path
 
 def test_a_loaded_machine_or_disagreeing_rounds_are_warned(tmp_path, capsys, monkeypatch):
     _fake_times(monkeypatch, lambda part, s, k: 100.0 * (3 if k == 2 and part == "whole step" else 1))
-    monkeypatch.setattr(bench_cpu, "load_average", lambda: 7.5)
+    monkeypatch.setattr(timing, "load_average", lambda: 7.5)
     rc, out, err = _main(tmp_path, capsys, "--threads", "2")
     assert rc == 0 and "torch threads: 2 as asked (--threads)" in err
     assert "warning: load average 7.5 on 2 core(s) in use" in err
@@ -85,7 +85,7 @@ def test_a_grid_argument_or_a_gpu_keeps_the_grid(monkeypatch):
 
 
 def test_physical_cores_and_the_finest_block():
-    assert bench_cpu.physical_cores() >= 1
+    assert timing.physical_cores() >= 1
     from tomesd import models
 
     unet = models.load_denoiser("tiny")

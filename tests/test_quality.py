@@ -218,3 +218,30 @@ def test_reference_files_are_package_data():
                for name in names if not name.endswith(".py")}
     assert shipped and listed == shipped
     assert os.path.join(package, "digits", "unet", "diffusion_pytorch_model.safetensors") in shipped
+
+
+def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeypatch):
+    """Round k makes chunk k with every setting in turn; the band is the lowest and highest per-round
+    speed-up, and only a band wholly past 1 is called faster / slower."""
+    from tomesd import timing
+
+    order, script = [], iter([1.0, 0.5, 1.2,   1.0, 0.4, 0.8,   1.0, 0.6, 0.9])  # rounds: base, 0.3, 0.6
+    real = quality.timed_chunk
+
+    def scripted(pipe_, cfg, chunk):
+        state = tomesd.patch.patched_state(pipe_)
+        order.append(None if state is None else state.config.ratio)
+        images, _ = real(pipe_, cfg, chunk)
+        return images, next(script) * len(chunk)
+
+    monkeypatch.setattr(quality, "timed_chunk", scripted)
+    monkeypatch.setattr(timing, "load_average", lambda: 99.0)
+    cfg = quality.QualityConfig(model="reference", prompts=["3"], seeds=(0, 1, 2), grid={"ratio": (0.3, 0.6)},
+                                steps=2, batch=1, warmup=0)
+    result = quality.run(cfg, pipe=pipe, progress=False)
+    assert order == [None, 0.3, 0.6] * 3
+    base, fast, mixed = result.rows
+    assert fast["speedup_min"] == pytest.approx(1 / 0.6) and fast["speedup_max"] == pytest.approx(2.5)
+    assert fast["verdict"] == "faster" and mixed["verdict"] == "within noise"
+    assert base.get("verdict") is None and "noise band" in quality.format_table(result)
+    assert any("load average 99.0" in note for note in result.notes)

@@ -65,7 +65,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import bench_cpu, cli, models
+from . import bench_cpu, cli, models, timing
 from .archs import ARCHS, TRANSFORMER_ARCHS
 from .bench_config import (ATTENTION, BACKENDS, CPU_DEFAULTS, GPU_DEFAULTS, BenchConfig, calls_per_window, default_config,
                            denoiser_batch, grid, settings, unet_inputs)
@@ -212,7 +212,7 @@ def set_threads(args: argparse.Namespace) -> None:
     if cli.default_device(args.device).startswith("cuda"):
         args.threads_line = ""
         return
-    cores = bench_cpu.physical_cores()
+    cores = timing.physical_cores()
     torch.set_num_threads(args.threads or cores)
     args.threads_line = bench_cpu.describe(torch.get_num_threads(), cores, args.threads is not None)
 
@@ -226,12 +226,12 @@ def run_cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> int:
           f"{cfg.dtype}; {args.threads_line}; {rounds} interleaved rounds after {warmup} warmup call(s) per case",
           file=sys.stderr)
     print(f"  settings: {bench_cpu.settings_line()}", file=sys.stderr)
-    load_before = bench_cpu.load_average()
+    load_before = timing.load_average()
     unet = load_unet(cfg)
     parts = bench_cpu.cases(unet, models.DTYPES[cfg.dtype], cfg.seed)
     show = (lambda text: print(f"  {text}", file=sys.stderr, flush=True)) if not args.no_progress else (lambda text: None)
     rows = bench_cpu.measure(parts, rounds, warmup, show)
-    load = max(x for x in (load_before, bench_cpu.load_average(), -1.0) if x is not None)
+    load = max(x for x in (load_before, timing.load_average(), -1.0) if x is not None)
     env = environment(cfg)
     env.update(timing=f"perf_counter, {rounds} interleaved rounds (median, min-max)", threads=torch.get_num_threads(),
                threads_line=args.threads_line, load_average=None if load < 0 else load, memory="not measured",

@@ -19,7 +19,6 @@ measured here (cases share one process); `--resolutions` etc. give the grid of t
 """
 from __future__ import annotations
 
-import os
 import statistics
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -31,43 +30,10 @@ SETTINGS = (("default", dict(ratio=0.5)), ("recommended", dict(ratio=0.7, prop_a
 SPREAD = 0.25  # rounds of one case differing by more than this fraction of their median: a busy machine
 
 
-def physical_cores() -> int:
-    """Physical CPU cores of this machine (/proc/cpuinfo's (physical id, core id) pairs on Linux),
-    else os.cpu_count(); at most the CPUs this process may run on."""
-    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    cores, ids = set(), {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("physical id", "core id"):
-                    ids[key] = value.strip()
-                elif not key and ids:
-                    cores.add((ids.get("physical id"), ids.get("core id")))
-                    ids = {}
-        if ids:
-            cores.add((ids.get("physical id"), ids.get("core id")))
-    except OSError:
-        pass
-    known = {c for c in cores if None not in c}
-    return max(1, min(len(known) or allowed, allowed))
-
-
-def load_average() -> Optional[float]:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
-
-
 def load_warnings(rows: List[Dict[str, Any]], threads: int, load: Optional[float]) -> List[str]:
     """Why these timings may not be a quiet machine's: a load average above `threads`, or rows whose
     rounds differ by more than SPREAD of their median."""
-    out = []
-    if load is not None and load > threads:
-        out.append(f"load average {load:.1f} on {threads} core(s) in use: other processes are running, so times are "
-                   "slower and speed-ups noisier than on a quiet machine")
+    out = timing.load_warnings(load, threads)
     noisy = [f"{r['part']} {r['setting']}" for r in rows if r["ms_max"] - r["ms_min"] > SPREAD * r["ms_per_step"]]
     if noisy:
         out.append(f"rounds disagree by more than {SPREAD:.0%} at {', '.join(noisy)}: the machine's load changed "
@@ -129,11 +95,7 @@ def measure(parts, rounds: int, warmup: int, progress: Callable[[str], None] = l
         if params is None:
             base = row
         else:
-            per_round = [b / s for b, s in zip(base["times"], t)]
-            row.update(speedup=base["ms_per_step"] / row["ms_per_step"], speedup_min=min(per_round),
-                       speedup_max=max(per_round))
-            row["verdict"] = ("faster" if row["speedup_min"] > 1 else "slower" if row["speedup_max"] < 1
-                              else "within noise")
+            row.update(speedup=base["ms_per_step"] / row["ms_per_step"], **timing.noise_band(base["times"], t))
         rows.append(row)
     return rows
 

@@ -3,7 +3,11 @@
 For a pipeline, a list of prompts and seeds, and a grid of `tomesd.apply_patch` settings, every
 (prompt, seed) image is generated without ToMe and with each setting from the same seed, and each
 setting gets:
-- s_per_image: wall time of its pipeline calls / images (after one untimed warm-up call), speedup;
+- s_per_image: wall time of its pipeline calls / images (after one untimed warm-up call), speedup,
+  and its noise band: images are made in interleaved rounds (round k makes the k-th --batch of
+  images with every setting in turn), the band is the lowest and highest single-round speed-up, and
+  the verdict says "faster" / "slower" only when the whole band is past 1 ("within noise" else); a
+  load average above the threads in use is said (timings then are not a quiet machine's);
 - closeness to the unpatched images: PSNR over all its images (pooled squared error, dB; inf when
   bit-identical) and the lowest per-image PSNR, SSIM (mean over images), both from torchmetrics with
   data range 1; LPIPS (AlexNet) only when torchvision and its AlexNet weights are already on disk —
@@ -34,7 +38,7 @@ import time
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-from . import cli, models
+from . import cli, models, timing
 from .cli import grid_settings
 from .quality_metrics import Metrics, lpips_metric
 from .quality_report import (ROW_FIELDS, SHEET_HEAD_H, SHEET_LINE_H, SHEET_PAD, SHEET_TEXT_H, QualityResult, contact_sheet,
@@ -155,19 +159,41 @@ def _generate(pipe, cfg: QualityConfig, columns: List[Tuple[str, int]]):
     return torch.cat(out)
 
 
-def _timed(pipe, cfg: QualityConfig, columns, bar) -> Tuple[Any, float]:
-    images, seconds = [], 0.0
-    for i in range(0, len(columns), cfg.batch):
-        chunk = columns[i:i + cfg.batch]
-        _sync(cfg.device)
-        t0 = time.perf_counter()
-        images.append(_generate(pipe, cfg, chunk))
-        _sync(cfg.device)
-        seconds += time.perf_counter() - t0
-        bar.update(len(chunk))
+def timed_chunk(pipe, cfg: QualityConfig, chunk) -> Tuple[Any, float]:
+    """(images, seconds) of one pipeline call on a chunk of (prompt, seed) columns. The timing seam:
+    run() calls it as `quality.timed_chunk(...)`, so a test can script the seconds."""
+    _sync(cfg.device)
+    t0 = time.perf_counter()
+    images = _generate(pipe, cfg, chunk)
+    _sync(cfg.device)
+    return images, time.perf_counter() - t0
+
+
+def _interleaved(pipe, cfg: QualityConfig, settings, bar) -> Tuple[List[Any], List[List[float]]]:
+    """Per setting (None: no ToMe): its images and its seconds per image in each round. Round k makes
+    chunk k (cfg.batch columns) with every setting in turn (patch, call, unpatch), so a load that comes
+    and goes slows every setting alike and round k's times compare settings on the same images."""
     import torch
 
-    return torch.cat(images), seconds / len(columns)
+    import tomesd
+
+    columns = cfg.columns
+    images: List[List[Any]] = [[] for _ in settings]
+    seconds: List[List[float]] = [[] for _ in settings]
+    for start in range(0, len(columns), cfg.batch):
+        chunk = columns[start:start + cfg.batch]
+        for i, params in enumerate(settings):
+            bar.set_postfix_str("no ToMe" if params is None else setting_label(params))
+            if params is not None:
+                tomesd.apply_patch(pipe, **{"seed": cfg.patch_seed, **params})
+            try:
+                made, secs = timed_chunk(pipe, cfg, chunk)
+            finally:
+                tomesd.remove_patch(pipe)
+            images[i].append(made)
+            seconds[i].append(secs / len(chunk))
+            bar.update(len(chunk))
+    return [torch.cat(parts) for parts in images], seconds
 
 
 def _to_uint8(images) -> List[Any]:
@@ -195,8 +221,6 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     import torch
     from tqdm import tqdm
 
-    import tomesd
-
     if pipe is None:
         pipe = models.load_pipeline(cfg.model, dtype=models.DTYPES[cfg.dtype], device=cfg.device)
     labels = None
@@ -213,31 +237,31 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     for _ in range(cfg.warmup):
         _generate(pipe, cfg, columns[:cfg.batch])
     bar = tqdm(total=len(columns) * (1 + len(settings)), desc="tomesd.quality", unit="img", disable=not progress, file=sys.stderr)
-    rows, tiles, tile_psnr = [], [], []
-    base = None
+    load_before = timing.load_average()
     try:
-        for params in [None, *settings]:
-            label = "no ToMe" if params is None else setting_label(params)
-            bar.set_postfix_str(label)
-            if params is not None:
-                tomesd.apply_patch(pipe, **{"seed": cfg.patch_seed, **params})
-            try:
-                images, s_per_image = _timed(pipe, cfg, columns, bar)
-            finally:
-                tomesd.remove_patch(pipe)
-            if base is None:
-                base = images
-            m = metrics(images, base)
-            row = dict(setting=label, images=len(columns), s_per_image=s_per_image, params=params or {},
-                       **{k: m[k] for k in ("psnr", "psnr_min", "ssim", "lpips", "identical")})
-            row["speedup"] = rows[0]["s_per_image"] / s_per_image if rows else 1.0
-            row["accuracy"] = float((classify(classifier, images * 2 - 1) == labels).float().mean()) if labels is not None else None
-            rows.append({k: row.get(k) for k in ROW_FIELDS})
-            tiles.append(_to_uint8(images))
-            tile_psnr.append(m["tile_psnr"])
+        made, seconds = _interleaved(pipe, cfg, [None, *settings], bar)
     finally:
         bar.close()
+    load = max((x for x in (load_before, timing.load_average()) if x is not None), default=None)
+    rows, tiles, tile_psnr = [], [], []
+    base = made[0]
+    for params, images, secs in zip([None, *settings], made, seconds):
+        m = metrics(images, base)
+        row = dict(setting="no ToMe" if params is None else setting_label(params), images=len(columns),
+                   s_per_image=sum(secs) / len(secs), params=params or {},
+                   **{k: m[k] for k in ("psnr", "psnr_min", "ssim", "lpips", "identical")})
+        row["speedup"] = rows[0]["s_per_image"] / row["s_per_image"] if rows else 1.0
+        if params is not None:
+            row.update(timing.noise_band(seconds[0], secs))
+        row["accuracy"] = float((classify(classifier, images * 2 - 1) == labels).float().mean()) if labels is not None else None
+        rows.append({k: row.get(k) for k in ROW_FIELDS})
+        tiles.append(_to_uint8(images))
+        tile_psnr.append(m["tile_psnr"])
     notes = [metrics.lpips_note] if metrics.lpips_note else []
+    notes += timing.load_warnings(load, torch.get_num_threads())
+    if len(columns) <= cfg.batch:
+        notes.append("one timing round (every image in one call): the speed-up has no noise band; use a smaller "
+                     "--batch for several rounds")
     if labels is None:
         notes.append("accuracy: only for the reference models (digits, photos)")
     env["notes"] = notes
@@ -380,6 +404,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if missing:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[quality]'")
     cfg = config_from_args(parser, args)
+    if not cfg.device.startswith("cuda"):
+        import torch
+
+        torch.set_num_threads(timing.physical_cores())  # threads beyond the cores only add contention
+        print(f"torch threads: {torch.get_num_threads()} = physical cores", file=sys.stderr)
     print(f"tomesd.quality: {cfg.model}, {len(cfg.columns)} images per setting ({len(cfg.prompts)} prompts × "
           f"{len(cfg.seeds)} seeds), {len(grid_settings(cfg.grid))} settings + no ToMe, {cfg.dtype} on {cfg.device}",
           file=sys.stderr)

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from . import cli
 
 ROW_FIELDS = (
-    "setting", "images", "s_per_image", "speedup", "psnr", "psnr_min", "ssim", "lpips", "accuracy", "identical", "params",
+    "setting", "images", "s_per_image", "speedup", "speedup_min", "speedup_max", "verdict", "psnr", "psnr_min", "ssim", "lpips", "accuracy", "identical", "params",
 )
 SHEET_PAD, SHEET_HEAD_H, SHEET_LINE_H = 4, 16, 11  # contact sheet layout, px
 SHEET_TEXT_H = 4 * SHEET_LINE_H + 2  # under each tile: the setting (two lines), s/img, PSNR
@@ -32,10 +32,12 @@ class QualityResult:
 
 def format_table(result: QualityResult) -> str:
     """The rows as an aligned text table."""
-    header = ("setting", "s/img", "speedup", "PSNR dB", "min PSNR", "SSIM", "LPIPS", "accuracy")
+    header = ("setting", "s/img", "speedup", "noise band", "", "PSNR dB", "min PSNR", "SSIM", "LPIPS", "accuracy")
     lines = [header]
     for r in result.rows:
+        band = "-" if r.get("speedup_min") is None else f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
         lines.append((r["setting"], cli.fmt(r["s_per_image"], ".3f"), cli.fmt(r["speedup"], ".2f") + "x",
+                      band, r.get("verdict") or "",
                       cli.fmt(r["psnr"], ".2f"), cli.fmt(r["psnr_min"], ".2f"), cli.fmt(r["ssim"], ".4f"),
                       cli.fmt(r["lpips"], ".4f"), cli.fmt(r["accuracy"], ".3f")))
     return "\n".join(cli.align(lines, left=(0,)))

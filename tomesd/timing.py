@@ -5,6 +5,8 @@
   so a test can monkeypatch it to fake times or to watch what is measured;
 - memory: `rss_mib`, `peak_rss_mib` (this process), `is_oom` (CUDA and CPU out-of-memory errors);
 - `backend_env`: TOMESD_BACKEND for the duration of a block;
+- the machine: `physical_cores`, `load_average`, `load_warnings` (a busy machine said), and
+  `noise_band` (a speed-up's band from interleaved rounds, and whether it is outside its noise);
 - isolation: `run_in_child` runs one function in a fresh child of a multiprocessing "forkserver"
   (the server imports torch and diffusers once, before any OpenMP thread exists, so each child
   starts in milliseconds and inherits no peak RSS from an earlier measurement).
@@ -65,6 +67,53 @@ def time_calls(model, args: tuple, kwargs: dict, *, calls: int = 1, warmup: int 
                     model(*a, **kw)
                 times.append((time.perf_counter() - t0) * 1000.0 / calls)
     return times
+
+
+def physical_cores() -> int:
+    """Physical CPU cores of this machine (/proc/cpuinfo's (physical id, core id) pairs on Linux),
+    else os.cpu_count(); at most the CPUs this process may run on."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores, ids = set(), {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("physical id", "core id"):
+                    ids[key] = value.strip()
+                elif not key and ids:
+                    cores.add((ids.get("physical id"), ids.get("core id")))
+                    ids = {}
+        if ids:
+            cores.add((ids.get("physical id"), ids.get("core id")))
+    except OSError:
+        pass
+    known = {c for c in cores if None not in c}
+    return max(1, min(len(known) or allowed, allowed))
+
+
+def load_average() -> Optional[float]:
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):
+        return None
+
+
+def load_warnings(load: Optional[float], threads: int) -> List[str]:
+    """[a warning] when the 1-minute load average exceeds the cores this process uses, else []."""
+    if load is not None and load > threads:
+        return [f"load average {load:.1f} on {threads} core(s) in use: other processes are running, so times are "
+                "slower and speed-ups noisier than on a quiet machine"]
+    return []
+
+
+def noise_band(base: List[float], times: List[float]) -> dict:
+    """A setting's speed-up band over interleaved rounds: round k's baseline time / its time, lowest and
+    highest (speedup_min, speedup_max), and the verdict: "faster" when the whole band is above 1,
+    "slower" when below, else "within noise"."""
+    per_round = [b / s for b, s in zip(base, times)]
+    lo, hi = min(per_round), max(per_round)
+    return dict(speedup_min=lo, speedup_max=hi, verdict="faster" if lo > 1 else "slower" if hi < 1 else "within noise")
 
 
 def is_oom(error: BaseException) -> bool:
