@@ -358,7 +358,7 @@ def test_local_matching_matches_torch_path(shape, dtype):
     score, pos = OPS.best_dst_local(metric, dst, src, h, w, sx, sy, k)
     ref_score, ref_pos = matching.best_dst_local(metric.cpu(), dst.cpu(), src.cpu(), win)
     torch.testing.assert_close(score.cpu(), ref_score, atol=SCORE_TOL[dtype], rtol=0)
-    reason = selfcheck._check_matches(metric.cpu(), dst.cpu(), src.cpu(), score.cpu(), pos.cpu(), SCORE_TOL[dtype],
+    reason = selfcheck.check_matches(metric.cpu(), dst.cpu(), src.cpu(), score.cpu(), pos.cpu(), SCORE_TOL[dtype],
                                       (ref_score, ref_pos), "best_dst_local")
     assert reason == ""
     slot = ops.build_plan(metric, dst, src, r, win).slot

@@ -165,7 +165,7 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
         return ""
 
     score, pos = host(k.best_dst(*dev))
-    reason = _check_matches(metric, dst, src, score, pos, SCORE_TOL[case.dtype], matching.best_dst(metric, dst, src))
+    reason = check_matches(metric, dst, src, score, pos, SCORE_TOL[case.dtype], matching.best_dst(metric, dst, src))
     if reason:
         return reason
     slot, counts, offsets, members = host(k.build_plan(*dev, r))
@@ -176,7 +176,7 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
     geometry = (h, w, case.sx, case.sy, LOCAL_WINDOW)
     local_score, local_pos = host(k.best_dst_local(*dev, *geometry))
     want = matching.best_dst_local(metric, dst, src, matching.LocalWindow(*geometry))
-    reason = _check_matches(metric, dst, src, local_score, local_pos, SCORE_TOL[case.dtype], want, "best_dst_local")
+    reason = check_matches(metric, dst, src, local_score, local_pos, SCORE_TOL[case.dtype], want, "best_dst_local")
     if reason:
         return reason
     local_plan = host(k.build_plan_local(*dev, *geometry, r))
@@ -224,7 +224,7 @@ def _check_plan(slot: Tensor, counts: Tensor, offsets: Tensor, members: Tensor, 
     return ""
 
 
-def _check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: Tensor, tol: float,
+def check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: Tensor, tol: float,
                    reference: Tuple[Tensor, Tensor], what: str = "best_dst") -> str:
     """A matching op's (score, pos) against the PyTorch path's (reference): scores within tol, another
     dst only on a near-tie."""
