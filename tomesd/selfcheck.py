@@ -225,7 +225,7 @@ def _check_plan(slot: Tensor, counts: Tensor, offsets: Tensor, members: Tensor, 
 
 
 def check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: Tensor, tol: float,
-                   reference: Tuple[Tensor, Tensor], what: str = "best_dst") -> str:
+                  reference: Tuple[Tensor, Tensor], what: str = "best_dst") -> str:
     """A matching op's (score, pos) against the PyTorch path's (reference): scores within tol, another
     dst only on a near-tie."""
     ref_score, ref_pos = reference
