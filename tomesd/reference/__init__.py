@@ -111,8 +111,8 @@ def parse_digit(prompt: Union[str, int]) -> int:
 class DigitsPipeline(DiffusionPipeline):
     """Class-conditional 16×16 digits in pixel space.
 
-    pipe(prompt="3" | ["1", "7"] | class_labels=[1, 7], num_inference_steps=20, guidance_scale=2.0,
-    generator=...) → ImagePipelineOutput(images): PIL images (output_type="pil"), a float array
+    pipe(prompt="3" | ["1", "7"] | class_labels=[1, 7], num_inference_steps=20, guidance_scale=None
+    (the class's default_guidance_scale, 2), generator=...) → ImagePipelineOutput(images): PIL images (output_type="pil"), a float array
     [B, H, W, 1] in [0, 1] ("np"), or a tensor [B, 1, H, W] in [-1, 1] ("pt"); H = W = 16 by default.
     The UNet sees a batch of 2·B (conditional and unconditional) when guidance_scale > 1.
     """
@@ -121,6 +121,7 @@ class DigitsPipeline(DiffusionPipeline):
     vae_scale_factor = 1  # pixel space: one token per pixel at the top level
     null_class = NULL_CLASS  # the class embedding's unconditional row
     class_names = tuple(str(d) for d in range(NUM_CLASSES))  # one prompt per class, in class order
+    default_guidance_scale = 2.0
 
     @classmethod
     def class_id(cls, prompt: Union[str, int]) -> int:
@@ -141,7 +142,7 @@ class DigitsPipeline(DiffusionPipeline):
         prompt: Union[str, int, Sequence[Union[str, int]], None] = None,
         class_labels: Optional[Sequence[int]] = None,
         num_inference_steps: int = 20,
-        guidance_scale: float = 2.0,
+        guidance_scale: Optional[float] = None,
         generator: Optional[Union[torch.Generator, List[torch.Generator]]] = None,
         height: Optional[int] = None,
         width: Optional[int] = None,
@@ -159,6 +160,7 @@ class DigitsPipeline(DiffusionPipeline):
         device, dtype = self.unet.device, self.unet.dtype
         ids = torch.tensor(labels, device=device)
         cond = self.class_embedding(ids).to(dtype)
+        guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_scale > 1.0
         if guided:
             cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, self.null_class)).to(dtype)])
