@@ -245,3 +245,10 @@ def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeyp
     assert fast["verdict"] == "faster" and mixed["verdict"] == "within noise"
     assert base.get("verdict") is None and "noise band" in quality.format_table(result)
     assert any("load average 99.0" in note for note in result.notes)
+
+
+def test_one_timing_round_has_no_noise_band():
+    from tomesd import timing
+
+    assert timing.noise_band([1.0], [0.5]) == dict(speedup_min=None, speedup_max=None, verdict="one round, no band")
+    assert timing.noise_band([1.0, 1.0], [0.5, 0.9])["verdict"] == "faster"

@@ -106,7 +106,7 @@ def format_rows(rows: List[Dict[str, Any]]) -> str:
     lines = [("part", "px", "setting", "ms (median)", "min-max ms", "speedup", "noise band", "")]
     for r in rows:
         setting = r["setting"] if r["params"] is None else f"{r['setting']}: {cli.setting_label(r['params'])}"
-        band = "-" if r["params"] is None else f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
+        band = "-" if r.get("speedup_min") is None else f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
         lines.append((r["part"], str(r["resolution"]), setting, f"{r['ms_per_step']:.0f}",
                       f"{r['ms_min']:.0f}-{r['ms_max']:.0f}", cli.fmt(r.get("speedup"), ".2f", "x"), band,
                       r.get("verdict", "")))

@@ -110,8 +110,10 @@ def load_warnings(load: Optional[float], threads: int) -> List[str]:
 def noise_band(base: List[float], times: List[float]) -> dict:
     """A setting's speed-up band over interleaved rounds: round k's baseline time / its time, lowest and
     highest (speedup_min, speedup_max), and the verdict: "faster" when the whole band is above 1,
-    "slower" when below, else "within noise"."""
+    "slower" when below, else "within noise"; a single round has no band (None) and says so."""
     per_round = [b / s for b, s in zip(base, times)]
+    if len(per_round) < 2:  # one round has no spread to tell noise from a difference
+        return dict(speedup_min=None, speedup_max=None, verdict="one round, no band")
     lo, hi = min(per_round), max(per_round)
     return dict(speedup_min=lo, speedup_max=hi, verdict="faster" if lo > 1 else "slower" if hi < 1 else "within noise")
 
