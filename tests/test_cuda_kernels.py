@@ -399,22 +399,14 @@ def test_local_kernel_stays_in_bounds_on_malformed_indices(kind, monkeypatch):
     assert torch.equal(OPS.build_plan_local(healthy, hdst, hsrc, 8, 8, 2, 2, 3, hr)[0].cpu(), want)
 
 
-def test_patched_unet_with_local_matching_on_cuda(monkeypatch):
+def test_patched_unet_with_local_matching_on_cuda(monkeypatch, request):
     """fp16 UNet, match_window=3: compiled equals eager, and the plans are the local kernel's."""
     torch._dynamo.reset()
     unet, args, kwargs = _patched_unet()
     with torch.no_grad():
         glob = unet(*args, **kwargs).sample
     tomesd.apply_patch(unet, ratio=0.5, seed=1, match_window=3)
-    seen = []
-    build = ops.build_plan
-
-    def recording(metric, dst, src, r, window=None):
-        plan = build(metric, dst, src, r, window)
-        seen.append((metric, dst, src, r, window, plan))
-        return plan
-
-    monkeypatch.setattr(ops, "build_plan", recording)
+    seen = request.getfixturevalue("recorded_plans")
     with torch.no_grad():
         eager = unet(*args, **kwargs).sample
     monkeypatch.undo()

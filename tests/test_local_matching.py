@@ -211,7 +211,7 @@ SETTINGS = [dict(), dict(mode="kv"), dict(mode="tokens", prop_attn=True, merge_m
 
 
 @pytest.mark.parametrize("kwargs", SETTINGS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "default")
-def test_apply_patch_with_local_matching(kwargs, monkeypatch):
+def test_apply_patch_with_local_matching(kwargs, monkeypatch, request):
     """The 16 x 16 top level has 8 x 8 cells: k = 15 covers it (bit-identical to global matching), k = 3
     does not, and the plans the model uses are the local plans of the blocks' own metrics."""
     unet = tiny.unet("sd1")
@@ -219,15 +219,7 @@ def test_apply_patch_with_local_matching(kwargs, monkeypatch):
     glob = _run(unet)
     tomesd.apply_patch(unet, ratio=0.5, seed=4, match_window=15, **kwargs)
     assert torch.equal(_run(unet), glob)
-    seen = []
-    build = ops.build_plan
-
-    def recording(metric, dst, src, r, window=None):
-        plan = build(metric, dst, src, r, window)
-        seen.append((metric, dst, src, r, window, plan))
-        return plan
-
-    monkeypatch.setattr(ops, "build_plan", recording)
+    seen = request.getfixturevalue("recorded_plans")
     tomesd.apply_patch(unet, ratio=0.5, seed=4, match_window=3, **kwargs)
     local = _run(unet)
     assert torch.isfinite(local).all() and not torch.equal(local, glob)
