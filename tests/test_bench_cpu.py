@@ -26,7 +26,7 @@ def _fake_times(monkeypatch, ms):
 
         part = "finest block" if "hidden_states" in kwargs else "whole step"
         state = patched_state(model)
-        setting = "baseline" if state is None else ("recommended" if state.config.prop_attn else "default")
+        setting = "baseline" if state is None else ("fast" if state.config.prop_attn else "default")
         order.append((first, part, setting, warmup))
         assert tomesd.is_patched(model) == (setting != "baseline")
         return [ms(part, setting, first)] * steps
@@ -43,7 +43,7 @@ def _main(tmp_path, capsys, *extra):
 
 def test_default_cpu_run_is_interleaved_with_medians_bands_and_verdicts(tmp_path, capsys, monkeypatch):
     base = {"whole step": 1000.0, "finest block": 4000.0}
-    speed = {"baseline": 1.0, "default": 1.02, "recommended": 1.5}
+    speed = {"baseline": 1.0, "default": 1.02, "fast": 1.5}
     jitter = [1.0, 1.03, 0.98, 1.01]  # rounds that agree within a few percent
     order = _fake_times(monkeypatch, lambda part, s, k: base[part] / speed[s] * jitter[k] * (1.03 if s != "baseline" and k == 1 else 1))
     monkeypatch.setattr(timing, "load_average", lambda: 0.1)
@@ -52,16 +52,16 @@ def test_default_cpu_run_is_interleaved_with_medians_bands_and_verdicts(tmp_path
     # round-robin: every case once per round, the rounds in order, warmup only in the first
     assert [o[0] for o in order] == [k for k in range(4) for _ in range(6)]
     assert [o[1:3] for o in order[:6]] == [(p, s) for p in ("whole step", "finest block")
-                                           for s in ("baseline", "default", "recommended")]
+                                           for s in ("baseline", "default", "fast")]
     assert {o[3] for o in order[:6]} == {1} and {o[3] for o in order[6:]} == {0}
     data = json.load(open(tmp_path / "results.json"))
     rows = {(r["part"], r["setting"]): r for r in data["rows"]}
-    rec = rows[("finest block", "recommended")]
+    rec = rows[("finest block", "fast")]
     assert rec["resolution"] == 1024 and rec["speedup"] == pytest.approx(1.5)  # medians: jitter cancels
     assert rec["verdict"] == "faster" and rec["speedup_min"] > 1
     assert rows[("whole step", "default")]["verdict"] == "within noise"  # 1.02x, one round slower than its baseline
     assert "torch threads: " in err and "physical cores" in err
-    assert "recommended = apply_patch(ratio=0.7, prop_attn=True, merge_mlp=True)" in err
+    assert "fast = apply_patch(ratio=0.7, prop_attn=True, merge_mlp=True)" in err
     assert "finest block" in out and "not a whole step" in out and "warning" not in err
     assert data["environment"]["load_average"] == 0.1 and not (tmp_path / "bench.png").exists()
 

@@ -45,8 +45,8 @@ The default is the real SD 1.5 UNet on a GPU and on a CPU alike: the speed-ups i
 a user gets. On a GPU it is the grid above (512/1024/2048 px, ratios 0.3/0.5/0.7). On a CPU, when no
 grid is asked for (no --model, --resolutions, --ratios, --set, --variant, --interleave,
 --target-speedup, --calls, --isolate), it is tomesd.bench_cpu: interleaved rounds of a whole step at
-512 px and of the finest-level block at 1024 px, apply_patch's defaults against the recommended
-fast setting, medians with their noise band, torch threads = physical cores, and a warning when the
+512 px and of the finest-level block at 1024 px, apply_patch's defaults against the fast
+setting (ratio 0.7 + prop_attn + merge_mlp), medians with their noise band, torch threads = physical cores, and a warning when the
 machine is loaded (a few minutes on 2 cores). `--arch tiny` is a
 toy (SD 1.5's layout at 1/10 width) whose attention dominates far more than SD 1.5's, so its
 speed-ups are larger; it is labelled as such wherever its results appear.

@@ -1,7 +1,9 @@
 """The CPU default of `python -m tomesd.bench`: where merging pays, timed so that load shows.
 
-Two parts, each a baseline and two settings — apply_patch's defaults (ratio 0.5) and the recommended
-fast setting (ratio 0.7, prop_attn, merge_mlp; BENCHMARKS.md, issue 11):
+Two parts, each a baseline and two settings — apply_patch's defaults (ratio 0.5) and the fast
+setting (ratio 0.7, prop_attn, merge_mlp: the fastest at the default's quality on the digits model,
+BENCHMARKS.md issue 11; on photographs it loses some quality, so README recommends ratio 0.7 +
+prop_attn without merge_mlp where quality comes first):
 - "whole step": one guided UNet call of the model at 512 px (what a sampler step costs);
 - "finest block": the model's first Transformer2DModel (for SD 1.5 the C=320 block of the /1 level,
   where ToMe merges by default) alone at 1024 px (a 128×128 latent: 16,384 tokens), where attention
@@ -26,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 from . import timing
 
 STEP_PX, BLOCK_PX = 512, 1024
-SETTINGS = (("default", dict(ratio=0.5)), ("recommended", dict(ratio=0.7, prop_attn=True, merge_mlp=True)))
+SETTINGS = (("default", dict(ratio=0.5)), ("fast", dict(ratio=0.7, prop_attn=True, merge_mlp=True)))
 SPREAD = 0.25  # rounds of one case differing by more than this fraction of their median: a busy machine
 
 
