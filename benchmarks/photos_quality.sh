@@ -27,6 +27,7 @@ q base32    32 --ratios 0.3,0.5,0.7 --set mode=tokens,kv --set prop_attn=false,t
 q mlp32     32 --ratios 0.5,0.7 --merge-mlp true --set prop_attn=false,true
 q base64    64 --ratios 0.3,0.5,0.7 --set prop_attn=false,true
 q mlp64     64 --ratios 0.7 --merge-mlp true --set prop_attn=false,true
+q kvshare64 64 --ratios 0.5 --set mode=tokens,kv --set prop_attn=true --set share_plan=false,true
 q base128  128 --ratios 0.5,0.7 --set prop_attn=false,true
 q mlp128   128 --ratios 0.7 --merge-mlp true --set prop_attn=true
 q share32   32 --ratios 0.5,0.7 --set prop_attn=false,true --set share_plan=true
