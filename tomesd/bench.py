@@ -97,8 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--arch", choices=sorted(ARCHS) + sorted(TRANSFORMER_ARCHS),
                        help="built-in model with random weights (default sd15; tiny is a toy for quick checks; "
                        "sd3 = SD 3.5 Medium and flux = Flux.1 dev transformers, see --layers)")
-    which.add_argument("--model", help="'reference' (the shipped digits model), a local diffusers model directory (or UNet "
-                       "directory), or a hub id")
+    which.add_argument("--model", help="'reference' or 'photos' (the shipped digits and photos models), a local diffusers "
+                       "model directory (or UNet directory), or a hub id")
     p.add_argument("--resolutions", type=cli.comma_list(int), help="image sides in px, comma-separated")
     p.add_argument("--ratios", type=cli.comma_list(float), help="ToMe ratios, comma-separated")
     p.add_argument("--batch", type=cli.positive, default=1, help="images per step; the UNet sees twice as many (CFG)")
