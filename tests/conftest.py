@@ -27,3 +27,20 @@ def recorded_plans(monkeypatch):
 
     monkeypatch.setattr(ops, "build_plan", recording)
     return seen
+
+
+@pytest.fixture
+def plan_builds(monkeypatch):
+    """Token count N of the metric of every plan built while the test runs, through the documented seam
+    tomesd.patch.PlanProvider.build (every build, shared and reused plans aside, passes there)."""
+    from tomesd.patch import PlanProvider
+
+    built = []
+    real = PlanProvider.build
+
+    def counting(self, request):
+        built.append(request.metric.shape[1])
+        return real(self, request)
+
+    monkeypatch.setattr(PlanProvider, "build", counting)
+    return built

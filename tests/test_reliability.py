@@ -14,25 +14,13 @@ from diffusers.models.attention import BasicTransformerBlock
 import ldm_like
 import tiny
 import tomesd
-from tomesd.patch import PlanProvider, patched_state
+from tomesd.patch import patched_state
 
 
 def _run(model, arch="sd1", size=16, batch=2, timestep=500, seed=1):
     args, kwargs = tiny.unet_inputs(arch, size=size, batch=batch, seed=seed)
     with torch.no_grad():
         return model(args[0], torch.as_tensor(timestep), **kwargs).sample
-
-
-def _count_builds(monkeypatch):
-    built = []
-    real = PlanProvider.build
-
-    def counting(self, request):
-        built.append(request.metric.shape[1])
-        return real(self, request)
-
-    monkeypatch.setattr(PlanProvider, "build", counting)
-    return built
 
 
 # 1. plan_every keeps plans within one sampling run ------------------------------------------------------
@@ -51,32 +39,30 @@ def test_plan_every_identical_pipeline_calls_give_identical_images(tmp_path):
     assert torch.equal(first, second)
 
 
-def test_plan_every_new_run_when_the_timestep_goes_up(monkeypatch):
+def test_plan_every_new_run_when_the_timestep_goes_up(plan_builds):
     unet = tiny.unet("sd1")
     tomesd.apply_patch(unet, ratio=0.5, plan_every=4, seed=1)
-    built = _count_builds(monkeypatch)
     per_call = []
     for t in (900, 600, 300, 900, 600):  # a 3-step run, then a new run: rebuild at its first call
-        built.clear()
+        plan_builds.clear()
         _run(unet, timestep=t)
-        per_call.append(len(built))
+        per_call.append(len(plan_builds))
     blocks = per_call[0]
     assert blocks > 0 and per_call == [blocks, 0, 0, blocks, 0]
 
 
-def test_plan_every_drops_kept_plans_after_a_failed_call(monkeypatch):
+def test_plan_every_drops_kept_plans_after_a_failed_call(plan_builds):
     unet = tiny.unet("sd1")
     tomesd.apply_patch(unet, ratio=0.5, plan_every=4, seed=1)
-    built = _count_builds(monkeypatch)
     _run(unet, timestep=900)
     block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
     handle = block.ff.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         _run(unet, timestep=800)
     handle.remove()
-    built.clear()
+    plan_builds.clear()
     _run(unet, timestep=700)  # same run by its timestep, but the failed call dropped the kept plans
-    assert len(built) > 0
+    assert len(plan_builds) > 0
 
 
 # 3. per-sample timesteps and one timestep scale ---------------------------------------------------------
@@ -190,7 +176,7 @@ def test_copies_of_a_patched_ldm_model_use_their_own_weights():
 
 
 @pytest.mark.slow
-def test_plan_every_under_compile_without_fullgraph_equals_eager(monkeypatch):
+def test_plan_every_under_compile_without_fullgraph_equals_eager(plan_builds):
     """README: without fullgraph, the hooks that keep plans run between graphs (graph breaks): the
     compiled model reuses plans exactly as the eager one does."""
     torch._dynamo.reset()
@@ -198,13 +184,12 @@ def test_plan_every_under_compile_without_fullgraph_equals_eager(monkeypatch):
     for model in (eager, unet):
         tomesd.apply_patch(model, ratio=0.5, plan_every=2, seed=0)
     compiled = torch.compile(unet, backend="eager")
-    built = _count_builds(monkeypatch)
     counts = {"eager": [], "compiled": []}
     for t in (900, 700, 500):
         for name, model in (("eager", eager), ("compiled", compiled)):
-            built.clear()
+            plan_builds.clear()
             out = _run(model, timestep=t)
-            counts[name].append(len(built))
+            counts[name].append(len(plan_builds))
             if name == "eager":
                 want = out
         torch.testing.assert_close(out, want)
