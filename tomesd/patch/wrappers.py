@@ -1,7 +1,6 @@
 """MethodWrapper: run code around a module's method, for what module hooks cannot do."""
 from __future__ import annotations
 
-import inspect
 from typing import Callable
 
 from torch import nn
