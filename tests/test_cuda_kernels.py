@@ -439,6 +439,6 @@ def test_prop_attn_channel_form_equals_mask_form_on_cuda(dtype, monkeypatch):
     tomesd.apply_patch(model, ratio=0.5, seed=2, mode="kv", prop_attn=True)
     with torch.no_grad():
         got = model(**inputs).sample
-        monkeypatch.setattr(mmdit, "choose_form", lambda device: "mask")
+        monkeypatch.setattr(prop_attention, "choose_form", lambda device: "mask")
         want = model(**inputs).sample
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)

@@ -245,7 +245,7 @@ def test_pipelines_after_save_and_load(kind, tmp_path, caplog):
 def test_joint_sdpa_merges_the_image_keys_and_biases_their_logits(image_first, merge_kv):
     """Against attention written out: softmax(q·k/√d + log size) over [merged image keys, text keys]."""
     from tomesd.matching import build_plan, merge, partition
-    from tomesd.patch.hosts.mmdit import joint_attention
+    from tomesd.patch.hosts.sdpa import joint_attention
 
     g = torch.Generator().manual_seed(0)
     B, H, N, T, D = 2, 2, 16, 3, 8

@@ -87,16 +87,72 @@ def test_form_choice_and_validation():
 @pytest.mark.parametrize("kwargs", [dict(prop_attn=True), dict(mode="kv", prop_attn=True)], ids=["tokens", "kv"])
 def test_sd3_joint_attention_gives_the_same_output_in_either_form(kwargs, monkeypatch):
     """The MMDiT joint path takes the form choose_form gives: the channel form (CUDA's) equals the mask form."""
-    from tomesd.patch.hosts import mmdit
-
     model = tiny.sd3()
     inputs = tiny.sd3_inputs()
     tomesd.apply_patch(model, ratio=0.5, seed=2, **kwargs)
+    forms = _spy_forms(monkeypatch)
     with torch.no_grad():
         mask = model(**inputs).sample
-        monkeypatch.setattr(mmdit, "choose_form", lambda device: "channel")
+        assert set(forms) == {"mask"}
+        monkeypatch.setattr(pa, "choose_form", lambda device: "channel")
         channel = model(**inputs).sample
+        assert forms.count("channel") == forms.count("mask") > 0
     torch.testing.assert_close(channel, mask, rtol=1e-4, atol=1e-5)
     tomesd.apply_patch(model, ratio=0.5, seed=2, **dict(kwargs, prop_attn=False))
     with torch.no_grad():
         assert not torch.allclose(model(**inputs).sample, mask, rtol=1e-4, atol=1e-5)  # the bias mattered
+
+
+def _spy_forms(monkeypatch):
+    """The form of every prop_attention call from here on (the seam hosts call it through)."""
+    forms = []
+    real = pa.prop_attention
+
+    def spy(*args, **kwargs):
+        forms.append(args[5] if len(args) > 5 else kwargs.get("form", "mask"))
+        return real(*args, **kwargs)
+    monkeypatch.setattr(pa, "prop_attention", spy)
+    return forms
+
+
+@pytest.mark.parametrize("kwargs", [dict(prop_attn=True), dict(mode="kv", prop_attn=True),
+                                    dict(prop_attn=True, merge_mlp=True, match_window=3)],
+                         ids=["tokens", "kv", "tokens-mlp-local"])
+def test_unet_takes_the_channel_form_where_choose_form_says_so(kwargs, monkeypatch):
+    """A UNet's self-attention (torch's SDPA processor) takes prop_attn's bias as the extra head channel
+    inside the SDPA call where choose_form gives "channel" (CUDA), as the attention_mask elsewhere:
+    the same images either way, and different from prop_attn=False."""
+    unet = tiny.unet()
+    args, kw = tiny.unet_inputs("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=2, **kwargs)
+    forms = _spy_forms(monkeypatch)
+    with torch.no_grad():
+        mask = unet(*args, **kw).sample
+        assert forms == []  # the mask form goes in as the processor's attention_mask
+        monkeypatch.setattr(pa, "choose_form", lambda device: "channel")
+        channel = unet(*args, **kw).sample
+    assert forms and set(forms) == {"channel"}
+    torch.testing.assert_close(channel, mask, rtol=1e-4, atol=1e-5)
+    tomesd.apply_patch(unet, ratio=0.5, seed=2, **dict(kwargs, prop_attn=False))
+    with torch.no_grad():
+        assert not torch.allclose(unet(*args, **kw).sample, mask, rtol=1e-4, atol=1e-5)
+    tomesd.remove_patch(unet)
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in unet.attn_processors.values())
+
+
+def test_unet_with_another_processor_keeps_the_mask_form(monkeypatch):
+    """A processor that is not torch's SDPA one (diffusers' AttnProcessor) is not wrapped: the bias goes
+    in as its attention_mask even where choose_form gives "channel"."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet = tiny.unet()
+    unet.set_attn_processor(AttnProcessor())
+    args, kw = tiny.unet_inputs("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=2, prop_attn=True)
+    with torch.no_grad():
+        mask = unet(*args, **kw).sample
+        monkeypatch.setattr(pa, "choose_form", lambda device: "channel")
+        forms = _spy_forms(monkeypatch)
+        channel = unet(*args, **kw).sample
+    assert forms == []
+    torch.testing.assert_close(channel, mask)

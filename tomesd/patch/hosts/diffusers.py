@@ -15,7 +15,8 @@ from torch import nn
 
 from ..compiled import unwrap_compiled
 from ..levels import top_level
-from .base import ArgAttention, Host
+from .base import Host
+from .sdpa import ProcessorAttention
 
 DENOISER_ATTRS = ("unet", "transformer")
 # Modules whose BasicTransformerBlocks attend across frames.
@@ -141,7 +142,7 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[Host]:
         root=root,
         blocks=blocks,
         top_level=level,
-        attention=ArgAttention("encoder_hidden_states", "attention_mask", kv_refusal=kv_refusal),
+        attention=ProcessorAttention("encoder_hidden_states", "attention_mask", kv_refusal=kv_refusal),
         vae_scale_factor=vae_scale_factor(model),
         patch_size=_patch_size(root),
         excluded=tuple((m, TEMPORAL_REASON) for m in found if id(m) in temporal),

@@ -20,128 +20,21 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from ... import ops
-from ...matching import MergePlan
-from ...prop_attention import choose_form, prop_attention
 from ..args import arg_position, get_arg
-from ..wrappers import ProcessorWrapper
-from .base import Attention, Sublayer
+from .base import Sublayer
 from .diffusers import DiffusersHost, denoiser, vae_scale_factor
+from .sdpa import JointAttention
 
 SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("ff", "mlp"))
 FLUX_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("ff", "mlp"))
 MAX_REFERENCES = 8  # reference image grids after the output image's in Flux img_ids (Kontext: 1)
 FLUX_TOKENS_REFUSAL = ("Flux applies rotary position embeddings per token, and merged tokens have no single "
                        "position")
-
-
-def _merge_heads(t: Tensor, plan: MergePlan) -> Tensor:
-    """Merge keys or values laid out per head: [B, H, N, D] → [B, H, M, D]."""
-    B, H, N, D = t.shape
-    merged = ops.merge(t.transpose(1, 2).reshape(B, N, H * D), plan)
-    return merged.view(B, plan.num_out, H, D).transpose(1, 2)
-
-
-def joint_attention(sdpa, q: Tensor, k: Tensor, v: Tensor, plan: MergePlan, merge_kv: bool, bias: bool,
-                    image_first: bool, *rest, **kwargs) -> Tensor:
-    """A joint attention `sdpa(q, k, v, mask, ...)` ([B, H, S, D] queries, keys, values) whose image keys
-    and values are merged (merge_kv: kv mode) and / or biased by log size (bias: prop_attn). The image
-    part is the first or last `plan.num_in` (kv mode) or `plan.num_out` (tokens mode: already merged)
-    positions of the keys; queries are untouched. The bias is an additive mask or an extra head channel
-    (tomesd.prop_attention, the form chosen per device)."""
-    S = k.shape[2]
-    n = plan.num_in if merge_kv else plan.num_out
-    image = slice(0, n) if image_first else slice(S - n, S)
-    text = slice(n, S) if image_first else slice(0, S - n)
-    if merge_kv:
-        parts = [_merge_heads(k[:, :, image], plan), k[:, :, text]]
-        vparts = [_merge_heads(v[:, :, image], plan), v[:, :, text]]
-        if not image_first:
-            parts, vparts = parts[::-1], vparts[::-1]
-        k, v = torch.cat(parts, dim=2), torch.cat(vparts, dim=2)
-    if not bias:
-        return sdpa(q, k, v, None, *rest, **kwargs)
-    size = plan.counts.to(torch.float32).log()
-    zeros = size.new_zeros(q.shape[0], S - n)
-    log_size = torch.cat([size, zeros] if image_first else [zeros, size], dim=1)
-    kwargs.update(zip(("dropout_p", "is_causal", "scale"), rest))  # SDPA's positional arguments after the mask
-    return prop_attention(q, k, v, log_size, kwargs.pop("scale", None), choose_form(q.device), sdpa, **kwargs)
-
-
-class Joint(TorchFunctionMode):
-    """Open for one joint-attention forward (MMDiT): its first F.scaled_dot_product_attention call runs as
-    `joint_attention`, after every projection, norm and rotary embedding the processor applied."""
-
-    def __init__(self, plan: MergePlan, merge_kv: bool, bias: bool, image_first: bool):
-        super().__init__()
-        self.plan, self.merge_kv, self.bias, self.image_first = plan, merge_kv, bias, image_first
-        self.used = False
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if func is not F.scaled_dot_product_attention or self.used:
-            if getattr(func, "__name__", None) and getattr(Tensor, func.__name__, None) is func and args:
-                # a Tensor method: called as one (dynamo traces x.unflatten(...), not Tensor.unflatten's body)
-                return getattr(args[0], func.__name__)(*args[1:], **kwargs)
-            return func(*args, **kwargs)
-        self.used = True
-        names = ("query", "key", "value", "attn_mask")
-        values = dict(zip(names, args))
-        values.update({n: kwargs.pop(n) for n in names if n in kwargs})
-        if values.get("attn_mask") is not None:
-            raise RuntimeError("tomesd: mode='kv' / prop_attn on a joint attention that is given an attention "
-                               "mask is not supported")
-        return joint_attention(func, values["query"], values["key"], values["value"], self.plan, self.merge_kv,
-                               self.bias, self.image_first, *args[len(names):], **kwargs)
-
-
-class JointAttention(Attention):
-    """A joint attention (image and text tokens in one SDPA call, the image part first or last):
-    kv mode and prop_attn act inside that call, through a Joint opened around the attention's processor
-    (wrapped when patching; a processor set after patching replaces the wrapper, and is then said and
-    left unmerged there)."""
-
-    kv_inside = True
-
-    def __init__(self, image_first: bool):
-        self.image_first = image_first
-
-    def prepare(self, call, args, kwargs, plan, merge_kv, bias):
-        if not (merge_kv or bias):
-            return args, kwargs
-        if not isinstance(getattr(call.module, "processor", None), ProcessorWrapper):
-            call.state.warn_once(f"processor-{call.name}", f"tomesd: the attention processor of {call.name} was "
-                                 "replaced after patching (set_attn_processor?), so mode='kv' / prop_attn cannot act "
-                                 "inside it; apply_patch again after setting processors")
-            return args, kwargs
-        call.block.extra[call.name] = Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first)
-        return args, kwargs
-
-    def wrap(self, state, name, module):
-        return ProcessorWrapper.wrap(module, partial(_joint_forward, state, name))
-
-
-def _joint_forward(state, name: str, original, args: tuple, kwargs: dict):
-    """A joint attention's processor call, inside its Joint context when the pre-hook left one."""
-    block = state.block()
-    joint = block.extra.pop(name, None) if block is not None else None
-    if joint is None:
-        return original(*args, **kwargs)
-    with joint:
-        out = original(*args, **kwargs)
-    if not joint.used:
-        raise RuntimeError(f"tomesd: {name} of transformer block {block.index} did not call torch's "
-                           "scaled_dot_product_attention, so its image keys/values cannot be merged "
-                           "(mode='kv' / prop_attn on MMDiT models need the native attention backend)")
-    return out
 
 
 @dataclass
