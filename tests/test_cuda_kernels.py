@@ -442,3 +442,25 @@ def test_prop_attn_channel_form_equals_mask_form_on_cuda(dtype, monkeypatch):
         monkeypatch.setattr(prop_attention, "choose_form", lambda device: "mask")
         want = model(**inputs).sample
     torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("mode", ["tokens", "kv"])
+def test_unet_prop_attn_takes_the_channel_form_on_cuda(mode, monkeypatch):
+    """A UNet's self-attention on CUDA (torch's SDPA processor) takes prop_attn as the extra head channel,
+    equal to the mask form to fp16 rounding."""
+    from tomesd import prop_attention
+
+    unet = tiny.unet().to("cuda", torch.float16)
+    args, kwargs = tiny.unet_inputs("sd1", dtype=torch.float16)
+    args = tuple(a.to("cuda") for a in args)
+    kwargs = {n: v.to("cuda") for n, v in kwargs.items()}
+    tomesd.apply_patch(unet, ratio=0.5, seed=2, mode=mode, prop_attn=True)
+    forms = []
+    real = prop_attention.prop_attention
+    monkeypatch.setattr(prop_attention, "prop_attention", lambda *a, **k: forms.append(a[5]) or real(*a, **k))
+    with torch.no_grad():
+        got = unet(*args, **kwargs).sample
+        assert forms and set(forms) == {"channel"}
+        monkeypatch.setattr(prop_attention, "choose_form", lambda device: "mask")
+        want = unet(*args, **kwargs).sample
+    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
