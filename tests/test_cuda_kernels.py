@@ -424,7 +424,6 @@ def test_patched_unet_with_local_matching_on_cuda(monkeypatch, request):
 def test_prop_attn_channel_form_equals_mask_form_on_cuda(dtype, monkeypatch):
     """MMDiT joint attention on CUDA takes the head-channel form (SDPA's flash kernels): equal to the mask."""
     from tomesd import prop_attention
-    from tomesd.patch.hosts import mmdit
 
     assert prop_attention.choose_form("cuda") == "channel"
     g = torch.Generator(device="cuda").manual_seed(3)
