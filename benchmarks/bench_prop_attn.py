@@ -6,7 +6,9 @@ fastest kernel. This times, at SD 1.5's top level (C=320, 8 heads of 40, batch 2
 --resolutions and --ratios (M = N − int(N·ratio) merged tokens):
 - attn1: diffusers' Attention (AttnProcessor2_0, projections included) as each mode calls it —
   tokens (M queries, M keys) and kv (N queries, M keys), each without and with the bias (prop_attn);
-- sdpa: F.scaled_dot_product_attention alone on the same shapes, with and without the mask.
+- sdpa: F.scaled_dot_product_attention alone on the same shapes, with and without the mask, and the
+  bias as one extra head channel (tomesd.prop_attention's "channel" form, what CUDA uses: it keeps
+  SDPA's flash kernels); "channel cost" is that form's cost over no bias.
 Medians over --reps, the variants interleaved round by round; writes JSON with --out.
 
     python benchmarks/bench_prop_attn.py --resolutions 512,768 --ratios 0.3,0.5,0.7
@@ -15,11 +17,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from tomesd.prop_attention import prop_attention  # noqa: E402
 
 
 def timed(fn, sync) -> float:
@@ -47,6 +55,7 @@ def cases(resolution: int, ratio: float, device: str, dtype):
     q = torch.randn(B, heads, N, head_dim, device=device, dtype=dtype)
     k = torch.randn(B, heads, M, head_dim, device=device, dtype=dtype)
     mask = bias[:, None].expand(B, heads, 1, M)
+    log_size = bias[:, 0].float()
     return {
         "attn1 tokens": lambda: attn(merged),
         "attn1 tokens+bias": lambda: attn(merged, attention_mask=bias),
@@ -54,6 +63,7 @@ def cases(resolution: int, ratio: float, device: str, dtype):
         "attn1 kv+bias": lambda: attn(x, encoder_hidden_states=merged, attention_mask=bias),
         "sdpa kv": lambda: F.scaled_dot_product_attention(q, k, k),
         "sdpa kv+mask": lambda: F.scaled_dot_product_attention(q, k, k, attn_mask=mask),
+        "sdpa kv+channel": lambda: prop_attention(q, k, k, log_size, form="channel"),
     }
 
 
@@ -84,11 +94,12 @@ def main() -> None:
                 row = dict(resolution=resolution, ratio=ratio, ms=ms,
                            tokens_bias_cost=ms["attn1 tokens+bias"] / ms["attn1 tokens"] - 1,
                            kv_bias_cost=ms["attn1 kv+bias"] / ms["attn1 kv"] - 1,
-                           sdpa_mask_cost=ms["sdpa kv+mask"] / ms["sdpa kv"] - 1)
+                           sdpa_mask_cost=ms["sdpa kv+mask"] / ms["sdpa kv"] - 1,
+                           sdpa_channel_cost=ms["sdpa kv+channel"] / ms["sdpa kv"] - 1)
                 rows.append(row)
                 print(f"{resolution} px ratio {ratio:g}: " + ", ".join(f"{k} {v:.1f} ms" for k, v in ms.items())
                       + f"; bias costs attn1 tokens {row['tokens_bias_cost']:+.1%}, attn1 kv {row['kv_bias_cost']:+.1%}, "
-                      f"sdpa {row['sdpa_mask_cost']:+.1%}", flush=True)
+                      f"sdpa {row['sdpa_mask_cost']:+.1%}, channel {row['sdpa_channel_cost']:+.1%}", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(device=args.device, dtype=str(dtype), threads=torch.get_num_threads(),
