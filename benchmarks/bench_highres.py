@@ -1,0 +1,344 @@
+"""Per-step speed-up and memory of token merging at 1024–2048 px (SD 1.5, SDXL) on a CPU: global against
+local matching, tomesd 0.1.3 side by side.
+
+Whole 1536 / 2048 px steps, one per setting and round, are out of reach of a 2-core CPU (an unpatched
+SD 1.5 step at 2048 px takes minutes), so a step is split into the part a setting changes and the rest.
+Every setting here merges only the highest-resolution transformer level (max_downsample = 1): its L
+Transformer2DModels (SD 1.5: 2 down + 3 up, C = 320, one transformer layer each; SDXL: 2 + 3, C = 640,
+two layers each) are identical in shape, so
+
+    step(setting) = L · block(setting) + rest,   per-step speed-up = step(no ToMe) / step(setting),
+
+where block is one of those Transformer2DModels taken from the UNet (random weights, real sizes, its text
+states [2, 77, cross-attention dim]: the guided batch of 2, fp32) and rest is one unpatched UNet step with
+those L modules replaced by identities (measured --rest-calls times, median; all the other work of the
+step, which no setting here changes). Block settings are timed round-robin for --rounds rounds (medians),
+after one untimed call each when --warmup. Matching's share of a merged block is the plan building alone
+(tomesd.ops.build_plan on the block's input, timed the same way) over the block's time.
+
+tomesd 0.1.3 is its algorithm (benchmarks/tomesd013.py: dense [src × dst] scores, argsort, scatter_reduce)
+hooked around each layer's attn1, at ratio 0.5 with 2×2 cells as its default. Peak memory (--memory) is
+the growth of the process's peak RSS over one block call, in a fresh process per setting (CPU: what the
+call allocates beyond the model and inputs, not CUDA memory).
+
+    python benchmarks/bench_highres.py --arch sd15 --resolutions 1024,1536,2048 --out highres_sd15.json
+    python benchmarks/bench_highres.py --arch sdxl --resolutions 2048 --out highres_sdxl.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import tomesd  # noqa: E402
+from tomesd import bench, matching, ops  # noqa: E402
+
+import tomesd013  # noqa: E402  (the reference algorithm, next to this script)
+
+SETTINGS: Tuple[Tuple[str, Dict[str, Any]], ...] = (  # name → apply_patch keywords (match_window apart)
+    ("default (tokens 0.5)", dict(ratio=0.5)),
+    ("0.7 prop", dict(ratio=0.7, prop_attn=True)),
+    ("0.7 prop mlp", dict(ratio=0.7, prop_attn=True, merge_mlp=True)),
+    ("kv 0.75 prop", dict(ratio=0.75, mode="kv", prop_attn=True)),
+    ("4x4 0.8 prop", dict(ratio=0.8, sx=4, sy=4, prop_attn=True)),
+    ("4x4 0.9 prop", dict(ratio=0.9, sx=4, sy=4, prop_attn=True)),
+)
+REFERENCE = "tomesd 0.1.3 0.5"
+
+
+def points(windows, prop_windows=()) -> List[Tuple[str, Optional[Dict[str, Any]]]]:
+    """(name, apply_patch keywords; None = no ToMe, REFERENCE = tomesd 0.1.3) in timing order; settings
+    with prop_attn also get prop_windows."""
+    out: List[Tuple[str, Optional[Dict[str, Any]]]] = [("no ToMe", None), (REFERENCE, None)]
+    for name, params in SETTINGS:
+        for window in [*windows, *(prop_windows if params.get("prop_attn") else ())]:
+            out.append((f"{name} {'global' if window is None else f'k={window}'}", dict(params, match_window=window)))
+    return out
+
+
+class Skip(nn.Module):
+    """A Transformer2DModel's stand-in that returns its input (the UNet's blocks call it with
+    return_dict=False and take element 0)."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return (hidden_states,)
+
+
+def finest_modules(unet) -> List[Tuple[nn.ModuleList, int]]:
+    """(ModuleList, index) of every Transformer2DModel at the UNet's highest-resolution transformer
+    level, found by one call on a small latent (their input is the largest)."""
+    owners = [(name, attentions, i) for name, block in [*(("down", b) for b in unet.down_blocks),
+                                                      *(("up", b) for b in unet.up_blocks)]
+              for attentions in [getattr(block, "attentions", None) or []] for i in range(len(attentions))]
+    sizes: Dict[int, int] = {}
+    handles = [attentions[i].register_forward_pre_hook(
+        lambda m, a: sizes.__setitem__(id(m), a[0].shape[-1] * a[0].shape[-2])) for _, attentions, i in owners]
+    cfg = bench.default_config("cpu", arch=ARCH["name"])
+    args, kwargs = bench.unet_inputs(unet, cfg, 128)
+    with torch.inference_mode():
+        unet(*args, **kwargs)
+    for h in handles:
+        h.remove()
+    top = max(sizes.values())
+    return [(attentions, i) for _, attentions, i in owners if sizes.get(id(attentions[i])) == top]
+
+
+ARCH: Dict[str, Any] = {}
+
+
+def rest_times(unet, cfg, px: int, finest, calls: int, warmup: bool) -> List[float]:
+    """Seconds of unpatched UNet steps at px with the finest-level Transformer2DModels skipped."""
+    originals = [attentions[i] for attentions, i in finest]
+    for attentions, i in finest:
+        attentions[i] = Skip()
+    try:
+        args, kwargs = bench.unet_inputs(unet, cfg, px)
+        times = []
+        with torch.inference_mode():
+            if warmup:
+                unet(*args, **kwargs)
+            for _ in range(calls):
+                start = time.perf_counter()
+                unet(*args, **kwargs)
+                times.append(time.perf_counter() - start)
+        return times
+    finally:
+        for (attentions, i), module in zip(finest, originals):
+            attentions[i] = module
+
+
+def full_times(unet, cfg, px: int, calls: int) -> List[float]:
+    args, kwargs = bench.unet_inputs(unet, cfg, px)
+    times = []
+    with torch.inference_mode():
+        unet(*args, **kwargs)
+        for _ in range(calls):
+            start = time.perf_counter()
+            unet(*args, **kwargs)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def block_inputs(block, px: int, cross: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + px)
+    side = px // 8
+    return (torch.randn(2, block.config.in_channels, side, side, generator=g),
+            torch.randn(2, 77, cross, generator=g))
+
+
+def reference_hooks(block, ratio: float = 0.5) -> List[Any]:
+    """Hooks that make `block`'s transformer layers merge as tomesd 0.1.3 does (merge_attn only): the
+    plan from each layer's input (dense scores), attn1 on the merged tokens, its output unmerged."""
+    handles = []
+    for layer in block.transformer_blocks:
+        slot: Dict[str, Any] = {}
+
+        def pre_layer(module, args, kwargs, slot=slot):
+            x = args[0] if args else kwargs["hidden_states"]
+            side = int(round(x.shape[1] ** 0.5))
+            slot["m"], slot["u"] = tomesd013.closures(x, side, side, 2, 2, int(x.shape[1] * ratio))
+
+        def pre_attn(module, args, kwargs, slot=slot):
+            if args:
+                return (slot["m"](args[0]), *args[1:]), kwargs
+            return args, dict(kwargs, hidden_states=slot["m"](kwargs["hidden_states"]))
+
+        def post_attn(module, args, kwargs, out, slot=slot):
+            return slot["u"](out)
+
+        handles.append(layer.register_forward_pre_hook(pre_layer, with_kwargs=True))
+        handles.append(layer.attn1.register_forward_pre_hook(pre_attn, with_kwargs=True))
+        handles.append(layer.attn1.register_forward_hook(post_attn, with_kwargs=True))
+    return handles
+
+
+class Variant:
+    """One point's patch on the block: apply (untimed) before its call, remove after."""
+
+    def __init__(self, block, name: str, params: Optional[Dict[str, Any]]):
+        self.block, self.name, self.params, self.handles = block, name, params, []
+
+    def __enter__(self):
+        if self.name == REFERENCE:
+            self.handles = reference_hooks(self.block)
+        elif self.params is not None:
+            tomesd.apply_patch(self.block, seed=1, max_downsample=1, **self.params)
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        tomesd.remove_patch(self.block)
+
+
+def block_rounds(block, pts, inputs, rounds: int, warmup: bool, progress) -> Dict[str, List[float]]:
+    sample, text = inputs
+    times: Dict[str, List[float]] = {name: [] for name, _ in pts}
+    with torch.inference_mode():
+        for k in range(-1 if warmup else 0, rounds):
+            for name, params in pts:
+                with Variant(block, name, params):
+                    start = time.perf_counter()
+                    block(sample, encoder_hidden_states=text)
+                    took = time.perf_counter() - start
+                if k >= 0:
+                    times[name].append(took)
+            progress(f"round {k + 1}/{rounds} done" if k >= 0 else "warm-up done")
+    return times
+
+
+def plan_seconds(block, sample, params: Dict[str, Any], calls: int) -> float:
+    """Median seconds of building the plan of `params` (ratio, sx/sy, match_window) on the block's
+    input tokens: partition + matching + slot map (what a patched layer runs once per call)."""
+    B, C, h, w = sample.shape
+    x = sample.flatten(2).transpose(1, 2).contiguous()
+    sx = sy = params.get("sx", 2)
+    dst, src = matching.partition(h, w, sx, sy, torch.tensor(12345), "cpu")
+    r = min(int(h * w * params["ratio"]), len(src))
+    window = params.get("match_window")
+    win = None if window is None else matching.LocalWindow(h, w, sx, sy, window)
+    times = []
+    with torch.inference_mode():
+        ops.build_plan(x, dst, src, r, win)
+        for _ in range(calls):
+            start = time.perf_counter()
+            ops.build_plan(x, dst, src, r, win)
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_growth(block_dir: str, px: int, cross: int, name: str, params) -> float:
+    """GiB: growth of peak RSS over one call of the block patched as `name`, in a fresh process."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", block_dir, str(px), str(cross),
+                          json.dumps([name, params])], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(block_dir: str, px: int, cross: int, spec: str) -> None:
+    from diffusers import Transformer2DModel
+
+    name, params = json.loads(spec)
+    block = Transformer2DModel.from_pretrained(block_dir).eval()
+    inputs = block_inputs(block, px, cross)
+    with Variant(block, name, params):
+        with torch.inference_mode():
+            block(*block_inputs(block, 64, cross)[:1], encoder_hidden_states=inputs[1])  # allocator warm-up
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            block(inputs[0], encoder_hidden_states=inputs[1])
+            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print((after - before) / 2 ** 20)  # ru_maxrss is KiB on Linux
+
+
+def load() -> str:
+    return f"load average {os.getloadavg()[0]:.2f}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", default="sd15", choices=("sd15", "sdxl", "tiny"))
+    p.add_argument("--resolutions", default="1024,1536,2048")
+    p.add_argument("--windows", default="3,5", help="local windows k besides global matching")
+    p.add_argument("--prop-windows", default="9", help="more windows for the settings with prop_attn")
+    p.add_argument("--only", help="comma-separated setting names of SETTINGS (default: all)")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", default="1024", help="resolutions at which every point gets an untimed call first")
+    p.add_argument("--rest-calls", type=int, default=1)
+    p.add_argument("--check-full", default="1024", help="resolutions at which a whole unpatched step is timed too "
+                   "(checks step = L · block + rest)")
+    p.add_argument("--memory", default="1024,2048", help="resolutions at which peak memory is measured ('' = none)")
+    p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.memory_child:
+        d, px, cross, spec = args.memory_child
+        memory_child(d, int(px), int(cross), spec)
+        return
+    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
+    windows: List[Optional[int]] = [None] + ints(args.windows)
+    global SETTINGS
+    if args.only:
+        keep = args.only.split(",")
+        unknown = set(keep) - {n for n, _ in SETTINGS}
+        if unknown:
+            p.error(f"--only: unknown setting(s) {sorted(unknown)}; known: {[n for n, _ in SETTINGS]}")
+        SETTINGS = tuple(s for s in SETTINGS if s[0] in keep)
+    ARCH["name"] = args.arch
+    cfg = bench.default_config("cpu", arch=args.arch, isolate=False)
+    unet = bench.load_unet(cfg)
+    cross = unet.config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (list, tuple)) else cross
+    finest = finest_modules(unet)
+    block = finest[0][0][finest[0][1]]
+    pts = points(windows, ints(args.prop_windows))
+    block_dir = tempfile.mkdtemp(prefix="tomesd_highres_block_")
+    block.save_pretrained(block_dir)
+    result: Dict[str, Any] = dict(arch=args.arch, torch=torch.__version__, threads=torch.get_num_threads(),
+                                  finest_modules=len(finest), block_channels=block.config.in_channels,
+                                  layers=len(block.transformer_blocks), load_before=load(), resolutions={})
+    say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    for px in ints(args.resolutions):
+        entry: Dict[str, Any] = dict()
+        warm = px in ints(args.warmup)
+        rest = rest_times(unet, cfg, px, finest, args.rest_calls, warm)
+        entry["rest_s"] = statistics.median(rest)
+        say(f"{px} px: rest of the step {entry['rest_s']:.1f} s ({load()})")
+        inputs = block_inputs(block, px, cross)
+        times = block_rounds(block, pts, inputs, args.rounds, warm, lambda t: say(f"{px} px: {t} ({load()})"))
+        plans = {n: plan_seconds(block, inputs[0], params, 3) for n, params in pts if params is not None}
+        L = len(finest)
+        base = statistics.median(times["no ToMe"])
+        step0 = L * base + entry["rest_s"]
+        rows = []
+        for name, params in pts:
+            b = statistics.median(times[name])
+            row = dict(setting=name, params=params, block_s=b, block_all=times[name], block_speedup=base / b,
+                       step_s=L * b + entry["rest_s"], step_speedup=step0 / (L * b + entry["rest_s"]))
+            if name in plans:
+                row["plan_s"] = plans[name]
+                row["matching_share"] = plans[name] * len(block.transformer_blocks) / b
+            rows.append(row)
+        entry["rows"] = rows
+        entry["finest_share"] = L * base / step0
+        if px in ints(args.check_full):
+            full = full_times(unet, cfg, px, 1)
+            entry["full_step_s"] = statistics.median(full)
+            say(f"{px} px: whole step {entry['full_step_s']:.1f} s against L·block + rest = {step0:.1f} s")
+        if px in ints(args.memory):
+            mem = {}
+            for name, params in pts:
+                if name in ("no ToMe", REFERENCE) or name.startswith("default"):
+                    mem[name] = peak_rss_growth(block_dir, px, cross, name, params)
+                    say(f"{px} px: {name}: peak RSS +{mem[name]:.2f} GiB")
+            for row in rows:
+                if row["setting"] in mem:
+                    row["peak_rss_growth_gib"] = mem[row["setting"]]
+        result["resolutions"][px] = entry
+        print(f"\n{args.arch} {px} px: finest level {entry['finest_share']:.0%} of an unpatched step "
+              f"({L} × {base:.1f} s + rest {entry['rest_s']:.1f} s)", flush=True)
+        print("| setting | block (s) | block speed-up | step speed-up | matching share | peak RSS + (GiB) |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for row in rows:
+            share = f"{row['matching_share']:.1%}" if "matching_share" in row else "—"
+            mem_s = f"{row['peak_rss_growth_gib']:.2f}" if "peak_rss_growth_gib" in row else "—"
+            print(f"| {row['setting']} | {row['block_s']:.2f} | {row['block_speedup']:.2f}× | "
+                  f"{row['step_speedup']:.2f}× | {share} | {mem_s} |", flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(dict(result, load_after=load()), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
