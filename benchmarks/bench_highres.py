@@ -18,8 +18,8 @@ after one untimed call each when --warmup. Matching's share of a merged block is
 
 tomesd 0.1.3 is its algorithm (benchmarks/tomesd013.py: dense [src × dst] scores, argsort, scatter_reduce)
 hooked around each layer's attn1, at ratio 0.5 with 2×2 cells as its default. Peak memory (--memory) is
-the growth of the process's peak RSS over one block call, in a fresh process per setting (CPU: what the
-call allocates beyond the model and inputs, not CUDA memory).
+the growth of peak RSS (VmHWM, reset just before) over RSS during one block call, in a fresh process per
+setting (Linux; CPU: what the call allocates beyond the model and inputs, not CUDA memory).
 
     python benchmarks/bench_highres.py --arch sd15 --resolutions 1024,1536,2048 --out highres_sd15.json
     python benchmarks/bench_highres.py --arch sdxl --resolutions 2048 --out highres_sdxl.json
@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -76,9 +75,10 @@ class Skip(nn.Module):
         return (hidden_states,)
 
 
-def finest_modules(unet) -> List[Tuple[nn.ModuleList, int]]:
-    """(ModuleList, index) of every Transformer2DModel at the UNet's highest-resolution transformer
-    level, found by one call on a small latent (their input is the largest)."""
+def finest_modules(unet) -> Tuple[List[Tuple[nn.ModuleList, int]], int]:
+    """((ModuleList, index) of every Transformer2DModel at the UNet's highest-resolution transformer
+    level, found by one call on a small latent (their input is the largest); that level's downsample
+    factor: SD 1.5 1, SDXL 2)."""
     owners = [(name, attentions, i) for name, block in [*(("down", b) for b in unet.down_blocks),
                                                       *(("up", b) for b in unet.up_blocks)]
               for attentions in [getattr(block, "attentions", None) or []] for i in range(len(attentions))]
@@ -92,7 +92,8 @@ def finest_modules(unet) -> List[Tuple[nn.ModuleList, int]]:
     for h in handles:
         h.remove()
     top = max(sizes.values())
-    return [(attentions, i) for _, attentions, i in owners if sizes.get(id(attentions[i])) == top]
+    downsample = round((args[0].shape[-1] * args[0].shape[-2] / top) ** 0.5)
+    return [(attentions, i) for _, attentions, i in owners if sizes.get(id(attentions[i])) == top], downsample
 
 
 ARCH: Dict[str, Any] = {}
@@ -131,9 +132,9 @@ def full_times(unet, cfg, px: int, calls: int) -> List[float]:
     return times
 
 
-def block_inputs(block, px: int, cross: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed + px)
-    side = px // 8
+def block_inputs(block, side: int, cross: int, seed: int = 0):
+    """(sample [2, C, side, side], text [2, 77, cross]) of one block call."""
+    g = torch.Generator().manual_seed(seed + side)
     return (torch.randn(2, block.config.in_channels, side, side, generator=g),
             torch.randn(2, 77, cross, generator=g))
 
@@ -220,26 +221,49 @@ def plan_seconds(block, sample, params: Dict[str, Any], calls: int) -> float:
     return statistics.median(times)
 
 
-def peak_rss_growth(block_dir: str, px: int, cross: int, name: str, params) -> float:
-    """GiB: growth of peak RSS over one call of the block patched as `name`, in a fresh process."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", block_dir, str(px), str(cross),
+def peak_rss_growth(block_dir: str, side: int, cross: int, name: str, params) -> float:
+    """GiB: growth of peak RSS over one call of the block (side × side tokens) patched as `name`, in a
+    fresh process."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--memory-child", block_dir, str(side), str(cross),
                           json.dumps([name, params])], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def memory_child(block_dir: str, px: int, cross: int, spec: str) -> None:
+def memory_points(block_dir: str, px: int, side: int, cross: int, pts, say) -> Dict[str, float]:
+    """Peak RSS growth (GiB) of no ToMe, tomesd 0.1.3 and the default setting's windows at px."""
+    mem = {}
+    for name, params in pts:
+        if name in ("no ToMe", REFERENCE) or name.startswith("default"):
+            mem[name] = peak_rss_growth(block_dir, side, cross, name, params)
+            say(f"{px} px: {name}: peak RSS +{mem[name]:.2f} GiB")
+    return mem
+
+
+def memory_child(block_dir: str, side: int, cross: int, spec: str) -> None:
     from diffusers import Transformer2DModel
 
     name, params = json.loads(spec)
     block = Transformer2DModel.from_pretrained(block_dir).eval()
-    inputs = block_inputs(block, px, cross)
+    inputs = block_inputs(block, side, cross)
     with Variant(block, name, params):
         with torch.inference_mode():
-            block(*block_inputs(block, 64, cross)[:1], encoder_hidden_states=inputs[1])  # allocator warm-up
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+            block(*block_inputs(block, 8, cross)[:1], encoder_hidden_states=inputs[1])  # allocator warm-up
+            before = _status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as fh:  # reset VmHWM (this process's peak RSS) to VmRSS
+                fh.write("5")
             block(inputs[0], encoder_hidden_states=inputs[1])
-            after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print((after - before) / 2 ** 20)  # ru_maxrss is KiB on Linux
+            peak = _status_kib("VmHWM")
+    print((peak - before) / 2 ** 20)
+
+
+def _status_kib(field: str) -> int:
+    """A field of /proc/self/status in KiB (Linux). Not getrusage's ru_maxrss: a child started by fork +
+    exec inherits its parent's peak there, which hides the child's own."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def load() -> str:
@@ -259,12 +283,13 @@ def main() -> None:
     p.add_argument("--check-full", default="1024", help="resolutions at which a whole unpatched step is timed too "
                    "(checks step = L · block + rest)")
     p.add_argument("--memory", default="1024,2048", help="resolutions at which peak memory is measured ('' = none)")
+    p.add_argument("--memory-only", action="store_true", help="only the peak memory at --memory (no timing)")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--out")
     args = p.parse_args()
     if args.memory_child:
-        d, px, cross, spec = args.memory_child
-        memory_child(d, int(px), int(cross), spec)
+        d, side, cross, spec = args.memory_child
+        memory_child(d, int(side), int(cross), spec)
         return
     ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     windows: List[Optional[int]] = [None] + ints(args.windows)
@@ -280,22 +305,31 @@ def main() -> None:
     unet = bench.load_unet(cfg)
     cross = unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    finest = finest_modules(unet)
+    finest, downsample = finest_modules(unet)
     block = finest[0][0][finest[0][1]]
     pts = points(windows, ints(args.prop_windows))
     block_dir = tempfile.mkdtemp(prefix="tomesd_highres_block_")
     block.save_pretrained(block_dir)
     result: Dict[str, Any] = dict(arch=args.arch, torch=torch.__version__, threads=torch.get_num_threads(),
-                                  finest_modules=len(finest), block_channels=block.config.in_channels,
+                                  finest_modules=len(finest), finest_downsample=downsample, block_channels=block.config.in_channels,
                                   layers=len(block.transformer_blocks), load_before=load(), resolutions={})
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
+    if args.memory_only:
+        memory = {px: memory_points(block_dir, px, px // 8 // downsample, cross, pts, say) for px in ints(args.memory)}
+        print("| px | " + " | ".join(memory[next(iter(memory))]) + " |")
+        for px, mem in memory.items():
+            print(f"| {px} | " + " | ".join(f"{v:.2f} GiB" for v in mem.values()) + " |")
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(dict(result, memory_gib=memory), fh, indent=1)
+        return
     for px in ints(args.resolutions):
         entry: Dict[str, Any] = dict()
         warm = px in ints(args.warmup)
         rest = rest_times(unet, cfg, px, finest, args.rest_calls, warm)
         entry["rest_s"] = statistics.median(rest)
         say(f"{px} px: rest of the step {entry['rest_s']:.1f} s ({load()})")
-        inputs = block_inputs(block, px, cross)
+        inputs = block_inputs(block, px // 8 // downsample, cross)
         times = block_rounds(block, pts, inputs, args.rounds, warm, lambda t: say(f"{px} px: {t} ({load()})"))
         plans = {n: plan_seconds(block, inputs[0], params, 3) for n, params in pts if params is not None}
         L = len(finest)
@@ -317,11 +351,7 @@ def main() -> None:
             entry["full_step_s"] = statistics.median(full)
             say(f"{px} px: whole step {entry['full_step_s']:.1f} s against L·block + rest = {step0:.1f} s")
         if px in ints(args.memory):
-            mem = {}
-            for name, params in pts:
-                if name in ("no ToMe", REFERENCE) or name.startswith("default"):
-                    mem[name] = peak_rss_growth(block_dir, px, cross, name, params)
-                    say(f"{px} px: {name}: peak RSS +{mem[name]:.2f} GiB")
+            mem = memory_points(block_dir, px, px // 8 // downsample, cross, pts, say)
             for row in rows:
                 if row["setting"] in mem:
                     row["peak_rss_growth_gib"] = mem[row["setting"]]

@@ -3,8 +3,10 @@
 
     python examples/generate_highres.py --model reference --prompt 3 --height 64 --width 64   # offline, a CPU, seconds
 
+    # the high-resolution preset by default on UNet pipelines (README.md "High resolution"): 4x4 cells,
+    # ratio 0.8 -> 0.9 by image side, prop_attn; --ratio / --cells / --match-window / --no-prop-attn change it
     python examples/generate_highres.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 \\
-        --prompt "a castle on a hill" --height 1024 --width 1024 --ratio "512:0.3,1024:0.5,2048:0.6"
+        --prompt "a castle on a hill" --height 2048 --width 2048
 
     # generate at 768 px, upscale ×2 and refine with img2img (the hires pass merges at the 1536 px ratio)
     python examples/generate_highres.py --model DIR --height 768 --width 768 --hires-fix 2 --ratio "768:0.4,1536:0.6"
@@ -36,18 +38,36 @@ import tomesd
 from tomesd import cli, models
 
 
+# The high-resolution preset for UNet pipelines (README.md "High resolution", measured on SD 1.5 in
+# BENCHMARKS.md "High resolution"): one dst per 4x4 cell, ratio 0.8 up to 512 px rising to 0.9 at 1024 px
+# and above, proportional attention, global matching. Transformer pipelines (SD 3, Flux), where it was
+# not measured, keep apply_patch's defaults unless told otherwise.
+PRESET = dict(ratio="512:0.8,1024:0.9", cells=4, prop_attn=True, match_window=None)
+
+
 def parse_ratio(text: str):
-    """'0.5' → 0.5; '512:0.3,1024:0.5' → {512.0: 0.3, 1024.0: 0.5}; checked by tomesd.ToMeConfig."""
+    """'0.5' → 0.5; '512:0.3,1024:0.5' → {512.0: 0.3, 1024.0: 0.5}; its form checked by tomesd.ToMeConfig
+    (its bound, 1 − 1/cells², once the cells are known: parse_args, resolve_preset)."""
     try:
         if ":" in text:
             pairs = (item.split(":") for item in text.split(",") if item.strip())
             ratio = {float(side): float(value) for side, value in pairs}
         else:
             ratio = float(text)
-        tomesd.ToMeConfig(ratio=ratio)
+        tomesd.ToMeConfig(ratio=ratio, sx=64, sy=64)
     except (ValueError, TypeError) as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
     return ratio
+
+
+def parse_window(text: str):
+    """'none' → None (global matching); '5' → 5; checked by tomesd.ToMeConfig."""
+    try:
+        window = None if text.strip().lower() == "none" else int(text)
+        tomesd.ToMeConfig(match_window=window)
+    except (ValueError, TypeError) as error:
+        raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
+    return window
 
 
 def _number(kind, low, high=math.inf, low_open=False):
@@ -81,8 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(models.DTYPES), help="default: fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--device", help="default: the accelerate process's device (cuda when available, else cpu)")
     p.add_argument("--out", default="highres.png", help="PNG path; several images are numbered (out-000.png, ...)")
-    p.add_argument("--ratio", type=parse_ratio, default=parse_ratio("512:0.3,1024:0.5,2048:0.6"),
-                   help="ToMe ratio: a float or side:ratio pairs (default 512:0.3,1024:0.5,2048:0.6)")
+    p.add_argument("--ratio", type=parse_ratio,
+                   help=f"ToMe ratio: a float or side:ratio pairs (default on UNet pipelines {PRESET['ratio']}, the "
+                   "high-resolution preset of README.md; elsewhere apply_patch's 0.5)")
+    p.add_argument("--cells", type=_number(int, 1), metavar="N",
+                   help=f"one dst token per N x N cell (sx = sy = N; default {PRESET['cells']} on UNet pipelines, else 2)")
+    p.add_argument("--match-window", type=parse_window, metavar="K",
+                   help="local matching: an odd k >= 1 (a src compares with the dst of the k x k cells around it), "
+                   "or 'none' for global matching (the default)")
+    p.add_argument("--prop-attn", action=argparse.BooleanOptionalAction, default=None,
+                   help="proportional attention (default on UNet pipelines: on; elsewhere apply_patch's: on in kv mode)")
     p.add_argument("--hires-fix", type=_number(float, 1.0, 8.0, low_open=True), metavar="FACTOR",
                    help="upscale the image by FACTOR and refine it with an img2img pass")
     p.add_argument("--strength", type=_number(float, 0.0, 1.0, low_open=True), default=0.5,
@@ -100,6 +128,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     missing = [name for name in ("diffusers", "transformers", "accelerate") if importlib.util.find_spec(name) is None]
     if missing:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[examples]'")
+    if args.ratio is not None:  # against --cells, or the largest cells a default takes (the preset's)
+        cells = args.cells or PRESET["cells"]
+        try:
+            tomesd.ToMeConfig(ratio=args.ratio, sx=cells, sy=cells)
+        except (ValueError, TypeError) as error:
+            parser.error(f"argument --ratio: with {cells}x{cells} cells: {error}")
     problem = models.model_problem(args.model, "pipeline", hub=False)
     if problem:
         parser.error(f"--model {problem}")
@@ -160,17 +194,33 @@ def load_pipelines(args, device: str):
         fail(problem)
     if img2img is not None:
         img2img.set_progress_bar_config(disable=True)
+    resolve_preset(args, hasattr(pipe, "unet"))
     if not args.no_tome:
-        tomesd.apply_patch(pipe, ratio=args.ratio, seed=args.seed, mode=args.mode)
+        tome = dict(ratio=args.ratio, sx=args.cells, sy=args.cells, seed=args.seed, mode=args.mode,
+                    match_window=args.match_window, prop_attn=args.prop_attn)
+        try:
+            tomesd.ToMeConfig(**{k: v for k, v in tome.items() if k != "seed"})
+        except (ValueError, TypeError) as error:  # e.g. --ratio 0.9 with --cells 2
+            fail(f"tomesd settings: {cli.error_line(error)}")
+        tomesd.apply_patch(pipe, **tome)
         if img2img is not None and not tomesd.is_patched(img2img):  # from_pipe shares the (patched) UNet
-            tomesd.apply_patch(img2img, ratio=args.ratio, seed=args.seed, mode=args.mode)
+            tomesd.apply_patch(img2img, **tome)
     if args.compile:
         (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
     return pipe, img2img
 
 
-def describe_ratio(ratio, height: int, width: int) -> str:
-    resolved = tomesd.ToMeConfig(ratio=ratio).schedule.resolve(height, width, 1)
+def resolve_preset(args, unet: bool) -> None:
+    """Fill the ToMe settings not given on the command line: the high-resolution PRESET on UNet
+    pipelines, apply_patch's defaults elsewhere."""
+    preset = dict(PRESET, ratio=parse_ratio(PRESET["ratio"])) if unet else dict(ratio=0.5, cells=2)
+    for name in ("ratio", "cells", "prop_attn"):
+        if getattr(args, name) is None:
+            setattr(args, name, preset.get(name))
+
+
+def describe_ratio(ratio, height: int, width: int, cells: int = 2) -> str:
+    resolved = tomesd.ToMeConfig(ratio=ratio, sx=cells, sy=cells).schedule.resolve(height, width, 1)
     return f"ratio {resolved:.3g} at {width}x{height}"
 
 
@@ -216,7 +266,9 @@ def main(argv=None) -> int:
     todo = jobs(args.prompt, args.images_per_prompt, args.seed)
     if state.is_main_process:
         sizes = [(args.height, args.width)] + ([hires_size(args.height, args.width, args.hires_fix)] if img2img else [])
-        tome = "no tomesd" if args.no_tome else "; ".join(describe_ratio(args.ratio, h, w) for h, w in sizes)
+        tome = "no tomesd" if args.no_tome else "; ".join(describe_ratio(args.ratio, h, w, args.cells) for h, w in sizes) + (
+            f"; {args.cells}x{args.cells} cells, match_window {args.match_window or 'none (global)'}, prop_attn "
+            f"{'default' if args.prop_attn is None else 'on' if args.prop_attn else 'off'}")
         print(f"{len(todo)} image(s) on {state.num_processes} process(es); {tome}", flush=True)
     with state.split_between_processes(todo) as mine:
         for index, prompt, seed in mine:

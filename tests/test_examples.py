@@ -92,9 +92,12 @@ def test_sdxl_hires_fix_and_no_tome(pipes, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--ratio", "0.9"], "--ratio"),
+    (["--ratio", "0.95"], "--ratio"),
+    (["--ratio", "0.9", "--cells", "2"], "--ratio"),
     (["--ratio", "512:x"], "--ratio"),
-    (["--ratio", "512:0.3,1024:0.8"], "--ratio"),
+    (["--ratio", "512:0.3,1024:0.97"], "--ratio"),
+    (["--cells", "0"], "--cells"),
+    (["--match-window", "4"], "--match-window"),
     (["--hires-fix", "1"], "--hires-fix"),
     (["--strength", "0"], "--strength"),
     (["--steps", "0"], "--steps"),
@@ -137,7 +140,8 @@ def test_examples_run_offline_on_the_reference_model(tmp_path, capsys):
 
     assert highres.main(["--model", PIPELINE_DIR, "--height", "24", "--width", "32", "--steps", "2", "--out", str(out),
                          "--device", "cpu"]) == 0
-    assert "ratio 0.3 at 32x24" in capsys.readouterr().out and Image.open(out).size == (32, 24)
+    below = min(highres.parse_ratio(highres.PRESET["ratio"]).items())[1]  # the preset's ratio below its first side
+    assert f"ratio {below:g} at 32x24" in capsys.readouterr().out and Image.open(out).size == (32, 24)
     for argv, message in [(["--hires-fix", "2"], "--hires-fix: DigitsPipeline has no img2img pipeline"),
                           (["--height", "15"], "--height 15: DigitsPipeline needs multiples of 2 px (its default is 16)"),
                           (["--prompt", "a cat"], "--prompt: the reference model draws one digit"),
@@ -224,3 +228,26 @@ def test_visualize_merges_example(pipes, tmp_path, capsys):
     assert Image.open(plain).size == (64, 64)
     with pytest.raises(SystemExit):
         visualize_merges.main(["--model", pipes["sd1"], "--steps", "2", "--step", "2"])
+
+
+def test_the_high_resolution_preset_is_the_default_and_can_be_changed(pipes, capsys):
+    """generate_highres patches with README's high-resolution preset (ratio by side, local matching,
+    prop_attn) unless told otherwise."""
+    from tomesd.patch import patched_state
+
+    preset = highres.PRESET
+    args = highres.parse_args(["--model", pipes["sd1"], "--height", "64", "--width", "64"])
+    pipe, _ = highres.load_pipelines(args, "cpu")
+    config = patched_state(pipe.unet).config
+    assert config.match_window == preset["match_window"] and config.prop_attn is preset["prop_attn"]
+    assert (config.sx, config.sy) == (preset["cells"], preset["cells"])
+    assert config.ratio == args.ratio == highres.parse_ratio(preset["ratio"])
+    args = highres.parse_args(["--model", pipes["sd1"], "--match-window", "3", "--no-prop-attn", "--ratio", "0.4",
+                               "--cells", "2"])
+    pipe, _ = highres.load_pipelines(args, "cpu")
+    config = patched_state(pipe.unet).config
+    assert config.match_window == 3 and config.prop_attn is False and config.ratio == 0.4 and config.sx == 2
+    for bad in ("4", "x", "0"):
+        with pytest.raises(SystemExit):
+            highres.parse_args(["--model", pipes["sd1"], "--match-window", bad])
+        assert "--match-window" in capsys.readouterr().err
