@@ -9,6 +9,8 @@ two layers each) are identical in shape, so
 
     step(setting) = L · block(setting) + rest,   per-step speed-up = step(no ToMe) / step(setting),
 
+(--level d times the level at downsample d instead, e.g. SDXL's /4 level: 2 + 3 + mid, ten layers each),
+
 where block is one of those Transformer2DModels taken from the UNet (random weights, real sizes, its text
 states [2, 77, cross-attention dim]: the guided batch of 2, fp32) and rest is one unpatched UNet step with
 those L modules replaced by identities (measured --rest-calls times, median; all the other work of the
@@ -75,11 +77,12 @@ class Skip(nn.Module):
         return (hidden_states,)
 
 
-def finest_modules(unet) -> Tuple[List[Tuple[nn.ModuleList, int]], int]:
+def finest_modules(unet, level: Optional[int] = None) -> Tuple[List[Tuple[nn.ModuleList, int]], int]:
     """((ModuleList, index) of every Transformer2DModel at the UNet's highest-resolution transformer
-    level, found by one call on a small latent (their input is the largest); that level's downsample
-    factor: SD 1.5 1, SDXL 2)."""
+    level (or at downsample `level`), found by one call on a small latent (their input is the largest);
+    that level's downsample factor: SD 1.5 1, SDXL 2)."""
     owners = [(name, attentions, i) for name, block in [*(("down", b) for b in unet.down_blocks),
+                                                      ("mid", unet.mid_block),
                                                       *(("up", b) for b in unet.up_blocks)]
               for attentions in [getattr(block, "attentions", None) or []] for i in range(len(attentions))]
     sizes: Dict[int, int] = {}
@@ -91,7 +94,7 @@ def finest_modules(unet) -> Tuple[List[Tuple[nn.ModuleList, int]], int]:
         unet(*args, **kwargs)
     for h in handles:
         h.remove()
-    top = max(sizes.values())
+    top = max(sizes.values()) if level is None else args[0].shape[-1] * args[0].shape[-2] // level ** 2
     downsample = round((args[0].shape[-1] * args[0].shape[-2] / top) ** 0.5)
     return [(attentions, i) for _, attentions, i in owners if sizes.get(id(attentions[i])) == top], downsample
 
@@ -276,6 +279,8 @@ def main() -> None:
     p.add_argument("--resolutions", default="1024,1536,2048")
     p.add_argument("--windows", default="3,5", help="local windows k besides global matching")
     p.add_argument("--prop-windows", default="9", help="more windows for the settings with prop_attn")
+    p.add_argument("--level", type=int, help="time the Transformer2DModels at this downsample instead of the "
+                   "highest-resolution level (SDXL: 4 for its /4 level); the settings merge that level alone")
     p.add_argument("--only", help="comma-separated setting names of SETTINGS (default: all)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", default="1024", help="resolutions at which every point gets an untimed call first")
@@ -305,7 +310,9 @@ def main() -> None:
     unet = bench.load_unet(cfg)
     cross = unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    finest, downsample = finest_modules(unet)
+    finest, downsample = finest_modules(unet, args.level)
+    if not finest:
+        p.error(f"--level {args.level}: {args.arch} has no transformer block at that downsample")
     block = finest[0][0][finest[0][1]]
     pts = points(windows, ints(args.prop_windows))
     block_dir = tempfile.mkdtemp(prefix="tomesd_highres_block_")
@@ -356,7 +363,7 @@ def main() -> None:
                 if row["setting"] in mem:
                     row["peak_rss_growth_gib"] = mem[row["setting"]]
         result["resolutions"][px] = entry
-        print(f"\n{args.arch} {px} px: finest level {entry['finest_share']:.0%} of an unpatched step "
+        print(f"\n{args.arch} {px} px: level /{downsample} {entry['finest_share']:.0%} of an unpatched step "
               f"({L} × {base:.1f} s + rest {entry['rest_s']:.1f} s)", flush=True)
         print("| setting | block (s) | block speed-up | step speed-up | matching share | peak RSS + (GiB) |")
         print("| --- | --- | --- | --- | --- | --- |")
