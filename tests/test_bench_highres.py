@@ -1,0 +1,62 @@
+"""benchmarks/bench_highres.py (issue 19's high-resolution tables) and benchmarks/local_matching_where.py end
+to end on small models: the points they time, the step formula, the memory child, the analysis table.
+Timing values are not checked (benchmarks measure, tests do not)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT)
+
+
+def test_bench_highres_points_formula_and_memory(tmp_path):
+    out = tmp_path / "highres.json"
+    proc = run("benchmarks/bench_highres.py", "--arch", "tiny", "--resolutions", "128", "--rounds", "1",
+               "--warmup", "", "--check-full", "128", "--memory", "128", "--windows", "3",
+               "--prop-windows", "5", "--only", "default (tokens 0.5),0.7 prop", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    entry = data["resolutions"]["128"]
+    rows = {r["setting"]: r for r in entry["rows"]}
+    assert list(rows) == ["no ToMe", "tomesd 0.1.3 0.5", "default (tokens 0.5) global", "default (tokens 0.5) k=3",
+                          "0.7 prop global", "0.7 prop k=3", "0.7 prop k=5"]
+    assert rows["0.7 prop k=5"]["params"] == dict(ratio=0.7, prop_attn=True, match_window=5)
+    L, rest, base = data["finest_modules"], entry["rest_s"], rows["no ToMe"]["block_s"]
+    for row in rows.values():  # step = L · block + rest, speed-up against the unpatched step
+        assert row["step_s"] == pytest.approx(L * row["block_s"] + rest)
+        assert row["step_speedup"] == pytest.approx((L * base + rest) / row["step_s"])
+        assert ("matching_share" in row) == (row["params"] is not None)
+    assert entry["full_step_s"] > 0 and 0 < entry["finest_share"] < 1
+    memory = {name: row["peak_rss_growth_gib"] for name, row in rows.items() if "peak_rss_growth_gib" in row}
+    assert set(memory) == {"no ToMe", "tomesd 0.1.3 0.5", "default (tokens 0.5) global", "default (tokens 0.5) k=3"}
+    assert all(v >= 0 for v in memory.values())
+    assert "| 0.7 prop k=5 |" in proc.stdout
+
+
+def test_bench_highres_refuses_unknown_settings_and_levels():
+    proc = run("benchmarks/bench_highres.py", "--arch", "tiny", "--only", "fastest")
+    assert proc.returncode == 2 and "--only: unknown setting(s) ['fastest']" in proc.stderr
+    proc = run("benchmarks/bench_highres.py", "--arch", "tiny", "--level", "3", "--resolutions", "64")
+    assert proc.returncode == 2 and "--level 3: tiny has no transformer block at that downsample" in proc.stderr
+
+
+def test_local_matching_where_reports_every_window(tmp_path):
+    pytest.importorskip("sklearn")  # the photos model's photographs
+    out = tmp_path / "where.json"
+    proc = run("benchmarks/local_matching_where.py", "--size", "32", "--steps", "2", "--keep", "1",
+               "--windows", "3,31", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["window"]: r for r in json.loads(out.read_text())["calls"]["1"]}
+    assert list(rows) == ["global", "k=3", "k=31"]
+    assert rows["global"]["forced"] == 0 and rows["global"]["same_as_global"] == 1.0
+    # a 3 × 3 window has fewer candidates: its merged partners are less alike; a window covering the
+    # 16 × 16 cells of a 32 px canvas is the global matching
+    assert rows["k=3"]["mean_sim"] < rows["global"]["mean_sim"]
+    assert rows["k=31"]["mean_sim"] == pytest.approx(rows["global"]["mean_sim"]) and rows["k=31"]["forced"] == 0
