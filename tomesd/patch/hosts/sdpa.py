@@ -140,7 +140,9 @@ class ProcessorAttention(ArgAttention):
     after patching, a CPU — the bias goes in as the attention_mask, as before."""
 
     def wrap(self, state, name, module):
-        if not state.config.prop_attn or type(getattr(module, "processor", None)).__name__ not in SDPA_PROCESSORS:
+        kind = type(getattr(module, "processor", None))
+        sdpa_processor = kind.__name__ in SDPA_PROCESSORS and kind.__module__.startswith("diffusers.")
+        if not (state.config.prop_attn and sdpa_processor):  # exactly diffusers' class: a look-alike may not call SDPA once
             return None
         return ProcessorWrapper.wrap(module, partial(sdpa_forward, state, name))
 
