@@ -102,10 +102,11 @@ def finest_modules(unet, level: Optional[int] = None) -> Tuple[List[Tuple[nn.Mod
 ARCH: Dict[str, Any] = {}
 
 
-def rest_times(unet, cfg, px: int, finest, calls: int, warmup: bool) -> List[float]:
-    """Seconds of unpatched UNet steps at px with the finest-level Transformer2DModels skipped."""
-    originals = [attentions[i] for attentions, i in finest]
-    for attentions, i in finest:
+def step_times(unet, cfg, px: int, calls: int, warmup: bool, skipped=()) -> List[float]:
+    """Seconds of unpatched UNet steps at px (after one untimed step when warmup), with the
+    Transformer2DModels at `skipped` ((ModuleList, index) pairs) replaced by identities."""
+    originals = [attentions[i] for attentions, i in skipped]
+    for attentions, i in skipped:
         attentions[i] = Skip()
     try:
         args, kwargs = bench.unet_inputs(unet, cfg, px)
@@ -119,20 +120,8 @@ def rest_times(unet, cfg, px: int, finest, calls: int, warmup: bool) -> List[flo
                 times.append(time.perf_counter() - start)
         return times
     finally:
-        for (attentions, i), module in zip(finest, originals):
+        for (attentions, i), module in zip(skipped, originals):
             attentions[i] = module
-
-
-def full_times(unet, cfg, px: int, calls: int) -> List[float]:
-    args, kwargs = bench.unet_inputs(unet, cfg, px)
-    times = []
-    with torch.inference_mode():
-        unet(*args, **kwargs)
-        for _ in range(calls):
-            start = time.perf_counter()
-            unet(*args, **kwargs)
-            times.append(time.perf_counter() - start)
-    return times
 
 
 def block_inputs(block, side: int, cross: int, seed: int = 0):
@@ -333,7 +322,7 @@ def main() -> None:
     for px in ints(args.resolutions):
         entry: Dict[str, Any] = dict()
         warm = px in ints(args.warmup)
-        rest = rest_times(unet, cfg, px, finest, args.rest_calls, warm)
+        rest = step_times(unet, cfg, px, args.rest_calls, warm, skipped=finest)
         entry["rest_s"] = statistics.median(rest)
         say(f"{px} px: rest of the step {entry['rest_s']:.1f} s ({load()})")
         inputs = block_inputs(block, px // 8 // downsample, cross)
@@ -354,7 +343,7 @@ def main() -> None:
         entry["rows"] = rows
         entry["finest_share"] = L * base / step0
         if px in ints(args.check_full):
-            full = full_times(unet, cfg, px, 1)
+            full = step_times(unet, cfg, px, 1, warmup=True)
             entry["full_step_s"] = statistics.median(full)
             say(f"{px} px: whole step {entry['full_step_s']:.1f} s against L·block + rest = {step0:.1f} s")
         if px in ints(args.memory):
