@@ -2,24 +2,14 @@
 # Issue 19: quality of local matching (match_window = 3, 5) against global matching (none) on the photos
 # reference model at its largest canvases, 64 px (4,096 tokens at the finest level) and 128 px (16,384),
 # for the settings of the high-resolution speed grid (benchmarks/bench_highres.py). One results.json per
-# sub-grid and size under ${1:-highres-quality}/<sub-grid>/<size>px/. Same samples as
-# benchmarks/photos_quality.sh: 64 px six photographs, 20 DDIM steps; 128 px two photographs, 10 steps;
-# no warm-up call; the pipeline's guidance; apply_patch seed 0. Sub-grids named after the output
-# directory run alone ($2 ...).
+# sub-grid and size under ${1:-highres-quality}/<sub-grid>/<size>px/. Samples per size (those of
+# benchmarks/photos_quality.sh): benchmarks/photos_grid.sh. Sub-grids named after the output directory
+# run alone ($2 ...).
 set -euo pipefail
 out=${1:-highres-quality}
 shift || true
 only=" $* "
-q() {
-  name=$1; size=$2; shift 2
-  if [[ "$only" != "  " && "$only" != *" $name "* ]]; then return; fi
-  case $size in
-    64) sample=(--prompt astronaut --prompt chelsea --prompt coffee --prompt hubble_deep_field --prompt grass --prompt flower
-        --batch 6 --warmup 0) ;;
-    128) sample=(--prompt chelsea --prompt gravel --steps 10 --batch 2 --warmup 0) ;;
-  esac
-  python -m tomesd.quality --model photos --sizes "$size" "${sample[@]}" --no-progress --out "$out/$name" "$@"
-}
+source "$(dirname "$0")/photos_grid.sh"  # q NAME SIZE ARGS...
 w=(--set match_window=none,3,5)
 for size in 128 64; do
   q "default$size" "$size" --ratios 0.5 "${w[@]}"
