@@ -150,30 +150,60 @@ class DigitsPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ):
-        if (prompt is None) == (class_labels is None):
-            raise ValueError("give exactly one of prompt and class_labels")
-        if class_labels is None:
-            prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
-            class_labels = [self.class_id(p) for p in prompts]
-        labels = [self.class_id(int(c)) for c in class_labels for _ in range(num_images_per_prompt)]
+        labels = self.labels(prompt, class_labels, num_images_per_prompt)
         height, width = height or self.unet.config.sample_size, width or self.unet.config.sample_size
         device, dtype = self.unet.device, self.unet.dtype
-        ids = torch.tensor(labels, device=device)
-        cond = self.class_embedding(ids).to(dtype)
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_scale > 1.0
-        if guided:
-            cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, self.null_class)).to(dtype)])
+        cond = self.conditioning(labels, guided, device, dtype)
         x = _randn((len(labels), self.unet.config.in_channels, height, width), generator, device, dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):
             inp = torch.cat([x, x]) if guided else x
-            eps = self.unet(self.scheduler.scale_model_input(inp, t), t, encoder_hidden_states=cond).sample
+            eps = self.predict(self.scheduler.scale_model_input(inp, t), t, cond)
             if guided:
                 eps_c, eps_u = eps.chunk(2)
                 eps = eps_u + guidance_scale * (eps_c - eps_u)
             x = self.scheduler.step(eps, t, x).prev_sample
+        return self.output(x, output_type, return_dict)
+
+    # the seams a subclass with another denoiser or conditioning overrides (photos_sdxl, photos_flux)
+    denoiser_name = "unet"  # the pipeline component train.py trains
+
+    def labels(self, prompt, class_labels, num_images_per_prompt: int = 1) -> List[int]:
+        """The class id of every image to make: each prompt's (or class label's), num_images_per_prompt times."""
+        if (prompt is None) == (class_labels is None):
+            raise ValueError("give exactly one of prompt and class_labels")
+        if class_labels is None:
+            prompts = [prompt] if isinstance(prompt, (str, int)) else list(prompt)
+            class_labels = [self.class_id(p) for p in prompts]
+        return [self.class_id(int(c)) for c in class_labels for _ in range(num_images_per_prompt)]
+
+    def conditioning(self, labels: List[int], guided: bool, device, dtype) -> torch.Tensor:
+        """encoder_hidden_states [B, tokens, dim] of the classes, then (guided) B rows of the unconditional class."""
+        ids = torch.tensor(labels, device=device)
+        cond = self.class_embedding(ids).to(dtype)
+        if guided:
+            cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, self.null_class)).to(dtype)])
+        return cond
+
+    def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *extra) -> torch.Tensor:
+        """The UNet's noise prediction for x [B, C, H, W] at timestep t given cond [B, tokens, dim]
+        (extra: a subclass's conditioning from its training batches)."""
+        return self.unet(x, t, encoder_hidden_states=cond).sample
+
+    def training_loss(self, x0: torch.Tensor, class_ids: torch.Tensor, g: torch.Generator, *extra) -> torch.Tensor:
+        """Epsilon-prediction MSE on x0 [B, C, H, W] in [-1, 1] at uniform random timesteps of the
+        scheduler's noise schedule (t, then the noise, drawn from g: train.py's loop)."""
+        t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        a = self.scheduler.alphas_cumprod.float()[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        return F.mse_loss(self.predict(xt, t, self.class_embedding(class_ids), *extra), noise)
+
+    def output(self, x: torch.Tensor, output_type: str, return_dict: bool):
+        """Images x [B, C, H, W] as output_type ("pt": clamped to [-1, 1]; "np": [B, H, W, C] in [0, 1]; "pil")."""
         x = x.clamp(-1, 1)
         if output_type == "pt":
             images = x
@@ -217,7 +247,7 @@ def load_pipeline(path: Optional[str] = None, device: Union[str, torch.device] =
     with dtype_kwarg_quiet():
         pipe = (pipeline_class or DigitsPipeline).from_pretrained(path, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    for module in (pipe.unet, pipe.class_embedding):
+    for module in (getattr(pipe, pipe.denoiser_name), pipe.class_embedding):
         module.eval().requires_grad_(False)
     return pipe.to(device)
 

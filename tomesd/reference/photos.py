@@ -117,21 +117,27 @@ class PhotoCrops:
                 return y, x
 
     def sample(self, n: int, g: torch.Generator, held_out: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        crops, labels, _ = self.sample_with_sides(n, g, held_out)
+        return crops, labels
+
+    def sample_with_sides(self, n: int, g: torch.Generator, held_out: bool = False):
+        """sample()'s (crops, labels) and each crop's side in the photograph's px before resizing ([n] int64)."""
         k = len(self.photos)
         start = int(torch.randint(0, k, (1,), generator=g))
         labels = torch.tensor([(start + i) % k for i in range(n)])
-        crops = []
+        crops, sides = [], []
         for c in labels.tolist():
             h, w = self.photos[c].shape[1:]
             high = min(CROP_SIDES[1], int(HELD_OUT * h), int(HELD_OUT * w)) if held_out else CROP_SIDES[1]
             side = int(torch.randint(CROP_SIDES[0], high + 1, (1,), generator=g))
+            sides.append(side)
             y, x = self._corner(c, side, g, held_out)
             crop = self.photos[c][None, :, y:y + side, x:x + side]
             crop = F.interpolate(crop, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
             if bool(torch.rand(1, generator=g) < 0.5):
                 crop = crop.flip(-1)
             crops.append(crop)
-        return torch.cat(crops).clamp(-1, 1), labels
+        return torch.cat(crops).clamp(-1, 1), labels, torch.tensor(sides)
 
 
 class PhotoClassifier(nn.Module):
@@ -179,14 +185,15 @@ class PhotosPipeline(DigitsPipeline):
         return load_classifier(device=device)
 
 
-def new_pipeline(seed: int = 0) -> PhotosPipeline:
-    """An untrained pipeline with the photos architecture (what train.py starts from)."""
+def new_pipeline(seed: int = 0, pipeline_class=None, unet_config: Optional[dict] = None) -> PhotosPipeline:
+    """An untrained pipeline with the photos architecture (what train.py starts from); pipeline_class /
+    unet_config: another UNet on the same classes and noise schedule (photos_sdxl)."""
     torch.manual_seed(seed)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", clip_sample=False, set_alpha_to_one=True,
     )
     embedding = ClassEmbedding(num_classes=len(CLASSES) + 1, tokens=TOKENS, dim=CROSS_DIM)
-    return PhotosPipeline(UNet2DConditionModel(**UNET_CONFIG), embedding, scheduler)
+    return (pipeline_class or PhotosPipeline)(UNet2DConditionModel(**(unet_config or UNET_CONFIG)), embedding, scheduler)
 
 
 def load_pipeline(path: Optional[str] = None, device: Union[str, torch.device] = "cpu", dtype=torch.float32) -> PhotosPipeline:

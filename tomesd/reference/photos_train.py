@@ -1,9 +1,12 @@
-"""The photos model's part of `python -m tomesd.reference.train --model photos`: its defaults, its
-classifier and its training batches (the diffusion loop is train.py's, shared with the digits model).
+"""The photos models' part of `python -m tomesd.reference.train --model photos|photos-sdxl|photos-flux`:
+their defaults, classifier and training batches (`MODELS`; the diffusion loop is train.py's, shared
+with the digits model, the loss each pipeline's `training_loss`).
 
 Classifier: PhotoClassifier on training-region crops (PhotoCrops, random scales and flips, light
 noise so it also reads imperfect samples), `--classifier-epochs` rounds of 100 batches of 64; held-out
 accuracy on a fixed set of 50 crops per photograph from the held-out squares after each round.
+photos-sdxl and photos-flux reuse it as shipped (photos-sdxl at half scale: see photos_sdxl.py) and
+log its accuracy on the held-out crops at their own size.
 """
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ import torch.nn.functional as F
 
 from . import classify
 from .photos import CLASSES, PHOTO_CLASSIFIER_PATH, PHOTOS_DIR, PHOTOS_LOG, UNET_CONFIG, PhotoClassifier, PhotoCrops, new_pipeline
+from .photos_flux import FLUX_DIR, FLUX_LOG
+from .photos_sdxl import SDXL_DIR, SDXL_LOG
 
 DEFAULTS = dict(
     out=PHOTOS_DIR, classifier_out=PHOTO_CLASSIFIER_PATH, log=PHOTOS_LOG, steps=2000, batch=16, lr=1e-3, warmup=200,
@@ -60,3 +65,50 @@ def setup(args, log):
     log(f"data: {len(CLASSES)} photographs (skimage.data, sklearn sample images), resized to {sizes}")
     classifier = train_classifier(crops, args, log)
     return new_pipeline(args.seed), classifier, crops.sample, UNET_CONFIG, len(CLASSES)
+
+
+def reused_classifier(crops: PhotoCrops, classifier, args, log, what: str):
+    """Log the shipped classifier's held-out accuracy on `crops` (the model's size) and return it."""
+    xt, yt = held_out_set(crops, args.seed)
+    right = classify(classifier, xt) == yt
+    per_class = ", ".join(f"{n} {right[yt == c].float().mean().item():.2f}" for c, n in enumerate(CLASSES))
+    log(f"classifier: {what}, not retrained: held-out accuracy {right.float().mean().item():.4f} on {len(yt)} "
+        f"{crops.size} px crops; per photograph: {per_class}")
+    return classifier
+
+
+def sdxl_setup(args, log):
+    """photos_sdxl: the photos crops at 64 px with their sides (the UNet's "original size"), judged by
+    the photos classifier at half scale."""
+    from .photos_sdxl import SIZE, UNET_CONFIG as SDXL_UNET, load_classifier, new_pipeline as new_sdxl
+
+    crops = PhotoCrops(size=SIZE)
+    log(f"data: the photos model's crops at {SIZE} px, with each crop's side in photograph px as time_ids")
+    classifier = reused_classifier(crops, load_classifier(), args, log, "the photos classifier at half scale")
+    return new_sdxl(args.seed), classifier, crops.sample_with_sides, SDXL_UNET, len(CLASSES)
+
+
+def flux_setup(args, log):
+    """photos_flux: the photos crops at 32 px, judged by the photos classifier."""
+    from .photos import load_classifier
+    from .photos_flux import SIZE, TRANSFORMER_CONFIG, new_pipeline as new_flux
+
+    crops = PhotoCrops(size=SIZE)
+    log(f"data: the photos model's crops at {SIZE} px")
+    classifier = reused_classifier(crops, load_classifier(), args, log, "the photos classifier")
+    return new_flux(args.seed), classifier, crops.sample, TRANSFORMER_CONFIG, len(CLASSES)
+
+
+def _defaults(out: str, log: str, **changes) -> dict:
+    """The photos defaults for another model on the same data: its output and log, no classifier to save."""
+    return dict(DEFAULTS, out=out, log=log, classifier_out=None, **changes)
+
+
+# --model NAME of train.py → (its defaults, its setup); sized for ≤ ~60 minutes on one thread of a shared 2-core CPU
+MODELS = {
+    "photos": (DEFAULTS, setup),
+    "photos-sdxl": (_defaults(SDXL_DIR, SDXL_LOG, steps=800, batch=8, warmup=100, eval_every=200, eval_samples=12,
+                              max_minutes=60.0), sdxl_setup),
+    "photos-flux": (_defaults(FLUX_DIR, FLUX_LOG, steps=2000, batch=16, eval_every=500, eval_samples=48, max_minutes=60.0),
+                    flux_setup),
+}

@@ -2,7 +2,11 @@
 
 --model digits (default) trains the digits model described below; --model photos trains the photos
 model (tomesd.reference.photos; its classifier and batches in photos_train.py, its defaults there too:
-log photos_train.log, 1 thread, 2000 steps of 16 crops) with the same diffusion loop.
+log photos_train.log, 1 thread, 2000 steps of 16 crops) with the same diffusion loop; --model
+photos-sdxl / photos-flux train the SDXL-layout UNet and the Flux transformer on the same photographs
+(tomesd.reference.photos_sdxl, photos_flux; defaults in photos_train.MODELS), reusing the photos
+classifier. The loss is the pipeline's own (`training_loss`: epsilon prediction for the UNets, flow
+matching for photos-flux).
 
 Deterministic (seeded, single process, CPU): the same command gives the same weights on the same
 torch build. Two phases, both logged to `--log` (default tomesd/reference/train.log):
@@ -14,7 +18,7 @@ torch build. Two phases, both logged to `--log` (default tomesd/reference/train.
    cosine noise schedule (1000 steps), AdamW with warmup and cosine decay, an EMA of the weights;
    the class is dropped (→ unconditional class) 10% of the time for classifier-free guidance.
    Every `--eval-every` steps the EMA weights are saved as a pipeline (so a usable model exists if
-   the run is cut short) and `--eval-samples` samples (20 DDIM steps, guidance 2) are classified.
+   the run is cut short) and `--eval-samples` samples (20 sampler steps, guidance 2) are classified.
 
 A run stops at `--steps` or when `--max-minutes` have passed, whichever comes first, and saves.
 """
@@ -116,7 +120,7 @@ def evaluate(pipe, classifier, args, num_classes: int = NUM_CLASSES) -> float:
 
 def save_pipeline(pipe, ema_unet, ema_emb, out: str):
     saved = copy.copy(pipe)
-    saved.register_modules(unet=ema_unet, class_embedding=ema_emb, scheduler=pipe.scheduler)
+    saved.register_modules(**{pipe.denoiser_name: ema_unet}, class_embedding=ema_emb, scheduler=pipe.scheduler)
     saved.save_pretrained(out, safe_serialization=True)
 
 
@@ -135,8 +139,10 @@ def digits_setup(args, log):
 
 def main(argv=None) -> int:
     model = argparse.ArgumentParser(add_help=False)
-    model.add_argument("--model", choices=("digits", "photos"), default="digits")
-    photos = model.parse_known_args(argv)[0].model == "photos"
+    from .photos_train import MODELS
+
+    model.add_argument("--model", choices=("digits", *MODELS), default="digits")
+    photos = MODELS.get(model.parse_known_args(argv)[0].model)  # (defaults, setup), None for digits
     p = argparse.ArgumentParser(parents=[model], prog="python -m tomesd.reference.train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=PIPELINE_DIR, help="pipeline directory (default: the shipped one)")
@@ -157,9 +163,7 @@ def main(argv=None) -> int:
                         "a 2-thread timing run of the photos model took 6.5 s/step there, against 0.7 s/step on idle cores)")
     p.add_argument("--seed", type=int, default=0)
     if photos:
-        from .photos_train import DEFAULTS
-
-        p.set_defaults(**DEFAULTS)
+        p.set_defaults(**photos[0])
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -168,38 +172,33 @@ def main(argv=None) -> int:
     import diffusers
     log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.machine()}, {args.threads} threads")
     log(f"settings: {vars(args)}")
-    if photos:
-        from .photos_train import setup
-    else:
-        setup = digits_setup
+    setup = photos[1] if photos else digits_setup
     pipe, classifier, batch, unet_config, num_classes = setup(args, log)
-    from safetensors.torch import save_file
-    save_file(classifier.state_dict(), args.classifier_out)
-    log(f"saved {args.classifier_out}")
+    if args.classifier_out:  # None: a classifier reused as shipped (photos-sdxl, photos-flux)
+        from safetensors.torch import save_file
+        save_file(classifier.state_dict(), args.classifier_out)
+        log(f"saved {args.classifier_out}")
 
-    unet, emb, sched = pipe.unet, pipe.class_embedding, pipe.scheduler
+    name = pipe.denoiser_name
+    unet, emb, sched = getattr(pipe, name), pipe.class_embedding, pipe.scheduler
     pipe.set_progress_bar_config(disable=True)
     params = list(unet.parameters()) + list(emb.parameters())
-    log(f"unet: {unet_config}")
-    log(f"parameters: unet {sum(t.numel() for t in unet.parameters())}, class embedding {sum(t.numel() for t in emb.parameters())}")
+    log(f"{name}: {unet_config}")
+    log(f"parameters: {name} {sum(t.numel() for t in unet.parameters())}, class embedding {sum(t.numel() for t in emb.parameters())}")
     ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()
     ema_emb = copy.deepcopy(emb).requires_grad_(False).eval()
     ema_params = list(ema_unet.parameters()) + list(ema_emb.parameters())
     eval_pipe = type(pipe)(ema_unet, ema_emb, sched)
+    sampler = type(sched).__name__.replace("Scheduler", "")  # DDIM, FlowMatchEulerDiscrete
     eval_pipe.set_progress_bar_config(disable=True)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    alphas = sched.alphas_cumprod.float()
     g = torch.Generator().manual_seed(args.seed + 1)
     t_start, losses, step = time.perf_counter(), [], 0
     unet.train()
     while step < args.steps:
-        x0, c = batch(args.batch, g)
+        x0, c, *extra = batch(args.batch, g)
         c[torch.rand(args.batch, generator=g) < args.p_uncond] = pipe.null_class
-        t = torch.randint(0, sched.config.num_train_timesteps, (args.batch,), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        a = alphas[t].view(-1, 1, 1, 1)
-        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        loss = F.mse_loss(unet(xt, t, encoder_hidden_states=emb(c)).sample, noise)
+        loss = pipe.training_loss(x0, c, g, *extra)
         for group in opt.param_groups:
             group["lr"] = lr_at(step, args)
         opt.zero_grad(set_to_none=True)
@@ -219,7 +218,7 @@ def main(argv=None) -> int:
         if step % args.eval_every == 0 or step == args.steps or out_of_time:
             save_pipeline(pipe, ema_unet, ema_emb, args.out)
             acc = evaluate(eval_pipe, classifier, args, num_classes)
-            log(f"step {step}: saved EMA weights to {args.out}; sample accuracy {acc:.3f} ({args.eval_samples} samples, 20 DDIM steps, guidance 2)")
+            log(f"step {step}: saved EMA weights to {args.out}; sample accuracy {acc:.3f} ({args.eval_samples} samples, 20 {sampler} steps, guidance 2)")
         if out_of_time:
             log(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
             break
