@@ -13,8 +13,9 @@ from diffusers import UNet2DConditionModel
 
 import tiny
 import tomesd
-from tomesd import bench, cli, timing
-from tomesd.archs import ARCHS
+from tomesd import bench
+from tomesd.tools import cli, timing
+from tomesd.tools.archs import ARCHS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -15,7 +15,8 @@ from torch.library import opcheck
 
 import tiny
 import tomesd
-from tomesd import extension, matching, ops, selfcheck
+from tomesd import matching, ops
+from tomesd.ops import loader, selfcheck
 
 pytestmark = pytest.mark.gpu
 OPS = torch.ops.tomesd
@@ -227,13 +228,13 @@ def test_empty_batch_or_grid_returns_empty_outputs(B, h, w):
 
 def test_self_check_passes_on_this_gpu():
     assert selfcheck.self_check(selfcheck.torch_kernels(), "cuda") == ""
-    assert extension.self_check_status().startswith("passed")
+    assert loader.self_check_status().startswith("passed")
 
 
 def _fresh_loader(monkeypatch):
     """A new process-wide loader with the library loaded (a CPU device needs no check) and no check run."""
-    fresh = extension.Loader()
-    monkeypatch.setattr(extension, "loader", fresh)
+    fresh = loader.Loader()
+    monkeypatch.setattr(loader, "loader", fresh)
     assert fresh.load_error("cpu") == "" and not fresh.checks
     return fresh
 

@@ -292,7 +292,8 @@ def test_generate_highres_example_runs_mmdit_pipelines(kind, tmp_path, capsys):
 
 @pytest.mark.parametrize("arch", ["sd3", "flux"])
 def test_bench_runs_the_mmdit_architectures(arch, tmp_path):
-    from tomesd import archs, bench
+    from tomesd import bench
+    from tomesd.tools import archs
 
     cfg = bench.default_config("cpu", arch=arch, layers=1, resolutions=(64,), ratios=(0.5,), steps=1, warmup=0,
                                isolate=False)

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import tomesd
-from tomesd import models, quality
+from tomesd import quality
+from tomesd.tools import models
 from tomesd.reference import DigitClassifier, DigitsPipeline, load_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -223,10 +224,11 @@ def test_reference_files_are_package_data():
 def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeypatch):
     """Round k makes chunk k with every setting in turn; the band is the lowest and highest per-round
     speed-up, and only a band wholly past 1 is called faster / slower."""
-    from tomesd import timing
+    from tomesd.quality import generate
+    from tomesd.tools import timing
 
     order, script = [], iter([1.0, 0.5, 1.2,   1.0, 0.4, 0.8,   1.0, 0.6, 0.9])  # rounds: base, 0.3, 0.6
-    real = quality.timed_chunk
+    real = generate.timed_chunk
 
     def scripted(pipe_, cfg, chunk):
         state = tomesd.patch.patched_state(pipe_)
@@ -234,7 +236,7 @@ def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeyp
         images, _ = real(pipe_, cfg, chunk)
         return images, next(script) * len(chunk)
 
-    monkeypatch.setattr(quality, "timed_chunk", scripted)
+    monkeypatch.setattr(generate, "timed_chunk", scripted)
     monkeypatch.setattr(timing, "load_average", lambda: 99.0)
     cfg = quality.QualityConfig(model="reference", prompts=["3"], seeds=(0, 1, 2), grid={"ratio": (0.3, 0.6)},
                                 steps=2, batch=1, warmup=0)
@@ -248,7 +250,7 @@ def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeyp
 
 
 def test_one_timing_round_has_no_noise_band():
-    from tomesd import timing
+    from tomesd.tools import timing
 
     assert timing.noise_band([1.0], [0.5]) == dict(speedup_min=None, speedup_max=None, verdict="one round, no band")
     assert timing.noise_band([1.0, 1.0], [0.5, 0.9])["verdict"] == "faster"
