@@ -57,7 +57,8 @@ and writes results.json and results.csv only.
 API (used by examples/speed_memory.ipynb): `BenchConfig`, `default_config`, `run`, `format_table`,
 `plot`, `write_results`, `target_ratios`. The rooms: `config` (the run's settings and grid),
 `measure` (measuring), `report` (reading a run), `cpu` (the CPU default's interleaved rounds), `command` (the
-command line); timing windows and isolation are tomesd.tools.timing.
+command line); timing windows and isolation are tomesd.tools.timing. Seams for tests: `measure.run` (the
+grid the command line runs), tomesd.tools.timing.time_calls (every timing window).
 """
 from __future__ import annotations
 

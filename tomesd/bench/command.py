@@ -24,7 +24,8 @@ from .report import (
     noisy_rows,
     write_results,
 )
-from .measure import check_settings, environment, load_unet, run
+from . import measure
+from .measure import check_settings, environment, load_unet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env = environment(cfg)
     except RuntimeError as error:  # e.g. --backend cuda where the kernels cannot load
         parser.error(str(error))
-    result = run(cfg, progress=not args.no_progress, env=env)
+    result = measure.run(cfg, progress=not args.no_progress, env=env)  # measure.run: the grid's seam
     print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, backend {env['backend']}, "
           f"{env['gpu'] or 'CPU ' + str(env['cpu_threads']) + ' threads'}; memory: {env['memory']}")
     print(format_table(result))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from ..config import ToMeConfig, max_ratio
+from ..patch import modes
 from ..tools import cli, timing
 from ..tools.archs import ARCHS, TRANSFORMER_ARCHS, transformer_inputs
 from ..tools.models import ATTENTION, DTYPES
@@ -112,7 +113,7 @@ class BenchConfig:
         for params in settings(self):
             try:
                 for ratio in filter(self._ratio_in_range, self.ratios):
-                    ToMeConfig(ratio=ratio, **{"seed": self.seed, **params})
+                    modes.check(ToMeConfig(ratio=ratio, **{"seed": self.seed, **params}))
             except (ValueError, TypeError) as error:
                 return [f"setting {cli.setting_label(params) or cli.DEFAULTS_LABEL}: {error}"]
         return []

@@ -27,7 +27,7 @@ column per prompt/seed, each tile labelled with its setting, time and PSNR).
 API: `QualityConfig`, `grid_settings`, `run`, `format_table`, `contact_sheet`, `write_results`.
 The rooms: `generate` (the configuration, generating and timing the images; `timed_chunk` is its timing seam), `metrics` (PSNR, SSIM,
 LPIPS), `report` (`QualityResult`, the table, the contact sheet, JSON/CSV), `command` (the command
-line); the argument types and the settings grid are tomesd.tools.cli, the model loader
+line: it calls `generate.run` and `generate.missing_dependencies`, the seams tests replace); the argument types and the settings grid are tomesd.tools.cli, the model loader
 tomesd.tools.models.
 """
 from __future__ import annotations

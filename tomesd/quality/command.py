@@ -10,7 +10,8 @@ from typing import Dict, List, Optional, Sequence
 from ..tools import cli, models, timing
 from ..tools.cli import grid_settings
 from .report import format_table, write_results
-from .generate import DEFAULT_RATIOS, MERGE_AXIS, SUBLAYERS, QualityConfig, check_settings, missing_dependencies, run
+from . import generate
+from .generate import DEFAULT_RATIOS, MERGE_AXIS, SUBLAYERS, QualityConfig, check_settings
 
 
 def _sublayer_sets(text: str) -> tuple:
@@ -145,7 +146,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    missing = missing_dependencies()
+    missing = generate.missing_dependencies()
     if missing:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[quality]'")
     cfg = config_from_args(parser, args)
@@ -167,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(str(error))
     for size in args.sizes or (None,):
         sized = cfg if size is None else replace(cfg, height=size, width=size)
-        result = run(sized, pipe=pipe, progress=not args.no_progress)
+        result = generate.run(sized, pipe=pipe, progress=not args.no_progress)
         for note in result.notes:
             print(note, file=sys.stderr)
         env = result.env
