@@ -11,7 +11,9 @@ from ..tools import cli, models, timing
 from ..tools.cli import grid_settings
 from .report import format_table, write_results
 from . import generate
-from .generate import DEFAULT_RATIOS, MERGE_AXIS, SUBLAYERS, QualityConfig, check_settings
+from .generate import DEFAULT_RATIOS, MERGE_AXIS, SUBLAYERS, VARIANT_AXIS, QualityConfig, check_settings
+
+SUBLAYERS_KEYS = ("merge_attn", "merge_crossattn", "merge_mlp")
 
 
 def _sublayer_sets(text: str) -> tuple:
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--merge-mlp", type=cli.values(bool), help="true,false")
     g.add_argument("--set", dest="assign", action="append", type=cli.assignment, default=[], metavar="KEY=V1[,V2]",
                    help="any other apply_patch keyword and its values, e.g. --set sx=2,4 --set use_rand=false")
+    g.add_argument("--variant", action="append", type=cli.setting, default=[], metavar="KEY=V[,KEY=V]",
+                   help="one whole setting, e.g. --variant ratio=0.9,sx=4,sy=4,prop_attn=true (repeat for more; the "
+                   "other axes multiply them; with a variant that sets ratio, --ratios has no default)")
     p.add_argument("--patch-seed", type=int, default=0, help="apply_patch's seed (random dst choice), unless --set seed=...")
     p.add_argument("--batch", type=cli.positive, default=1, help="images per pipeline call (default 1)")
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
@@ -102,7 +107,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if problem:
         parser.error(f"--model {problem}")
     grid: Dict[str, tuple] = {}
-    if args.ratios is not None or "ratio" not in {key for key, _ in args.assign}:
+    in_variants = set().union(*args.variant) if args.variant else set()
+    if args.ratios is not None or "ratio" not in {key for key, _ in args.assign} | in_variants:
         grid["ratio"] = DEFAULT_RATIOS if args.ratios is None else args.ratios
     flags = {key: "--" + key.replace("_", "-") for key in ("ratio", "max_downsample", "merge_attn", "merge_crossattn", "merge_mlp")}
     flags["ratio"] = "--ratios"
@@ -115,6 +121,11 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         if clash:
             parser.error(f"--merge sets the sub-layers; do not also give {', '.join('--' + k.replace('_', '-') for k in clash)}")
         grid[MERGE_AXIS] = args.merge
+    both = sorted(in_variants & (set(grid) | (set(SUBLAYERS_KEYS) if MERGE_AXIS in grid else set())))
+    if both:
+        parser.error(f"{', '.join(both)}: both a grid axis and in a --variant; give each keyword one way")
+    if args.variant:
+        grid = {VARIANT_AXIS: tuple(args.variant), **grid}
     if args.sizes is not None and (args.height or args.width or min(args.sizes) < 1):
         parser.error("--sizes: positive sizes, and not with --height/--width")
     prompts = _read_prompts(parser, args)

@@ -18,6 +18,7 @@ from .report import (
 NEEDS = ("diffusers", "torchmetrics", "tqdm", "PIL")
 SUBLAYERS = ("attn", "crossattn", "mlp")
 MERGE_AXIS = "merge"  # grid key whose values are {merge_attn, merge_crossattn, merge_mlp} dicts
+VARIANT_AXIS = "variant"  # grid key whose values are whole settings (dicts of apply_patch keywords)
 DEFAULT_RATIOS = (0.3, 0.5, 0.7)
 
 
@@ -30,7 +31,8 @@ def missing_dependencies() -> List[str]:
 class QualityConfig:
     """One run. model: "reference", a local pipeline directory or a hub id (tomesd.tools.models).
     prompts × seeds are the columns; grid: apply_patch keyword → the values to try (their product
-    is the set of settings, each compared with the unpatched pipeline). height/width/steps/
+    is the set of settings, each compared with the unpatched pipeline; a value of MERGE_AXIS or
+    VARIANT_AXIS is a dict of keywords, a sub-layer set or a whole setting). height/width/steps/
     guidance_scale: None leaves the pipeline's default. batch: images per pipeline call."""
 
     model: str = "reference"
@@ -57,7 +59,9 @@ class QualityConfig:
         if not self.seeds:
             problems.append("give at least one seed")
         known = cli.patch_keywords()
-        unknown = sorted(set(self.grid) - set(known) - {MERGE_AXIS})
+        given = set(self.grid) - {MERGE_AXIS, VARIANT_AXIS}
+        given |= {k for v in self.grid.get(VARIANT_AXIS, ()) for k in v}
+        unknown = sorted(given - set(known))
         if unknown:
             problems.append(f"not apply_patch keywords: {', '.join(unknown)} (it takes {', '.join(known)})")
         empty = sorted(k for k, v in self.grid.items() if not v)
