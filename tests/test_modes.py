@@ -91,10 +91,27 @@ def test_proportional_attention_stays_exact_with_plan_options(mode, options):
 
 
 def test_prop_attn_defaults_follow_the_mode():
-    assert tomesd.ToMeConfig(mode="kv").prop_attn is True
-    assert tomesd.ToMeConfig().resolved("tokens").prop_attn is False
-    assert tomesd.ToMeConfig().resolved("kv").prop_attn is True
-    assert tomesd.ToMeConfig(mode="kv", merge_attn=False).prop_attn is False
+    """A prop_attn left to follow the mode is resolved when patching: on in kv mode (where the attention
+    takes a bias), off in tokens mode and without merge_attn; given values are kept."""
+    unet = tiny.unet("sd1")
+    for kwargs, want in [(dict(), False), (dict(mode="tokens"), False), (dict(mode="kv"), True),
+                         (dict(mode="kv", merge_attn=False, merge_mlp=True), False), (dict(mode="kv", prop_attn=False), False),
+                         (dict(mode="tokens", prop_attn=True), True)]:
+        tomesd.apply_patch(unet, **kwargs)
+        config = tomesd.patch.patched_state(unet).config
+        assert config.prop_attn is want and config.mode == kwargs.get("mode", "tokens"), kwargs
+    assert tomesd.ToMeConfig(mode="kv").prop_attn is None  # not resolved before patching
+
+
+def test_a_refused_setting_leaves_the_patch_in_place():
+    """Every refusal comes before anything changes: a bad mode or a refused option on a patched model
+    keeps its patch and configuration."""
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.3)
+    for bad in (dict(mode="fast"), dict(merge_crossattn=True, mode="nope")):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            tomesd.apply_patch(unet, **bad)
+        assert tomesd.patch.patched_state(unet).config.ratio == 0.3
 
 
 def test_kv_mode_ratio_zero_and_removal_are_bit_exact():
