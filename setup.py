@@ -3,7 +3,7 @@
 Build switches (environment variables read here):
   TOMESD_BUILD_CUDA=1   also compile the CUDA kernels in csrc/ into tomesd._C at install time
                         (needs nvcc and a CUDA build of torch). Without it, the kernels are built
-                        with ninja on the first CUDA call (tomesd/extension.py), or the PyTorch path runs.
+                        with ninja on the first CUDA call (tomesd/ops/loader.py), or the PyTorch path runs.
   TORCH_CUDA_ARCH_LIST  with TOMESD_BUILD_CUDA=1: the GPU architectures to compile for (torch's own
                         switch), e.g. "8.0;8.6;9.0"; default: the GPUs visible at build time.
 

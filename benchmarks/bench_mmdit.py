@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import tomesd
-from tomesd.archs import TRANSFORMER_ARCHS, build_transformer, transformer_inputs
+from tomesd.tools.archs import TRANSFORMER_ARCHS, build_transformer, transformer_inputs
 
 
 class AttentionTimer(TorchFunctionMode):

@@ -35,7 +35,8 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import tomesd  # noqa: E402
-from tomesd import bench, timing  # noqa: E402
+from tomesd import bench  # noqa: E402
+from tomesd.tools import timing  # noqa: E402
 
 BASE = (  # the grid: name → apply_patch keywords (ratio apart), at --ratios
     ("tokens", dict(mode="tokens")),
@@ -191,7 +192,7 @@ def load() -> Optional[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--arch", default="sd15", help="a UNet architecture of tomesd.archs (default sd15; tiny for a smoke run)")
+    p.add_argument("--arch", default="sd15", help="a UNet architecture of tomesd.tools.archs (default sd15; tiny for a smoke run)")
     p.add_argument("--resolutions", default="512,768")
     p.add_argument("--ratios", default="0.3,0.5,0.7", help="ratios of the issue's grid (BASE)")
     p.add_argument("--extra", action="store_true", help="also the EXTRA settings (second level, MLP, 4x4 cells)")

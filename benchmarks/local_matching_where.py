@@ -27,7 +27,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tomesd import keys, matching, models  # noqa: E402
+from tomesd import keys, matching  # noqa: E402
+from tomesd.tools import models  # noqa: E402
 
 
 def capture(size: int, prompt: str, steps: int, keep: List[int], seed: int) -> Dict[int, torch.Tensor]:

@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tomesd.cli import fmt  # noqa: E402  (the tools' table cell format: None → "-", inf → "inf")
+from tomesd.tools.cli import fmt  # noqa: E402  (the tools' table cell format: None → "-", inf → "inf")
 
 DEFAULTS = dict(share_plan=False, plan_every=1, merge_mlp=False, merge_crossattn=False, sx=2, sy=2, max_downsample=1)
 

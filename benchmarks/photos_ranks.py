@@ -19,7 +19,7 @@ from typing import Dict, List, Tuple
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from pareto import canonical, label, load_quality  # noqa: E402
-from tomesd.cli import fmt  # noqa: E402
+from tomesd.tools.cli import fmt  # noqa: E402
 
 
 def load_photos(paths: List[str]) -> Dict[int, Dict[Tuple, dict]]:

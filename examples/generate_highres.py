@@ -35,7 +35,7 @@ import sys
 import time
 
 import tomesd
-from tomesd import cli, models
+from tomesd.tools import cli, models
 
 
 # The high-resolution preset for UNet pipelines (README.md "High resolution", measured on SD 1.5 in
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True,
                    help="'reference' (the shipped digits model: --prompt a digit), a local diffusers pipeline directory "
-                   "or a hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux); loaded by tomesd.models")
+                   "or a hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux); loaded by tomesd.tools.models")
     p.add_argument("--prompt", action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--images-per-prompt", type=_number(int, 1), default=1)

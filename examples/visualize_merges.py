@@ -22,7 +22,7 @@ import argparse
 import sys
 
 import tomesd
-from tomesd import cli, models
+from tomesd.tools import cli, models
 from tomesd.visualize import MergeRecorder, overlay
 
 

@@ -44,3 +44,34 @@ def plan_builds(monkeypatch):
 
     monkeypatch.setattr(PlanProvider, "build", counting)
     return built
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """(h, w, r, tail, num_in, num_out) of every plan built: what merged, and on which grid."""
+    from tomesd.patch.plans import PlanProvider
+
+    seen = []
+    build = PlanProvider.build
+
+    def counted(self, request):
+        plan = build(self, request)
+        seen.append((request.h, request.w, request.r, request.tail, plan.num_in, plan.num_out))
+        return plan
+
+    monkeypatch.setattr(PlanProvider, "build", counted)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def cuda_kernels():
+    """The CUDA kernels, loaded, for the GPU test files (pytest.mark.usefixtures): skips without a GPU, and
+    fails where one is present but the kernels did not load."""
+    import torch
+
+    from tomesd import ops
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device: the CUDA kernel tests need a GPU")
+    reason = ops.cuda_refusal(torch.empty(0, device="cuda", dtype=torch.float16))
+    assert not reason, f"a GPU is present but the kernels did not load: {reason}"

@@ -1,9 +1,11 @@
-"""The package's shape (issue 16): modules a reader can hold in mind, no import cycles, no private
-names imported across modules. Read from the source with `ast`, nothing imported."""
+"""The package's shape (issues 16, 26): modules a reader can hold in mind, no import cycles (not even
+through imports made for annotations only), no private names imported across modules, test files a
+reader can hold in mind too. Read from the source with `ast`, nothing imported."""
 import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "tomesd"
+TESTS = Path(__file__).resolve().parent
 MAX_LINES = 450
 
 
@@ -26,10 +28,12 @@ def _runtime_nodes(tree):
             stack.append(child)
 
 
-def _imports(name: str, path: Path):
-    """(module imported, names taken from it) for every run-time import inside the package, resolved."""
+def _imports(name: str, path: Path, annotations: bool = False):
+    """(module imported, names taken from it) for every run-time import inside the package, resolved;
+    with `annotations`, the imports under `if TYPE_CHECKING:` too."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    for node in _runtime_nodes(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    for node in (ast.walk(tree) if annotations else _runtime_nodes(tree)):
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -56,12 +60,38 @@ def test_no_private_name_is_imported_across_modules():
     assert not found, found
 
 
+def test_no_test_file_is_too_long():
+    long = {path.name: n for path in sorted(TESTS.glob("*.py")) if (n := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"test files over {MAX_LINES} lines: {long}"
+
+
 def test_no_import_cycle():
+    assert not _cycles(annotations=False)
+
+
+def test_no_import_cycle_through_annotations():
+    """Imports for annotations only (`if TYPE_CHECKING:`) are edges too: a circle of them means the modules
+    reach into each other's state."""
+    assert not _cycles(annotations=True)
+
+
+def test_the_cycle_check_sees_annotation_imports(tmp_path, monkeypatch):
+    """A planted annotation-only circle between two modules is found."""
+    package = tmp_path / "tomesd"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "a.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import B\n")
+    (package / "b.py").write_text("from .a import A\n")
+    monkeypatch.setattr(__import__(__name__), "PACKAGE", package)
+    assert not _cycles(annotations=False) and _cycles(annotations=True) == [["tomesd.a", "tomesd.b", "tomesd.a"]]
+
+
+def _cycles(annotations: bool):
     modules = dict(_modules())
     graph = {}
     for name, path in modules.items():
         edges = set()
-        for target, names in _imports(name, path):
+        for target, names in _imports(name, path, annotations):
             # `from pkg import sub` imports the submodule pkg.sub
             subs = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
             edges.update(subs or ([target] if target in modules else []))
@@ -84,4 +114,4 @@ def test_no_import_cycle():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
-    assert not cycles, cycles
+    return cycles

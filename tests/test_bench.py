@@ -13,8 +13,10 @@ from diffusers import UNet2DConditionModel
 
 import tiny
 import tomesd
-from tomesd import bench, cli, timing
-from tomesd.archs import ARCHS
+from tomesd import bench
+from tomesd.bench import measure
+from tomesd.tools import cli, timing
+from tomesd.tools.archs import ARCHS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -246,7 +248,7 @@ def test_noisy_rows_flag_steps_that_vary():
 def test_bad_model_is_one_line_before_any_work(model, message, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = str(tmp_path) if model == "EMPTY_DIR" else model
-    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("the grid must not start"))
+    monkeypatch.setattr(measure, "run", lambda *a, **k: pytest.fail("the grid must not start"))
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--model", model, "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
@@ -256,13 +258,13 @@ def test_bad_model_is_one_line_before_any_work(model, message, tmp_path, capsys,
 
 def test_without_matplotlib_or_tqdm_it_says_so_up_front_and_writes_json_csv(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(cli, "available", lambda name: name not in ("matplotlib", "tqdm"))
-    real_run, before_run = bench.run, []
+    real_run, before_run = measure.run, []
 
     def run(*args, **kwargs):
         before_run.append(capsys.readouterr().err)
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(bench, "run", run)
+    monkeypatch.setattr(measure, "run", run)
     rc = bench.main(["--arch", "tiny", "--resolutions", "64", "--ratios", "0.5", "--steps", "1", "--warmup", "0",
                      "--no-isolate", "--out", str(tmp_path)])
     assert rc == 0

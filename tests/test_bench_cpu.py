@@ -1,11 +1,13 @@
-"""The CPU default of tomesd.bench (tomesd.bench_cpu): interleaved rounds, noise bands, threads, load
+"""The CPU default of tomesd.bench (tomesd.bench.cpu): interleaved rounds, noise bands, threads, load
 warnings — on the toy UNet with the timing seam (timing.time_calls) replaced by scripted times."""
 import json
 
 import pytest
 import torch
 
-from tomesd import bench, bench_cpu, timing
+from tomesd import bench
+from tomesd.bench import cpu as bench_cpu
+from tomesd.tools import timing
 
 
 @pytest.fixture(autouse=True)
@@ -86,7 +88,7 @@ def test_a_grid_argument_or_a_gpu_keeps_the_grid(monkeypatch):
 
 def test_physical_cores_and_the_finest_block():
     assert timing.physical_cores() >= 1
-    from tomesd import models
+    from tomesd.tools import models
 
     unet = models.load_denoiser("tiny")
     block, down = bench_cpu.finest_block(unet)

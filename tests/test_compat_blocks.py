@@ -156,3 +156,19 @@ def test_ff_chunked_over_tokens_runs_unmerged_with_a_warning(caplog):
     assert seen["ff"] == [torch.Size([B, S * S // 4, C])] * 4  # still 4 chunks, not merged
     assert "chunking over the token axis" in caplog.text
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)  # the only merged sub-layer was skipped
+
+
+def test_only_cross_attention_blocks_merge_with_prop_attn(caplog):
+    from diffusers import Transformer2DModel
+
+    torch.manual_seed(0)
+    model = Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=8,
+                               cross_attention_dim=12, only_cross_attention=True).eval()
+    x, text = torch.randn(2, 16, 8, 8), torch.randn(2, 7, 12)
+    with torch.no_grad():
+        want = model(x, encoder_hidden_states=text).sample
+        tomesd.apply_patch(model, ratio=0.5, prop_attn=True, seed=0)
+        with caplog.at_level(logging.WARNING, logger="tomesd"):
+            got = model(x, encoder_hidden_states=text).sample
+    assert got.shape == want.shape and torch.isfinite(got).all() and not torch.equal(got, want)
+    assert "only_cross_attention" in caplog.text

@@ -1,5 +1,5 @@
-"""Gradient checkpointing and training: a block recomputed in backward merges with the partition of
-its forward, so gradients with random partitions equal those without checkpointing."""
+"""Gradient checkpointing and training: a block recomputed in backward merges with its forward's partition, so
+gradients equal those without checkpointing (diffusers', unrolled, LDM); call contexts live as long as their graph."""
 import inspect
 from functools import partial
 
@@ -8,8 +8,10 @@ import torch
 import torch.utils.checkpoint
 from diffusers.models.attention import BasicTransformerBlock
 
+import ldm_like
 import tiny
 import tomesd
+from tomesd.patch import patched_state
 
 CHECKPOINTS = {
     "diffusers default": None,
@@ -95,3 +97,72 @@ def test_lora_training_step_on_patched_checkpointed_unet():
     optimizer.step()
     assert torch.isfinite(loss)
     assert all(not torch.equal(p, before[n]) for n, p in lora.items() if "lora_B" in n)
+
+
+def _unrolled_grads(unet, steps=20, size=8):
+    unet.zero_grad(set_to_none=True)
+    args, kwargs = tiny.unet_inputs("sd1", size=size, seed=5)
+    x = args[0]
+    for i in range(steps):
+        x = x - 0.05 * unet(x, torch.tensor(999 - 50 * i), **kwargs).sample
+    x.square().mean().backward()
+    return {n: p.grad.clone() for n, p in unet.named_parameters() if p.grad is not None}
+
+
+def _checkpoint_transformers(unet):
+    """Checkpoint whole Transformer2DModels (block inputs are recomputed, not saved), non-reentrant."""
+    for attn in (m for m in unet.modules() if type(m).__name__ == "Transformer2DModel"):
+        forward = attn.forward
+        attn.forward = lambda *a, _f=forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+@pytest.mark.parametrize("how", ["blocks", "transformers"])
+def test_twenty_unrolled_checkpointed_calls_give_exact_gradients(how):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=7)
+    want = _unrolled_grads(unet)
+    if how == "blocks":
+        unet.enable_gradient_checkpointing()
+    else:
+        _checkpoint_transformers(unet)
+    got = _unrolled_grads(unet)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert not patched_state(unet).live or all(c.records for c in patched_state(unet).live.values())
+
+
+def test_call_contexts_live_only_while_their_graph_does():
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, seed=7)
+    unet.enable_gradient_checkpointing()
+    args, kwargs = tiny.unet_inputs("sd1", size=8)
+    outs = [unet(*args, **kwargs).sample for _ in range(20)]
+    state = patched_state(unet)
+    assert len(state.live) == 20  # no cap: every call that can still be backpropagated is findable
+    del outs
+    assert len(state.live) == 0
+
+
+@pytest.mark.parametrize("mode", ["compvis", "webui", "non-reentrant"])
+def test_ldm_checkpointed_blocks_give_the_gradients_of_the_plain_model(mode, monkeypatch):
+    torch.manual_seed(0)
+    model = ldm_like.LatentDiffusion()
+    unet = model.model.diffusion_model
+    tomesd.apply_patch(model, ratio=0.5, seed=2, max_downsample=2, merge_crossattn=True, merge_mlp=True)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+
+    def grads():
+        unet.zero_grad(set_to_none=True)
+        loss = sum(unet(x, torch.tensor([t, t]), context).square().mean() for t in (10, 20))
+        loss.backward()
+        return {n: p.grad.clone() for n, p in unet.named_parameters()}
+
+    want = grads()
+    monkeypatch.setitem(ldm_like.CHECKPOINT, "mode", mode)
+    got = grads()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    tomesd.remove_patch(model)
+    assert all("_forward" not in vars(b) for b in unet.modules() if isinstance(b, ldm_like.BasicTransformerBlock))

@@ -1,9 +1,13 @@
-"""A patched tiny UNet under torch.compile (CPU, inductor, whole graph) matches eager."""
+"""torch.compile: a patched tiny UNet compiled (CPU, inductor, whole graph) matches eager, and patching a
+model after compiling it takes effect (and is undone by remove_patch)."""
+import logging
+
 import pytest
 import torch
 
 import tiny
 import tomesd
+from tiny import run as _run
 
 
 @pytest.mark.slow
@@ -27,3 +31,20 @@ def test_compiled_patched_unet_matches_eager(patch_kwargs):
     tomesd.remove_patch(unet)
     with torch.no_grad():
         assert not torch.allclose(unet(*args, **kwargs).sample, eager, atol=1e-4)  # merging was in effect
+
+
+@pytest.mark.slow
+def test_patching_a_compiled_model_takes_effect(caplog):
+    torch._dynamo.reset()
+    unet = tiny.unet("sd1")
+    reference = tiny.unet("sd1")
+    plain = _run(unet)
+    compiled = torch.compile(unet, fullgraph=True)
+    torch.testing.assert_close(_run(compiled), plain, rtol=1e-4, atol=1e-4)
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        tomesd.apply_patch(compiled, ratio=0.5, use_rand=False)
+    assert any("torch.compiler.reset()" in r.getMessage() for r in caplog.records)
+    tomesd.apply_patch(reference, ratio=0.5, use_rand=False)
+    torch.testing.assert_close(_run(compiled), _run(reference), rtol=1e-4, atol=1e-4)
+    tomesd.remove_patch(compiled)
+    torch.testing.assert_close(_run(compiled), plain, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,6 @@
-"""Argument validation in apply_patch, and the ratio schedule."""
+"""Argument validation in apply_patch (settings that merge nothing are said or refused), and the ratio
+schedule (callables that cannot be called fail at apply_patch; a ratio that merges no token is said)."""
+import logging
 import math
 
 import pytest
@@ -6,6 +8,7 @@ import torch
 
 import tiny
 import tomesd
+from tiny import run as _run
 from tomesd.config import RatioSchedule
 
 
@@ -70,3 +73,30 @@ def test_constant_and_callable_schedules():
     assert three.resolve(1, 1, 4) == pytest.approx(0.4)
     with pytest.raises(ValueError, match=r"ratio\(8192, 8, 1\)"):
         RatioSchedule.parse(lambda h, w, d=1: h / 4096, 2, 2).resolve(8192, 8, 1)
+
+
+def test_all_sublayer_flags_off_is_said(caplog):
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        tomesd.apply_patch(tiny.unet("sd1"), merge_attn=False)
+    assert "all False" in caplog.text
+
+
+def test_merge_crossattn_on_a_model_without_cross_attention_is_refused():
+    with pytest.raises(ValueError, match="merge_crossattn=True"):
+        tomesd.apply_patch(tiny.sd3(), merge_crossattn=True)
+
+
+def test_ratio_that_merges_no_token_is_said(caplog):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.001)
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        out = _run(unet)
+    assert "nothing is merged there" in caplog.text
+    tomesd.remove_patch(unet)
+    assert torch.equal(out, _run(unet))
+
+
+@pytest.mark.parametrize("fn", [lambda h, w, a, b: 0.5, lambda h, w, *, k: 0.5, lambda: 0.5])
+def test_ratio_callables_that_cannot_be_called_fail_at_apply_patch(fn):
+    with pytest.raises(TypeError, match="ratio callable must accept"):
+        tomesd.apply_patch(tiny.unet("sd1"), ratio=fn)

@@ -1,7 +1,7 @@
 """Every csrc source compiles with nvcc for sm_80 and sm_90 against torch's headers (no GPU needed),
 and the tensor-core kernel traps (never silently does nothing) where it is compiled for an older arch.
 
-Flags mirror the JIT build's: tomesd/build_flags.py, and torch.utils.cpp_extension's include
+Flags mirror the JIT build's: tomesd/ops/build_flags.py, and torch.utils.cpp_extension's include
 paths, the -D__CUDA_NO_HALF* defines, its C++ standard, the C++11 ABI flag. torch's CPU wheels lack
 the generated c10/cuda/impl/cuda_cmake_macros.h; it only carries Windows export macros, so the test
 then defines C10_CUDA_NO_CMAKE_CONFIGURE_FILE (c10's own switch to skip it). ATen/cuda/CUDAContext.h is not used by csrc/ (it needs cuBLAS headers);
@@ -20,7 +20,7 @@ import pytest
 import torch
 from torch.utils import cpp_extension
 
-from tomesd import build_flags, extension
+from tomesd.ops import build_flags, loader
 
 ARCHS = ("80", "90")
 
@@ -59,7 +59,7 @@ def test_csrc_compiles_for_sm80_sm90(tmp_path):
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
-    sources = extension.sources()
+    sources = loader.sources()
     assert {s.name for s in sources} >= {"matching.cu", "plan.cu", "merge.cu", "ops.cpp"}
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda s: (s, _compile(nvcc, s, tmp_path)), sources))
@@ -87,7 +87,7 @@ def test_wmma_kernel_has_a_body_or_traps(arch, tmp_path):
     if nvcc is None:
         pytest.skip("nvcc not found: cannot compile the CUDA kernels here")
     out = tmp_path / f"matching_{arch}.ptx"
-    source = extension.csrc_dir() / "matching.cu"
+    source = loader.csrc_dir() / "matching.cu"
     cmd = [nvcc, "-ptx", str(source), "-o", str(out), f"-arch=compute_{arch}"] + _flags()
     proc = subprocess.run(cmd + list(cpp_extension.COMMON_NVCC_FLAGS) + build_flags.NVCC_FLAGS, capture_output=True, text=True,
                           timeout=900)

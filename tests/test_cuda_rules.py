@@ -1,6 +1,6 @@
 """The kernels' ranking, selection and sizing rules (csrc/rules.h), compiled for the host and run on
 a CPU against torch: NaN and ±Inf scores, an all-NaN row, empty batches, the tensor-core choice; and
-the load-time self-check's cases (tomesd.selfcheck) against the same rules: they must reach the paths
+the load-time self-check's cases (tomesd.ops.selfcheck) against the same rules: they must reach the paths
 real workloads take (several dst tiles per block, unvectorized loads, pack width 1, block-scan chunks).
 
 rules.h is the code the kernels call (`better`, `orderable`, `select_key`, `split_count`,
@@ -22,7 +22,8 @@ import subprocess
 import pytest
 import torch
 
-from tomesd import extension, matching, selfcheck
+from tomesd import matching
+from tomesd.ops import loader, selfcheck
 
 HARNESS = r"""
 #include "rules.h"
@@ -104,7 +105,7 @@ def rules(tmp_path_factory):
     src.write_text(HARNESS)
     lib = out / "librules.so"
     proc = subprocess.run([cxx, "-std=c++17", "-O2", "-shared", "-fPIC", "-Wall", "-Werror",
-                           f"-I{extension.csrc_dir()}", str(src), "-o", str(lib)], capture_output=True, text=True)
+                           f"-I{loader.csrc_dir()}", str(src), "-o", str(lib)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     dll = ctypes.CDLL(str(lib))
     f, i32, u32, u64, i64 = ctypes.c_float, ctypes.c_int, ctypes.c_uint32, ctypes.c_uint64, ctypes.c_int64
@@ -293,7 +294,7 @@ def test_geometry_rules(rules):
 def test_no_kernel_puts_the_batch_on_grid_y_or_z():
     """gridDim.y and .z stop at 65,535: the batch is folded into grid.x (blockIdx.x / src tiles), so
     any batch size launches."""
-    for source in extension.csrc_dir().glob("*.cu"):
+    for source in loader.csrc_dir().glob("*.cu"):
         text = source.read_text()
         assert "blockIdx.z" not in text and "gridDim.z" not in text, source.name
         for grid in re.findall(r"dim3 grid\(([^;]*)\);", text):

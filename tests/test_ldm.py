@@ -1,8 +1,10 @@
-"""LDM / sd-webui style models: `.model.diffusion_model` with blocks called as block(x, context)."""
+"""LDM / sd-webui style models: `.model.diffusion_model` with blocks called as block(x, context), subclasses
+of the block class included."""
 import torch
 
 import ldm_like
 import tomesd
+from tomesd.patch import patched_state
 
 
 def _tokens_seen(unet, x, t, context):
@@ -37,3 +39,18 @@ def test_ldm_model_merges_top_level_and_unpatches_exactly():
     tomesd.remove_patch(model)
     assert not tomesd.is_patched(model)
     assert torch.equal(_tokens_seen(unet, x, t, context)[1], want)
+
+
+def test_ldm_block_subclasses_are_patched():
+    class HijackedBlock(ldm_like.BasicTransformerBlock):
+        pass
+
+    torch.manual_seed(0)
+    model = ldm_like.LatentDiffusion().eval()
+    for st in (m for m in model.modules() if isinstance(m, ldm_like.SpatialTransformer)):
+        old = st.transformer_blocks[0]
+        new = HijackedBlock(old.norm1.normalized_shape[0], old.attn2.to_k.in_features)
+        new.load_state_dict(old.state_dict())
+        st.transformer_blocks[0] = new
+    tomesd.apply_patch(model, ratio=0.5)
+    assert len(patched_state(model).host.blocks) == 4

@@ -8,7 +8,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import tiny
 import tomesd
-from tomesd import matching, ops, selfcheck
+from tomesd import matching, ops
+from tomesd.ops import selfcheck
 from tomesd.matching import LocalWindow
 
 OPS = torch.ops.tomesd

@@ -1,4 +1,4 @@
-"""The PyTorch path against the independent reference (tests/reference.py)."""
+"""The PyTorch path against the independent reference (tests/reference.py), and its fp16 sums."""
 import random
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 import reference
 from tomesd import matching, ops
 from tomesd.config import max_ratio
+from tomesd.matching import MergePlan, merge
 
 # Per-dtype tolerance of a merged mean against the float64 reference: a few ulps at magnitude ~3.
 TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -107,3 +108,14 @@ def test_dispatch_on_cpu_is_torch(monkeypatch):
     monkeypatch.setenv("TOMESD_BACKEND", "fast")
     with pytest.raises(ValueError, match="TOMESD_BACKEND"):
         ops.choose_backend(torch.zeros(1))
+
+
+def test_fp16_merge_of_a_flat_region_does_not_overflow():
+    n = 5000
+    x = torch.full((1, n, 8), 60.0, dtype=torch.float16)
+    plan = MergePlan(slot=torch.zeros(1, n, dtype=torch.int64), counts=torch.tensor([[n]], dtype=torch.int32), num_out=1)
+    out = merge(x, plan)
+    assert out.dtype == torch.float16 and torch.equal(out, torch.full((1, 1, 8), 60.0, dtype=torch.float16))
+    ramp = torch.linspace(-1, 1, n, dtype=torch.float64).to(torch.float16)[None, :, None].expand(1, n, 8)
+    torch.testing.assert_close(merge(ramp, plan).float(), ramp.double().mean(1, keepdim=True).float(),
+                               rtol=0, atol=1e-3)

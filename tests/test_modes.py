@@ -11,12 +11,7 @@ from diffusers.models.attention import BasicTransformerBlock
 import ldm_like
 import tiny
 import tomesd
-
-
-def _run(model, arch="sd1", size=16, batch=2, timestep=500, seed=1):
-    args, kwargs = tiny.unet_inputs(arch, size=size, batch=batch, seed=seed)
-    with torch.no_grad():
-        return model(args[0], torch.tensor(timestep), **kwargs).sample
+from tiny import run as _run
 
 
 def _attn1_inputs(model):
@@ -96,10 +91,27 @@ def test_proportional_attention_stays_exact_with_plan_options(mode, options):
 
 
 def test_prop_attn_defaults_follow_the_mode():
-    assert tomesd.ToMeConfig(mode="kv").prop_attn is True
-    assert tomesd.ToMeConfig().resolved("tokens").prop_attn is False
-    assert tomesd.ToMeConfig().resolved("kv").prop_attn is True
-    assert tomesd.ToMeConfig(mode="kv", merge_attn=False).prop_attn is False
+    """A prop_attn left to follow the mode is resolved when patching: on in kv mode (where the attention
+    takes a bias), off in tokens mode and without merge_attn; given values are kept."""
+    unet = tiny.unet("sd1")
+    for kwargs, want in [(dict(), False), (dict(mode="tokens"), False), (dict(mode="kv"), True),
+                         (dict(mode="kv", merge_attn=False, merge_mlp=True), False), (dict(mode="kv", prop_attn=False), False),
+                         (dict(mode="tokens", prop_attn=True), True)]:
+        tomesd.apply_patch(unet, **kwargs)
+        config = tomesd.patch.patched_state(unet).config
+        assert config.prop_attn is want and config.mode == kwargs.get("mode", "tokens"), kwargs
+    assert tomesd.ToMeConfig(mode="kv").prop_attn is None  # not resolved before patching
+
+
+def test_a_refused_setting_leaves_the_patch_in_place():
+    """Every refusal comes before anything changes: a bad mode or a refused option on a patched model
+    keeps its patch and configuration."""
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.3)
+    for bad in (dict(mode="fast"), dict(merge_crossattn=True, mode="nope")):
+        with pytest.raises(ValueError, match="mode must be one of"):
+            tomesd.apply_patch(unet, **bad)
+        assert tomesd.patch.patched_state(unet).config.ratio == 0.3
 
 
 def test_kv_mode_ratio_zero_and_removal_are_bit_exact():
@@ -199,6 +211,45 @@ def test_plan_every_composes_with_share_plan(plan_builds):
     assert counts == [2, 0, 2, 0]
 
 
+def test_plan_every_identical_pipeline_calls_give_identical_images(tmp_path):
+    pipe = tiny.pipeline("sd1", tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    tomesd.apply_patch(pipe, ratio=0.5, plan_every=2, seed=3)
+
+    def image():
+        return pipe("a cat", num_inference_steps=3, height=32, width=32, output_type="pt",
+                    generator=torch.Generator().manual_seed(0)).images
+
+    first, second = image(), image()
+    assert torch.equal(first, second)
+
+
+def test_plan_every_new_run_when_the_timestep_goes_up(plan_builds):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, plan_every=4, seed=1)
+    per_call = []
+    for t in (900, 600, 300, 900, 600):  # a 3-step run, then a new run: rebuild at its first call
+        plan_builds.clear()
+        _run(unet, timestep=t)
+        per_call.append(len(plan_builds))
+    blocks = per_call[0]
+    assert blocks > 0 and per_call == [blocks, 0, 0, blocks, 0]
+
+
+def test_plan_every_drops_kept_plans_after_a_failed_call(plan_builds):
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=0.5, plan_every=4, seed=1)
+    _run(unet, timestep=900)
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    handle = block.ff.register_forward_pre_hook(lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        _run(unet, timestep=800)
+    handle.remove()
+    plan_builds.clear()
+    _run(unet, timestep=700)  # same run by its timestep, but the failed call dropped the kept plans
+    assert len(plan_builds) > 0
+
+
 # timestep-aware ratio ------------------------------------------------------------------------------
 
 def test_ratio_callable_with_timestep_stops_merging_late():
@@ -210,6 +261,15 @@ def test_ratio_callable_with_timestep_stops_merging_late():
     late = _run(unet, timestep=100)
     assert seen == [900.0, 100.0]
     assert torch.equal(late, want_late) and not torch.equal(early, _run(tomesd.remove_patch(unet), timestep=900))
+
+
+def test_timestep_ratio_with_differing_per_sample_timesteps_is_refused():
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=lambda h, w, timestep: 0.5 if timestep > 500 else 0.0)
+    _run(unet, timestep=torch.tensor([900, 900]))  # equal per-sample timesteps are fine
+    for t in ([100, 900], [900, 100]):
+        with pytest.raises(ValueError, match="different timesteps"):
+            _run(unet, timestep=torch.tensor(t))
 
 
 # training and compile with the options ----------------------------------------------------------------
@@ -254,3 +314,35 @@ def test_plan_every_under_compile_is_a_clear_error():
     compiled = torch.compile(unet, fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="plan_every > 1"):
         _run(compiled)
+
+
+@pytest.mark.slow
+def test_plan_every_under_compile_without_fullgraph_equals_eager(plan_builds):
+    """README: without fullgraph, the hooks that keep plans run between graphs (graph breaks): the
+    compiled model reuses plans exactly as the eager one does."""
+    torch._dynamo.reset()
+    eager, unet = tiny.unet("sd1"), tiny.unet("sd1")
+    for model in (eager, unet):
+        tomesd.apply_patch(model, ratio=0.5, plan_every=2, seed=0)
+    compiled = torch.compile(unet, backend="eager")
+    counts = {"eager": [], "compiled": []}
+    for t in (900, 700, 500):
+        for name, model in (("eager", eager), ("compiled", compiled)):
+            plan_builds.clear()
+            out = _run(model, timestep=t)
+            counts[name].append(len(plan_builds))
+            if name == "eager":
+                want = out
+        torch.testing.assert_close(out, want)
+    blocks = counts["eager"][0]
+    assert blocks > 0 and counts["eager"] == counts["compiled"] == [blocks, 0, blocks]
+
+
+@pytest.mark.slow
+def test_timestep_ratio_compiles_with_graph_breaks_and_equals_eager():
+    torch._dynamo.reset()
+    unet = tiny.unet("sd1")
+    tomesd.apply_patch(unet, ratio=lambda h, w, timestep: 0.5 if timestep > 200 else 0.0, seed=0)
+    compiled = torch.compile(unet, backend="eager")
+    for t in (900, 100):
+        torch.testing.assert_close(_run(compiled, timestep=t), _run(unet, timestep=t))

@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch.library import opcheck
 
-from tomesd import extension, info, matching, ops, selfcheck
+from tomesd import info, matching, ops
+from tomesd.ops import loader, selfcheck
 
 OPS = torch.ops.tomesd
 
@@ -113,15 +114,15 @@ def test_dispatch_on_cpu(monkeypatch):
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
 def test_failed_load_warns_once_and_keeps_reason(monkeypatch):
-    monkeypatch.setattr(extension, "loader", extension.Loader(prebuilt_available=lambda: False))
+    monkeypatch.setattr(loader, "loader", loader.Loader(prebuilt_available=lambda: False))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first, second = extension.load_error(), extension.load_error()
+        first, second = loader.load_error(), loader.load_error()
     assert first == second and first and ("CPU-only" in first or "no CUDA device" in first)
     assert len([w for w in caught if "tomesd" in str(w.message)]) == 1
     assert "extension unavailable" in ops.cuda_refusal_for("cuda", torch.float16)
-    extension.reset()
-    assert not extension.loader.tried and extension.loaded_from() == "" and extension.self_check_status() == "not run"
+    loader.reset()
+    assert not loader.loader.tried and loader.loaded_from() == "" and loader.self_check_status() == "not run"
 
 
 # ---- Malformed indices: the CPU impls raise (the CUDA kernels stay in bounds; tests/test_cuda_kernels.py) ----
@@ -158,7 +159,7 @@ def test_ops_refuse_malformed_plans():
         OPS.build_plan(metric, dst, src, len(src) + 1)
 
 
-# ---- The self-check the loaded kernels run before first use on a device (tomesd/selfcheck.py) ----
+# ---- The self-check the loaded kernels run before first use on a device (tomesd/ops/selfcheck.py) ----
 
 def _broken(**fns):
     return selfcheck.torch_kernels()._replace(**fns)
@@ -251,11 +252,11 @@ def _fake_loader(monkeypatch, tmp_path, kernels, capturing=lambda device: False,
             checked.append(device)
         return torch.device("cpu")
 
-    fake = extension.Loader(
-        jit_build=lambda build_dir: (build_dir / extension.JIT_LIBRARY).write_bytes(b""),
+    fake = loader.Loader(
+        jit_build=lambda build_dir: (build_dir / loader.JIT_LIBRARY).write_bytes(b""),
         cache_dir=lambda: tmp_path, prebuilt_available=lambda: False, build_refusal=lambda: "",
         check_device=check_device, capturing=capturing, kernels=kernels)
-    monkeypatch.setattr(extension, "loader", fake)
+    monkeypatch.setattr(loader, "loader", fake)
     return fake
 
 
@@ -263,25 +264,25 @@ def test_first_load_announces_the_build_and_passes_the_self_check(monkeypatch, t
     _fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels)
     with caplog.at_level("WARNING", logger="tomesd"), warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert extension.load_error("cuda:0") == "" and extension.load_error("cuda:0") == ""
+        assert loader.load_error("cuda:0") == "" and loader.load_error("cuda:0") == ""
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2 and "building the CUDA kernels (one-time" in messages[0]
     assert "CUDA kernels built in" in messages[1]
-    assert extension.loaded_from().startswith("JIT-built") and extension.self_check_status().startswith("passed")
+    assert loader.loaded_from().startswith("JIT-built") and loader.self_check_status().startswith("passed")
     caplog.clear()
-    extension.reset()
-    assert extension.self_check_status() == "not run"
-    assert extension.load_error("cuda:0") == "" and not caplog.records  # cached: loads silently
+    loader.reset()
+    assert loader.self_check_status() == "not run"
+    assert loader.load_error("cuda:0") == "" and not caplog.records  # cached: loads silently
 
 
 def test_self_check_failure_refuses_the_backend_with_its_reason(monkeypatch, tmp_path, capsys):
     _fake_loader(monkeypatch, tmp_path, lambda: _broken(merge=_sum_merge))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        first, second = extension.load_error("cuda:0"), extension.load_error("cuda:0")
+        first, second = loader.load_error("cuda:0"), loader.load_error("cuda:0")
     assert first == second and "self-check against the PyTorch path on cuda:0 failed: merge differs" in first
     assert len([w for w in caught if issubclass(w.category, RuntimeWarning) and "tomesd" in str(w.message)]) == 1
-    assert extension.loaded_from().startswith("JIT-built") and extension.self_check_status().startswith("failed: merge differs")
+    assert loader.loaded_from().startswith("JIT-built") and loader.self_check_status().startswith("failed: merge differs")
     assert "self-check" in ops.cuda_refusal_for("cuda:0", torch.float16)
     rows = dict(info.report(build=False))
     assert rows["kernel self-check"].startswith("failed: merge differs")
@@ -298,7 +299,7 @@ def test_self_check_runs_once_per_device_on_that_device(monkeypatch, tmp_path):
         assert "failed: merge differs" in ops.cuda_refusal_for("cuda:1", torch.float16)
     assert ops.cuda_refusal_for("cuda:0", torch.float32) == "" and ops.cuda_refusal_for("cuda:1", torch.float32)
     assert checked == [torch.device("cuda", 1), torch.device("cuda", 0)]  # once each
-    status = extension.self_check_status()
+    status = loader.self_check_status()
     assert status.startswith("cuda:1: failed: merge differs") and "cuda:0: passed" in status
 
 
@@ -308,14 +309,14 @@ def test_self_check_is_deferred_inside_a_cuda_graph_capture(monkeypatch, tmp_pat
     capture = {"on": True}
     fake = _fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels, capturing=lambda device: capture["on"])
     assert "deferred" in ops.cuda_refusal_for("cuda:0", torch.float16)
-    assert not fake.checks and extension.self_check_status().startswith("not run")
+    assert not fake.checks and loader.self_check_status().startswith("not run")
     capture["on"] = False
     assert ops.cuda_refusal_for("cuda:0", torch.float16) == ""
-    assert extension.self_check_status().startswith("passed")
+    assert loader.self_check_status().startswith("passed")
 
 
 def test_csrc_is_found_and_info_runs(capsys):
-    assert extension.csrc_dir() is not None and extension.sources()
+    assert loader.csrc_dir() is not None and loader.sources()
     info.main(["--no-build"])
     out = capsys.readouterr().out
     assert "backend for" in out and "kernel sources" in out

@@ -1,4 +1,5 @@
-"""Attaching to diffusers UNets: token counts, exactness against the reference, removal, state."""
+"""Attaching to diffusers UNets: token counts, exactness against the reference, removal, state, one patch
+per block."""
 import copy
 import logging
 
@@ -172,29 +173,6 @@ def test_to_dtype_after_patching():
     assert max(_attn1_lengths(unet, "sd1", dtype=torch.bfloat16).values()) == 128
 
 
-def test_seed_gives_reproducible_random_partitions():
-    a, b = tiny.unet("sd1"), tiny.unet("sd1")
-    tomesd.apply_patch(a, ratio=0.5, seed=11)
-    tomesd.apply_patch(b, ratio=0.5, seed=11)
-    first = _run(a, "sd1")
-    assert torch.equal(first, _run(a, "sd1")) and torch.equal(first, _run(b, "sd1"))
-    tomesd.apply_patch(b, ratio=0.5, seed=12)
-    assert not torch.equal(first, _run(b, "sd1"))
-    tomesd.apply_patch(b, ratio=0.5, use_rand=False)
-    assert not torch.equal(first, _run(b, "sd1"))
-
-
-def test_odd_batch_turns_randomness_off_with_one_message(caplog):
-    a, b = tiny.unet("sd1"), tiny.unet("sd1")
-    tomesd.apply_patch(a, ratio=0.5, seed=5)
-    tomesd.apply_patch(b, ratio=0.5, use_rand=False)
-    with caplog.at_level(logging.INFO, logger="tomesd"):
-        out = _run(a, "sd1", batch=1)
-        _run(a, "sd1", batch=3)
-    assert torch.equal(out, _run(b, "sd1", batch=1))
-    assert sum("odd size" in r.getMessage() for r in caplog.records) == 1
-
-
 def test_ratio_by_resolution_mapping_and_callable():
     unet = tiny.unet("sd1")
     # A 16×16 latent is a 128 px image: the table maps 128 px → 0.25, 256 px → 0.5, 192 px → 0.375.
@@ -273,30 +251,17 @@ def test_zero_ratio_is_exact():
     assert torch.equal(_run(unet, "sd1"), want)
 
 
-
-def test_random_partition_varies_with_timestep_and_block_but_not_between_calls(monkeypatch):
-    import tomesd.matching
-
-    dsts = []
-
-    def recording_partition(*args):
-        dst_idx, src_idx = partition(*args)
-        dsts.append(dst_idx.clone())
-        return dst_idx, src_idx
-
-    partition = tomesd.matching.partition
-    monkeypatch.setattr(tomesd.matching, "partition", recording_partition)
+def test_one_patch_per_block():
     unet = tiny.unet("sd1")
-    tomesd.apply_patch(unet, ratio=0.5, seed=1, sx=1, sy=2)
-    args, kwargs = tiny.unet_inputs("sd1")
-    calls = []
-    for t in (torch.tensor(500), torch.tensor(500), 499):
-        dsts.clear()
-        with torch.no_grad():
-            unet(args[0], t, **kwargs)
-        calls.append(list(dsts))
-    first, again, later = calls
-    assert len(first) == len(again) == len(later) >= 2
-    assert all(torch.equal(a, b) for a, b in zip(first, again))
-    assert all(not torch.equal(a, b) for a, b in zip(first, later))
-    assert not torch.equal(first[0], first[1])
+    inner = unet.down_blocks[0].attentions[0]
+    block = inner.transformer_blocks[0]
+    counts = len(block._forward_pre_hooks), len(block.attn1._forward_pre_hooks)
+    tomesd.apply_patch(inner, ratio=0.5)
+    tomesd.apply_patch(unet, ratio=0.5)  # the parent's patch replaces the child's
+    assert not tomesd.is_patched(inner) and tomesd.is_patched(unet)
+    assert (len(block._forward_pre_hooks), len(block.attn1._forward_pre_hooks)) == (counts[0] + 1, counts[1] + 1)
+    with pytest.raises(ValueError, match="remove_patch it first"):
+        tomesd.apply_patch(inner, ratio=0.5)
+    tomesd.remove_patch(unet)
+    tomesd.apply_patch(inner, ratio=0.5)
+    assert tomesd.is_patched(inner)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tomesd
-from tomesd import models, quality
+from tomesd import quality
+from tomesd.tools import models
 from tomesd.reference import DigitsPipeline, classify
 from tomesd.reference.photos import (
     CLASSES, HELD_OUT, PHOTO_CLASSIFIER_PATH, PHOTOS_DIR, SIZES, PhotoClassifier, PhotoCrops, PhotosPipeline,

@@ -11,7 +11,9 @@ import pytest
 import torch
 
 import tomesd
-from tomesd import models, quality
+from tomesd import quality
+from tomesd.quality import generate
+from tomesd.tools import models
 from tomesd.reference import DigitClassifier, DigitsPipeline, load_classifier
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -131,6 +133,19 @@ def test_grid_is_the_product_of_the_lists():
     assert quality.setting_label(settings[-1]) == "r0.7 md2 attn+crossattn+mlp use_rand=False"
 
 
+def test_variants_are_whole_settings_the_axes_multiply():
+    """--variant gives whole settings (a ratio in a variant replaces the default ratios); --set axes
+    multiply them; a keyword given both ways is an error."""
+    parser = quality.build_parser()
+    cfg = quality.config_from_args(parser, parser.parse_args(
+        ["--variant", "ratio=0.5", "--variant", "ratio=0.9,sx=4,sy=4,prop_attn=true", "--set", "match_window=none,3"]))
+    assert quality.grid_settings(cfg.grid) == [
+        dict(ratio=0.5, match_window=None), dict(ratio=0.5, match_window=3),
+        dict(ratio=0.9, sx=4, sy=4, prop_attn=True, match_window=None), dict(ratio=0.9, sx=4, sy=4, prop_attn=True, match_window=3)]
+    cfg = quality.config_from_args(parser, parser.parse_args(["--variant", "prop_attn=true", "--ratios", "0.5,0.7"]))
+    assert quality.grid_settings(cfg.grid) == [dict(prop_attn=True, ratio=0.5), dict(prop_attn=True, ratio=0.7)]
+
+
 def _cli_error(capsys, argv):
     with pytest.raises(SystemExit) as exit_info:
         quality.main(argv)
@@ -158,6 +173,9 @@ def _cli_error(capsys, argv):
     (["--set", "sx=2", "--set", "sx=4"], "--set sx: already given by another --set sx"),
     (["--model", "/nonexistent", "--prompt", "3"], "--model /nonexistent: no such model directory"),
     (["--model", "/nonexistent"], "--model /nonexistent: no such model directory"),
+    (["--variant", "ratio=0.5", "--ratios", "0.3"], "ratio: both a grid axis and in a --variant"),
+    (["--variant", "merge_mlp=true", "--merge", "attn"], "merge_mlp: both a grid axis and in a --variant"),
+    (["--variant", "bogus=1"], "not apply_patch keywords: bogus"),
 ])
 def test_cli_errors_are_clear(capsys, argv, message):
     assert message in _cli_error(capsys, argv)
@@ -174,13 +192,13 @@ def test_set_ratio_alone_replaces_the_default_ratios():
 def test_unloadable_model_is_one_line(capsys, tmp_path, monkeypatch):
     """Issue 17 item 7: a model that passes the local checks but does not load ends in one line too."""
     (tmp_path / "model_index.json").write_text("{}")
-    monkeypatch.setattr(quality, "run", lambda *a, **k: pytest.fail("ran without a model"))
+    monkeypatch.setattr(generate, "run", lambda *a, **k: pytest.fail("ran without a model"))
     err = _cli_error(capsys, ["--model", str(tmp_path), "--prompt", "a cat", "--steps", "1"])
     assert err.startswith(f"tomesd-quality: error: --model {tmp_path}: cannot load it (")
 
 
 def test_missing_extra_is_one_line_before_any_work(capsys, monkeypatch):
-    monkeypatch.setattr(quality, "missing_dependencies", lambda: ["torchmetrics"])
+    monkeypatch.setattr(generate, "missing_dependencies", lambda: ["torchmetrics"])
     monkeypatch.setattr(models, "load_pipeline", lambda *a, **k: pytest.fail("loaded a model"))
     assert _cli_error(capsys, ["--steps", "1"]).endswith("needs torchmetrics: pip install 'tomesd[quality]'")
 
@@ -223,10 +241,10 @@ def test_reference_files_are_package_data():
 def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeypatch):
     """Round k makes chunk k with every setting in turn; the band is the lowest and highest per-round
     speed-up, and only a band wholly past 1 is called faster / slower."""
-    from tomesd import timing
+    from tomesd.tools import timing
 
     order, script = [], iter([1.0, 0.5, 1.2,   1.0, 0.4, 0.8,   1.0, 0.6, 0.9])  # rounds: base, 0.3, 0.6
-    real = quality.timed_chunk
+    real = generate.timed_chunk
 
     def scripted(pipe_, cfg, chunk):
         state = tomesd.patch.patched_state(pipe_)
@@ -234,7 +252,7 @@ def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeyp
         images, _ = real(pipe_, cfg, chunk)
         return images, next(script) * len(chunk)
 
-    monkeypatch.setattr(quality, "timed_chunk", scripted)
+    monkeypatch.setattr(generate, "timed_chunk", scripted)
     monkeypatch.setattr(timing, "load_average", lambda: 99.0)
     cfg = quality.QualityConfig(model="reference", prompts=["3"], seeds=(0, 1, 2), grid={"ratio": (0.3, 0.6)},
                                 steps=2, batch=1, warmup=0)
@@ -248,7 +266,7 @@ def test_timing_is_interleaved_and_speedups_carry_their_noise_band(pipe, monkeyp
 
 
 def test_one_timing_round_has_no_noise_band():
-    from tomesd import timing
+    from tomesd.tools import timing
 
     assert timing.noise_band([1.0], [0.5]) == dict(speedup_min=None, speedup_max=None, verdict="one round, no band")
     assert timing.noise_band([1.0, 1.0], [0.5, 0.9])["verdict"] == "faster"

@@ -67,6 +67,17 @@ def unet_inputs(arch: str, batch: int = 2, size: int = 16, seed: int = 1, dtype=
     return (sample, torch.tensor(500)), kwargs
 
 
+def run(model, arch: str = "sd1", batch: int = 2, size: int = 16, seed: int = 1, width=None, timestep=500):
+    """One no-grad UNet call on unet_inputs (a size × width latent where width is given) at `timestep` (a
+    number, or a tensor of per-sample timesteps): the output sample."""
+    args, kwargs = unet_inputs(arch, batch=batch, size=size, seed=seed)
+    sample = args[0]
+    if width is not None:
+        sample = torch.randn(batch, 4, size, width, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(sample, torch.as_tensor(timestep), **kwargs).sample
+
+
 VAE = dict(
     in_channels=3,
     out_channels=3,

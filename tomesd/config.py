@@ -8,13 +8,12 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Optional, Tuple, Union
 
 RatioSpec = Union[float, Mapping[float, float], Callable[..., float]]
 
 ALLOWED_DOWNSAMPLE = (1, 2, 4, 8)
-MODES = ("tokens", "kv")
 
 
 def max_ratio(sx: int, sy: int) -> float:
@@ -130,10 +129,10 @@ class ToMeConfig:
     """Validated settings of one patched model (the arguments of `tomesd.apply_patch`).
 
     max_downsample: None means the model's own highest-resolution transformer level, resolved when
-    patching (SD 1.x/2.x: 1, SDXL: 2). mode: "tokens" (merge a sub-layer's input, unmerge its
-    output) or "kv" (self-attention keys/values from the merged tokens, queries from all); None is
-    the model's default, resolved when patching (`resolved`): tokens (tomesd 0.1.3's), kv on Flux.
-    prop_attn: None resolves to True in kv mode and False in tokens mode.
+    patching (SD 1.x/2.x: 1, SDXL: 2). mode: the name of a mode (tomesd.patch.modes.MODES: "tokens",
+    "kv"), checked when patching; None is the model's default: tokens (tomesd 0.1.3's), kv on Flux.
+    prop_attn: None follows the mode (True in kv mode where the attention takes a bias, False in
+    tokens mode), resolved when patching; a patched model's state holds the resolved config.
     share_plan: one plan per level per call; plan_every: rebuild plans every k-th call.
     match_window: None (global matching: every src compares with every dst) or an odd k ≥ 1 (local
     matching: the dst of the k × k cells around the src's own cell).
@@ -154,8 +153,6 @@ class ToMeConfig:
     plan_every: int = 1
     match_window: Optional[int] = None
     schedule: RatioSchedule = field(init=False, repr=False, compare=False)
-    # whether prop_attn was given (True / False) rather than left to follow the mode (None)
-    prop_attn_given: bool = field(init=False, repr=False, compare=False, default=False)
 
     def __post_init__(self):
         object.__setattr__(self, "sx", _check_positive_int(self.sx, "sx"))
@@ -169,13 +166,9 @@ class ToMeConfig:
                 raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, numbers.Integral)):
             raise TypeError(f"seed must be an int or None, got {self.seed!r}")
-        if self.mode is not None and self.mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES} or None, got {self.mode!r}")
-        object.__setattr__(self, "prop_attn_given", self.prop_attn is not None)
-        if self.prop_attn is None:
-            if self.mode is not None:
-                object.__setattr__(self, "prop_attn", self.mode == "kv" and self.merge_attn)
-        elif not isinstance(self.prop_attn, bool):
+        if self.mode is not None and not isinstance(self.mode, str):
+            raise TypeError(f"mode must be a mode's name (a str) or None, got {self.mode!r}")
+        if self.prop_attn is not None and not isinstance(self.prop_attn, bool):
             raise TypeError(f"prop_attn must be a bool or None, got {self.prop_attn!r}")
         if self.prop_attn and not self.merge_attn:
             raise ValueError("prop_attn=True needs merge_attn=True: it biases the self-attention over merged tokens")
@@ -187,15 +180,3 @@ class ToMeConfig:
                                  f"around a token's own cell: 1, 3, 5, ...), got {k!r}")
             object.__setattr__(self, "match_window", int(k))
         object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))
-
-    def resolved(self, default_mode: str, takes_bias: bool = True) -> "ToMeConfig":
-        """This config with mode (and a prop_attn left to follow it) resolved for a model whose default
-        mode is `default_mode` and whose attention takes an additive bias (`takes_bias`): a prop_attn
-        left to follow kv mode stays off where the attention takes none."""
-        config = self if self.mode is not None else replace(self, mode=default_mode)
-        if not self.prop_attn_given:
-            prop = config.mode == "kv" and config.merge_attn and takes_bias
-            if prop != config.prop_attn:
-                config = replace(config, prop_attn=prop)
-            object.__setattr__(config, "prop_attn_given", False)
-        return config

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from functools import partial
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -17,19 +17,28 @@ from .calls import block_entry, on_block_call, on_block_done, on_root_done, root
 from .compiled import is_compiled
 from .hosts import KIND_FLAGS, Host
 from .plans import PlanProvider
-from .state import STATE_ATTR, ModelState, check_idle, claim, owner, release
+from .state import STATE_ATTR, ModelState, check_idle, claim, owner, release, take_slot
 from .sublayers import on_sublayer_call, on_sublayer_done
 from .wrappers import MethodWrapper
 
 logger = logging.getLogger("tomesd")
 
 
-def attach(host: Host, config: ToMeConfig) -> ModelState:
-    """Register every hook on host's modules; the returned state owns their handles."""
-    config = config.resolved(host.default_mode, host.attention.takes_bias)
-    reasons = host.refusals(config)
+def prepare(host: Host, config: ToMeConfig) -> ToMeConfig:
+    """config resolved for host (its mode and a prop_attn left to follow it); ValueError listing every
+    reason the host refuses it. Nothing is changed on the model."""
+    resolved = modes.resolve(config, host)
+    reasons = host.refusals(resolved) + modes.refusals(host, resolved)
     if reasons:
         raise ValueError("tomesd: " + "; ".join(reasons))
+    return resolved
+
+
+def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None) -> ModelState:
+    """Register every hook on host's modules; the returned state owns their handles. `prepared`: config
+    already passed through `prepare` for this host."""
+    given = config
+    config = prepared if prepared is not None else prepare(host, config)
     state = ModelState(
         config=config,
         host=host,
@@ -39,9 +48,8 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
         timestep_pos=arg_position(host.root, host.timestep_names, 1),
         plans=PlanProvider(config),
     )
-    state.modes = {sub.name: modes.make(config.mode, config.prop_attn) if sub.kind == "self" else modes.make("tokens", False)
-                   for sub in host.sublayers}
-    _log_exclusions(state)
+    state.modes = modes.make(config, host)
+    _log_exclusions(state, prop_given=given.prop_attn is not None)
     add = state.handles.append
     add(host.root.register_forward_pre_hook(root_pre_hook(state), with_kwargs=True))
     add(host.root.register_forward_hook(partial(on_root_done, state), with_kwargs=True, always_call=True))
@@ -60,7 +68,7 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
                 add(sub.register_forward_pre_hook(pre, with_kwargs=True))
                 add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True))
                 if spec.kind == "self":
-                    handle = host.attention.wrap(state, spec.name, sub)
+                    handle = host.attention.wrap(spec.name, sub, partial(take_slot, state), config.prop_attn)
                     if handle is not None:
                         add(handle)
         claim(module, state)
@@ -68,7 +76,7 @@ def attach(host: Host, config: ToMeConfig) -> ModelState:
     return state
 
 
-def _log_exclusions(state: ModelState) -> None:
+def _log_exclusions(state: ModelState, prop_given: bool) -> None:
     host = state.host
     counts: Dict[str, int] = {}
     for _, reason in host.excluded:
@@ -79,9 +87,8 @@ def _log_exclusions(state: ModelState) -> None:
     if not (config.merge_attn or config.merge_crossattn or config.merge_mlp):
         logger.warning("tomesd: merge_attn, merge_crossattn and merge_mlp are all False: no sub-layer of %s "
                        "merges tokens", type(host.root).__name__)
-    if config.mode == "kv" and not config.prop_attn_given and not config.prop_attn and config.merge_attn:
-        logger.info("tomesd: prop_attn is off for %s (its attention takes no additive bias); kv mode runs "
-                    "without proportional attention", type(host.root).__name__)
+    for note in modes.notes(host, config, prop_given):
+        logger.info(note)
     if state.max_downsample < host.top_level:
         logger.warning("tomesd: max_downsample=%d but the highest-resolution transformer level of %s is /%d: "
                        "nothing is merged (use max_downsample=None for that level, or a larger value)",
@@ -135,11 +142,12 @@ def _after_change(model, roots: List[nn.Module]) -> None:
 def attach_to(model, config: ToMeConfig, controlnet: bool = False) -> None:
     """Attach `config` to model's denoiser (and its ControlNets), replacing earlier patches."""
     found = [hosts.find_host(model)] + (hosts.controlnet_hosts(model) if controlnet else [])
+    prepared = [prepare(host, config) for host in found]  # every refusal before anything changes
     _detach_roots(model, "apply_patch")
     for host in found:
         _claim(host)
-    for host in found:
-        attach(host, config)
+    for host, resolved in zip(found, prepared):
+        attach(host, config, resolved)
     _after_change(model, [host.root for host in found])
 
 

@@ -20,7 +20,8 @@ from ..matching import MergePlan
 from . import recompute
 from .args import first_tensor, get_arg
 from .levels import level_of
-from .state import BlockCall, CallContext, MergeRequest, ModelState, call_ended, call_started, log_once
+from .frames import BlockCall, CallContext, MergeRequest
+from .state import ModelState, call_ended, call_started, log_once
 
 
 def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:

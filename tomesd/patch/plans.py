@@ -17,7 +17,7 @@ import torch
 from .. import matching, ops
 from ..config import ToMeConfig
 from ..matching import MergePlan
-from .state import CallContext, MergeRequest
+from .frames import CallContext, MergeRequest
 
 
 COMPILE_ERROR = ("tomesd: plan_every > 1 keeps plans across calls in Python state, which torch.compile would "

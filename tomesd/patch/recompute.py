@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from ..matching import MergePlan
-from .state import CallContext, ModelState, Record
+from .frames import CallContext, Record
+from .state import ModelState
 
 # Key under which a call's context rides on its output's autograd node (Node.metadata).
 GRAPH_KEY = "tomesd_calls"

@@ -1,8 +1,9 @@
-"""Typed state: one ModelState per patched model, one CallContext per denoiser call.
+"""Typed state of one patched model (ModelState), and what needs it: logging once, the blocks a patch
+owns, the threads inside its calls.
 
 The model-level state holds only the configuration, the host, the modes and the hook handles. What
 describes one denoiser call (latent size, random key, resolved ratios, plans) lives in a CallContext
-on a stack local to the calling thread (`Calls`), so two threads never share one and a call
+(frames.py) on a stack local to the calling thread (`Calls`), so two threads never share one and a call
 interrupted half-way leaves nothing that the next call uses.
 """
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import torch
 from torch._dynamo.comptime import comptime
-from torch import Tensor, nn
+from torch import nn
 
 from ..config import ToMeConfig
 from ..matching import MergePlan
+from .frames import BlockCall, Calls, CallContext
 
 if TYPE_CHECKING:  # pragma: no cover
     from .hosts.base import Host
@@ -29,98 +31,6 @@ if TYPE_CHECKING:  # pragma: no cover
 logger = logging.getLogger("tomesd")
 
 STATE_ATTR = "_tomesd"
-
-
-@dataclass
-class MergeRequest:
-    """A block call's merge, resolved but not yet planned: the metric [B, N, C] on the h × w grid of
-    level /downsample (its first h·w tokens; the `tail` tokens after them pass through unmerged), r
-    tokens to merge, the block's random key (None: each cell's first token)."""
-
-    metric: Tensor
-    h: int
-    w: int
-    r: int
-    key: Optional[Tensor]
-    downsample: int = 1
-    tail: int = 0
-
-
-@dataclass
-class BlockCall:
-    """One block's merge within one denoiser call (block `index` of the host's blocks).
-
-    request: what to plan, until the block's first merged sub-layer builds `plan` from it.
-    merged: sub-layer name → the plan its input was merged with (its rows, for a batch chunk), until
-    its output is unmerged. extra: per-sub-layer objects a host's attention keeps between a sub-layer's
-    pre-hook and its forward (MMDiT: what the joint attention call must do). rows_done: batch rows of
-    `ff` already run in this call (feed-forward chunked over the batch). pushed: the block's entry
-    opened a recompute context, which its exit closes.
-    """
-
-    index: int = 0
-    request: Optional[MergeRequest] = None
-    plan: Optional[MergePlan] = None
-    merged: Dict[str, MergePlan] = field(default_factory=dict)
-    extra: Dict[str, Any] = field(default_factory=dict)
-    rows_done: int = 0
-    pushed: bool = False
-
-
-@dataclass
-class Record:
-    """What a merged block's input was in a call with gradients, to find the call in a recompute.
-
-    ref: weak reference to the input; memory: (shape, stride, dtype, device, data_ptr, version);
-    probe: a strided sample of its values [B, ≤8, ≤8] fp32; plan: the plan the block merged with (a
-    recompute replays it, whether it was built, shared or reused in the forward).
-    """
-
-    ref: "weakref.ref[Tensor]"
-    memory: tuple
-    probe: Tensor
-    plan: Optional[MergePlan] = None
-
-
-@dataclass
-class CallContext:
-    """One denoiser call: latent size, random key, and what was resolved during it.
-
-    height, width: the latent's size; grid_h, grid_w: its token grid at level 1 (latent / patch size).
-    timestep: the call's timestep tensor (or number), if any. levels: token count → (downsample, h, w)
-    of the level with that many tokens (None: no level). ratios: level → resolved ratio. block: the
-    BlockCall of the block running now (blocks never nest; sub-layer hooks find it here, so they carry
-    no per-block constant and compiled code is shared between blocks). records: block index → Record, for calls made with
-    gradients (None otherwise). recompute: this is a copy opened by a checkpoint recompute of one
-    block. shared: level → the plan its blocks share in this call (share_plan). tail: tokens that follow
-    the image grid in each block's sequence and pass through unmerged (Flux Kontext's reference image).
-    """
-
-    height: int
-    width: int
-    grid_h: int
-    grid_w: int
-    key: Optional[Tensor]
-    timestep: Any = None
-    levels: Dict[int, Optional[Tuple[int, int, int]]] = field(default_factory=dict)
-    ratios: Dict[int, float] = field(default_factory=dict)
-    block: Optional[BlockCall] = None
-    records: Optional[Dict[int, Record]] = None
-    recompute: bool = False
-    shared: Dict[int, MergePlan] = field(default_factory=dict)
-    tail: int = 0
-
-
-class Calls(threading.local):
-    """Per thread: `frames`, the stack of open CallContexts (None for a root call that merges
-    nothing). Every attribute exists from a thread's first access, so compiled code guarding on them
-    sees the same layout at every call."""
-
-    def __init__(self):
-        self.frames: List[Optional[CallContext]] = []
-
-    def __reduce__(self):  # a copy of a patched model starts with no open call
-        return (Calls, ())
 
 
 @dataclass
@@ -252,6 +162,14 @@ def log_once(state: ModelState, tag: str, message: str, level: int) -> None:
         comptime(_log_while_tracing)
     elif tag not in state.warned:
         _log_tagged(key, tag, message, level)
+
+
+def take_slot(state: ModelState, name: str) -> Optional[Tuple[Any, int]]:
+    """(what sub-layer `name` of the block running now in this thread left for its processor, the
+    block's index), taken out of the slot; None if it left nothing."""
+    block = state.block()
+    value = block.slots.pop(name, None) if block is not None else None
+    return None if value is None else (value, block.index)
 
 
 def current_plan(state: ModelState, index: int) -> Optional[MergePlan]:

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 from ..matching import MergePlan
 from .args import get_arg
 from .calls import plan_of
-from .modes import SublayerCall
+from .frames import SublayerCall
 from .state import ModelState
 
 
@@ -33,7 +33,7 @@ def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module,
     if not isinstance(x, Tensor) or x.ndim != 3:
         state.warn_once(f"shape-{name}", f"tomesd: {name} was called without [B, N, C] tokens; it is not merged")
         return None
-    call = SublayerCall(state, block, name, kind, module, args, kwargs, x, where)
+    call = SublayerCall(name, kind, module, args, kwargs, x, where, warn=state.warn_once, slots=block.slots)
     mode = state.modes[name]
     B, N = plan.slot.shape
     if x.shape[1] != N and mode.takes_all_tokens(call):

@@ -242,7 +242,7 @@ def load_pipeline(path: Optional[str] = None, device: Union[str, torch.device] =
     path = path or PIPELINE_DIR
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         raise FileNotFoundError(f"no reference model at {path}: train one with python -m tomesd.reference.train")
-    from ..quiet import dtype_kwarg_quiet
+    from ..tools.quiet import dtype_kwarg_quiet
 
     with dtype_kwarg_quiet():
         pipe = (pipeline_class or DigitsPipeline).from_pretrained(path, torch_dtype=dtype)

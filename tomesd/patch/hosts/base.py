@@ -2,8 +2,8 @@
 keys/values from merged tokens and an additive bias (an Attention)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -11,10 +11,11 @@ from torch import Tensor, nn
 from ... import ops
 from ...config import ToMeConfig
 from ...matching import MergePlan
+from ..frames import SublayerCall
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..modes.base import SublayerCall
-    from ..state import ModelState
+# take(name) → (what sub-layer `name` of the block running now left for its processor, the block's
+# index), taken out of its slot, or None (a wrapped processor's view of the current call)
+Take = Callable[[str], Optional[Tuple[Any, int]]]
 
 
 @dataclass(frozen=True)
@@ -47,27 +48,33 @@ class Attention:
     log-size bias on its logits (prop_attn).
 
     kv_inside: keys/values are merged inside the attention's own computation (its input may then
-    hold more than the block's image tokens). takes_bias: it can add a bias to its logits (prop_attn). prepare(...) → the sub-layer's (args, kwargs) for the
-    call. refusals(host, config) → why the config cannot run on this host's attention (at patching).
-    masked(kwargs): the call passes an attention mask over unmerged tokens (the block is not merged).
-    wrap(state, name, module) → a handle (with .remove()) around the sub-layer's forward, if the
-    attention needs one.
+    hold more than the block's image tokens). takes_bias: it can add a bias to its logits (prop_attn).
+    prepare(call, args, kwargs, plan, merge_kv, bias) → the sub-layer's (args, kwargs) for the call
+    (what a mode asks: merged keys/values, a log-size bias). refusals(host, config) → why the config's
+    options cannot run on this host's attention (at patching). kv_refusal_of(module) → why that
+    attention module cannot take keys/values from merged tokens, or None. masked(kwargs): the call
+    passes an attention mask over unmerged tokens (the block is not merged). wrap(name, module, take,
+    bias) → a handle (with .remove()) around the sub-layer's processor, if the attention needs one
+    (bias: prop_attn is on); the wrapped processor finds what a call left for it with `take(name)`.
     """
 
     kv_inside = False
     takes_bias = True
 
-    def prepare(self, call: "SublayerCall", args: tuple, kwargs: dict, plan: MergePlan, merge_kv: bool,
+    def prepare(self, call: SublayerCall, args: tuple, kwargs: dict, plan: MergePlan, merge_kv: bool,
                 bias: bool) -> Tuple[tuple, dict]:
         raise NotImplementedError
 
     def refusals(self, host: "Host", config: ToMeConfig) -> List[str]:
         return []
 
+    def kv_refusal_of(self, module: nn.Module) -> Optional[str]:
+        return None
+
     def masked(self, kwargs: dict) -> bool:
         return False
 
-    def wrap(self, state: "ModelState", name: str, module: nn.Module):
+    def wrap(self, name: str, module: nn.Module, take: Take, bias: bool):
         return None
 
 
@@ -88,18 +95,13 @@ class ArgAttention(Attention):
         return any(kwargs.get(m) is not None for m in self.mask_names)
 
     def refusals(self, host, config):
-        reasons = []
         if config.prop_attn and self.bias_name is None:
-            reasons.append(f"prop_attn=True needs an attention that takes an additive bias; {host.name} models' "
-                           "attention takes none: use prop_attn=False")
-        if config.mode == "kv" and config.merge_attn and self.kv_refusal is not None:
-            for index, module in enumerate(host.blocks):
-                attn = getattr(module, host.sublayers[0].name, None)
-                why = self.kv_refusal(attn) if isinstance(attn, nn.Module) else None
-                if why is not None:
-                    reasons.append(f"mode='kv' cannot run on attn1 of transformer block {index}: {why}")
-                    break
-        return reasons
+            return [f"prop_attn=True needs an attention that takes an additive bias; {host.name} models' "
+                    "attention takes none: use prop_attn=False"]
+        return []
+
+    def kv_refusal_of(self, module):
+        return self.kv_refusal(module) if self.kv_refusal is not None else None
 
     def _has_kv_source(self, call) -> bool:
         return call.kwargs.get(self.kv_name) is not None or (isinstance(call.where, int) and len(call.args) > call.where + 1)
@@ -107,15 +109,15 @@ class ArgAttention(Attention):
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):
         if bias and not merge_kv and self._has_kv_source(call):
             # an attn1 attending to the text (only_cross_attention): its keys are not the merged tokens
-            call.state.warn_once(f"prop-cross-{call.name}", f"tomesd: prop_attn does not apply to {call.name} of blocks "
-                                 "whose self-attention attends to the text (only_cross_attention): its keys are not "
-                                 "the merged tokens; those blocks merge without it")
+            call.warn(f"prop-cross-{call.name}", f"tomesd: prop_attn does not apply to {call.name} of blocks "
+                      "whose self-attention attends to the text (only_cross_attention): its keys are not the "
+                      "merged tokens; those blocks merge without it")
             bias = False
         if merge_kv:
             if self._has_kv_source(call):
                 raise RuntimeError(f"tomesd: mode='kv' needs a self-attention, but this attn1 was given a key/value "
                                    f"source ({self.kv_name}); use mode='tokens' for this model")
-            why = self.kv_refusal(call.module) if self.kv_refusal is not None else None
+            why = self.kv_refusal_of(call.module)
             if why is not None:
                 raise RuntimeError(f"tomesd: mode='kv' cannot run on this attn1: {why}")
             kwargs = dict(kwargs)
@@ -137,8 +139,9 @@ class Host:
     at level 1 is (H // patch_size) × (W // patch_size) (DiT, PixArt: the patch embedding's size).
     sublayers: the blocks' Sublayers. excluded: blocks found but deliberately not patched, with the
     reason (logged once when patching). attention: how its self-attention takes merged keys/values and
-    a bias. tokens_refusal: why mode="tokens" cannot run in "self" sub-layers (e.g. per-token rotary
-    positions), or None. default_mode: the mode of `apply_patch(..., mode=None)`. timestep_scale: what
+    a bias. mode_refusals: mode name → why that mode cannot run in its "self" sub-layers (e.g. per-token
+    rotary positions), and what to use instead. default_mode: the mode of `apply_patch(..., mode=None)`.
+    timestep_scale: what
     the root's timestep argument is multiplied by to give the 0–1000 scale ratio callables see (Flux
     receives t / 1000).
     Methods a host kind may override: entry, locate, sublayer_refusals.
@@ -156,7 +159,7 @@ class Host:
     input_names: Tuple[str, ...] = ("hidden_states", "x")
     sublayers: Tuple[Sublayer, ...] = UNET_SUBLAYERS
     excluded: Tuple[Tuple[nn.Module, str], ...] = ()
-    tokens_refusal: Optional[str] = None
+    mode_refusals: Dict[str, str] = field(default_factory=dict)
     default_mode: str = "tokens"
     timestep_scale: float = 1.0
 
@@ -180,7 +183,4 @@ class Host:
             if getattr(config, flag) and kind not in kinds:
                 reasons.append(f"{flag}=True but the transformer blocks of {type(self.root).__name__} have no "
                                f"{KIND_NAMES[kind]} sub-layer to merge; use {flag}=False")
-        if self.tokens_refusal is not None and config.mode == "tokens" and config.merge_attn:
-            reasons.append(f"mode='tokens' cannot merge the attention of {type(self.root).__name__}: "
-                           f"{self.tokens_refusal}; use mode='kv' (or merge_attn=False)")
         return reasons + self.attention.refusals(self, config)

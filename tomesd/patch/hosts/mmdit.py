@@ -34,7 +34,7 @@ SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("
 FLUX_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("ff", "mlp"))
 MAX_REFERENCES = 8  # reference image grids after the output image's in Flux img_ids (Kontext: 1)
 FLUX_TOKENS_REFUSAL = ("Flux applies rotary position embeddings per token, and merged tokens have no single "
-                       "position")
+                       "position; use mode='kv' (or merge_attn=False)")
 
 
 @dataclass
@@ -148,6 +148,6 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost
         blocks = [m for m in root.modules() if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))]
         return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=JointAttention(False),
                         vae_scale_factor=vae_scale_factor(model), patch_size=2, sample_names=("hidden_states",),
-                        sublayers=FLUX_SUBLAYERS, tokens_refusal=FLUX_TOKENS_REFUSAL, default_mode="kv",
+                        sublayers=FLUX_SUBLAYERS, mode_refusals={"tokens": FLUX_TOKENS_REFUSAL}, default_mode="kv",
                         timestep_scale=1000.0, ids_pos=arg_position(root, ("img_ids",), None))
     return None

@@ -3,8 +3,9 @@
 kv mode on joint attentions (MMDiT) and prop_attn's head-channel form need the queries, keys and values
 after every projection, norm and rotary embedding the processor applies. The attention's processor is
 wrapped when patching (tomesd.patch.wrappers.ProcessorWrapper); a sub-layer's pre-hook leaves a `Joint`
-(a TorchFunctionMode) in the block's call context, and the wrapped processor runs inside it, where the
-first F.scaled_dot_product_attention call becomes `joint_attention`: image keys / values merged (kv mode)
+(a TorchFunctionMode) in the sub-layer's slot of the current call (SublayerCall.leave), and the wrapped
+processor takes it and runs inside it, where the first F.scaled_dot_product_attention call becomes
+`joint_attention`: image keys / values merged (kv mode)
 and / or biased by log size (prop_attn, in the form tomesd.prop_attention.choose_form gives the device).
 
 - JointAttention: MMDiT joint attention (image and text in one SDPA call, the image part first or last).
@@ -26,7 +27,7 @@ from ... import ops
 from ... import prop_attention as pa
 from ...matching import MergePlan
 from ..wrappers import ProcessorWrapper
-from .base import ArgAttention, Attention
+from .base import ArgAttention, Attention, Take
 
 SDPA_PROCESSORS = ("AttnProcessor2_0",)  # diffusers processors that call F.scaled_dot_product_attention once
 
@@ -91,16 +92,16 @@ class Joint(TorchFunctionMode):
                                self.bias, self.image_first, *args[len(names):], **kwargs)
 
 
-def sdpa_forward(state, name: str, original, args: tuple, kwargs: dict):
+def sdpa_forward(take: Take, name: str, original, args: tuple, kwargs: dict):
     """A wrapped processor's call, inside its Joint context when the sub-layer's pre-hook left one."""
-    block = state.block()
-    joint = block.extra.pop(name, None) if block is not None else None
-    if joint is None:
+    taken = take(name)
+    if taken is None:
         return original(*args, **kwargs)
+    joint, index = taken
     with joint:
         out = original(*args, **kwargs)
     if not joint.used:
-        raise RuntimeError(f"tomesd: {name} of transformer block {block.index} did not call torch's "
+        raise RuntimeError(f"tomesd: {name} of transformer block {index} did not call torch's "
                            "scaled_dot_product_attention, so its keys/values cannot be merged or biased there "
                            "(mode='kv' / prop_attn on MMDiT models need the native attention backend)")
     return out
@@ -121,15 +122,15 @@ class JointAttention(Attention):
         if not (merge_kv or bias):
             return args, kwargs
         if not isinstance(getattr(call.module, "processor", None), ProcessorWrapper):
-            call.state.warn_once(f"processor-{call.name}", f"tomesd: the attention processor of {call.name} was "
-                                 "replaced after patching (set_attn_processor?), so mode='kv' / prop_attn cannot act "
-                                 "inside it; apply_patch again after setting processors")
+            call.warn(f"processor-{call.name}", f"tomesd: the attention processor of {call.name} was replaced "
+                      "after patching (set_attn_processor?), so mode='kv' / prop_attn cannot act inside it; "
+                      "apply_patch again after setting processors")
             return args, kwargs
-        call.block.extra[call.name] = Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first)
+        call.leave(Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first))
         return args, kwargs
 
-    def wrap(self, state, name, module):
-        return ProcessorWrapper.wrap(module, partial(sdpa_forward, state, name))
+    def wrap(self, name, module, take, bias):
+        return ProcessorWrapper.wrap(module, partial(sdpa_forward, take, name))
 
 
 class ProcessorAttention(ArgAttention):
@@ -139,18 +140,18 @@ class ProcessorAttention(ArgAttention):
     (SDPA_PROCESSORS; wrapped when patching with prop_attn). Elsewhere — another processor, one set
     after patching, a CPU — the bias goes in as the attention_mask, as before."""
 
-    def wrap(self, state, name, module):
+    def wrap(self, name, module, take, bias):
         kind = type(getattr(module, "processor", None))
         sdpa_processor = kind.__name__ in SDPA_PROCESSORS and kind.__module__.startswith("diffusers.")
-        if not (state.config.prop_attn and sdpa_processor):  # exactly diffusers' class: a look-alike may not call SDPA once
+        if not (bias and sdpa_processor):  # exactly diffusers' class: a look-alike may not call SDPA once
             return None
-        return ProcessorWrapper.wrap(module, partial(sdpa_forward, state, name))
+        return ProcessorWrapper.wrap(module, partial(sdpa_forward, take, name))
 
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):
         if (bias and (merge_kv or not self._has_kv_source(call))
                 and isinstance(getattr(call.module, "processor", None), ProcessorWrapper)
                 and pa.choose_form(call.x.device) == "channel"):
             args, kwargs = super().prepare(call, args, kwargs, plan, merge_kv, False)
-            call.block.extra[call.name] = Joint(plan, merge_kv=False, bias=True, image_first=True)
+            call.leave(Joint(plan, merge_kv=False, bias=True, image_first=True))
             return args, kwargs
         return super().prepare(call, args, kwargs, plan, merge_kv, bias)

@@ -1,51 +1,52 @@
-"""What a mode sees of one sub-layer call, and the Mode interface."""
+"""The Mode interface: how a sub-layer runs on merged tokens."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Optional, Tuple
-
-from torch import Tensor, nn
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 
 from ...matching import MergePlan
-from ..args import set_arg
+from ..frames import SublayerCall
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..state import BlockCall, ModelState
-
-
-@dataclass
-class SublayerCall:
-    """One call of a merged sub-layer: its module and arguments, and its input tokens x [B, N, C]
-    (found at `where` among the arguments: a position or a keyword). kind: the Sublayer kind."""
-
-    state: "ModelState"
-    block: "BlockCall"
-    name: str
-    kind: str
-    module: nn.Module
-    args: tuple
-    kwargs: dict
-    x: Tensor
-    where: Any
-
-    def with_input(self, value: Tensor) -> Tuple[tuple, dict]:
-        """The call's (args, kwargs) with its input tokens replaced by value."""
-        return set_arg(self.args, self.kwargs, self.where, value)
+    from ...config import ToMeConfig
+    from ..hosts.base import Attention, Host
 
 
 class Mode:
-    """How a sub-layer runs on merged tokens: a strategy chosen once per sub-layer when patching.
+    """How a sub-layer runs on merged tokens: a strategy chosen once per sub-layer when patching, acting
+    through the host's self-attention `attention` it was made with.
 
-    enter(call, plan) → the sub-layer's new (args, kwargs); exit(output, plan) → its output as the
-    block expects it (N tokens), or None to leave it. prop: proportional attention (a merged key
-    standing for s tokens gets + log s on its logits), asked of the host's attention at `enter`.
-    takes_all_tokens(call): whether the mode needs the sub-layer's input to be the block's N tokens.
+    A mode module says everything about its mode: `name` (what `apply_patch(mode=...)` takes),
+    `prop_default` (prop_attn when left to follow the mode), `refusals` (why a model cannot run it),
+    `notes` (what patching logs about it) and, at run time, `enter(call, plan)` → the sub-layer's new
+    (args, kwargs) — merging its input, or asking the attention for merged keys/values — and
+    `exit(output, plan)` → its output as the block expects it (N tokens), or None to leave it.
+    `takes_all_tokens(call)`: whether the sub-layer's input must be the block's N tokens.
+    prop: proportional attention (a merged key standing for s tokens gets + log s on its logits).
     """
 
     name = ""
 
-    def __init__(self, prop: bool = False):
-        self.prop = prop
+    def __init__(self, attention: "Attention", prop: bool = False):
+        self.attention, self.prop = attention, prop
+
+    @classmethod
+    def prop_default(cls, config: "ToMeConfig", attention: "Attention") -> bool:
+        """prop_attn for `config` when it was left to follow the mode (None)."""
+        return False
+
+    @classmethod
+    def refusals(cls, host: "Host", config: "ToMeConfig") -> List[str]:
+        """Why this mode cannot run in host's self-attention (checked when patching; [] if it can). A host
+        states what rules a mode out in `Host.mode_refusals`."""
+        why = host.mode_refusals.get(cls.name)
+        if why is None or not config.merge_attn:
+            return []
+        return [f"mode='{cls.name}' cannot merge the attention of {type(host.root).__name__}: {why}"]
+
+    @classmethod
+    def notes(cls, host: "Host", config: "ToMeConfig", prop_given: bool) -> List[str]:
+        """What patching `host` with `config` in this mode logs at INFO ([] if nothing)."""
+        return []
 
     def takes_all_tokens(self, call: SublayerCall) -> bool:
         return True

@@ -1,4 +1,5 @@
-"""tokens mode (tomesd 0.1.3's): merge the sub-layer's input, run it on M tokens, unmerge its output."""
+"""tokens mode (tomesd 0.1.3's, the default): merge the sub-layer's input, run it on M tokens, unmerge its
+output. Cross-attention and feed-forward sub-layers always merge this way."""
 from __future__ import annotations
 
 from ... import ops
@@ -7,7 +8,8 @@ from .base import Mode
 
 class TokensMode(Mode):
     """x [B, N, C] → merged [B, M, C] in; the output [B, M, C] (or a joint attention's (image, text)
-    pair) unmerged back to [B, N, C]. With prop, the host's attention biases the merged keys."""
+    pair) unmerged back to [B, N, C]. With prop, the attention biases the merged keys by log size.
+    prop_attn left to follow the mode: off (tomesd 0.1.3's results)."""
 
     name = "tokens"
 
@@ -15,8 +17,7 @@ class TokensMode(Mode):
         args, kwargs = call.with_input(ops.merge(call.x, plan))
         if not self.prop:
             return args, kwargs
-        attention = call.state.host.attention
-        return attention.prepare(call, args, kwargs, plan, merge_kv=False, bias=True)
+        return self.attention.prepare(call, args, kwargs, plan, merge_kv=False, bias=True)
 
     def exit(self, output, plan):
         if isinstance(output, tuple):  # a joint attention: (image tokens, text tokens)

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import cli
+from ..tools import cli
 
 ROW_FIELDS = (
     "setting", "images", "s_per_image", "speedup", "speedup_min", "speedup_max", "verdict", "psnr", "psnr_min", "ssim", "lpips", "accuracy", "identical", "params",

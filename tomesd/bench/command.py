@@ -1,84 +1,31 @@
-"""`python -m tomesd.bench`: speed and memory of one UNet step, baseline against ToMe.
-
-One grid point is (resolution, ratio or baseline, setting). A setting is a dict of other
-`tomesd.apply_patch` keywords (mode, prop_attn, share_plan, plan_every, ...): the product of the
-`--set KEY=V1,V2` axes (as `tomesd.quality` takes them) over the `--variant KEY=V,KEY=V` list (each
-one setting; none: apply_patch's defaults); every setting runs at every ratio. At each point, the
-denoiser runs `warmup` untimed calls, then `steps` timed windows of consecutive calls on a
-classifier-free-guidance batch (2 × --batch latents at resolution/8, a 77-token text state, SDXL's
-pooled text and time ids), with the timestep changing at every call as in a sampler. A window is
-`--calls` calls, raised to a multiple of the setting's plan_every, so a reused plan counts at its
-real rate (one build per plan_every calls). It records:
-- ms_per_step: median over windows of the window's time / its calls (CUDA events on a GPU,
-  perf_counter on a CPU);
-- peak_mem_mib: on a GPU torch.cuda.max_memory_allocated (reset per point): weights, inputs and
-  activations; on a CPU the process's peak RSS (libraries, weights and activations);
-- speedup = baseline ms / ms, mem_ratio = peak / baseline peak, at the same resolution.
-
-Peak RSS never goes down within a process, so on a CPU each grid point runs in its own child
-process (multiprocessing "forkserver": the server imports torch and diffusers once, before any
-OpenMP thread exists, so each child starts in milliseconds and inherits no peak from an earlier
-point). The children all start from the same server, so their peaks differ only by what the point
-itself allocates. `--no-isolate` measures in-process instead; peaks are then the running maximum.
-
-`--interleave` measures every point in one process, round-robin: window 1 of every point, then
-window 2 of every point, and so on, so a machine whose load changes during the run slows all points
-alike (the medians compare settings side by side). The patch is applied before each window and
-removed after it. Peak memory is then measured on a GPU only (a CPU's peak RSS cannot be split
-between points of one process).
-
-`--target-speedup X` reads the measured grid: for each setting and resolution, the smallest ratio of
---ratios whose speedup reaches X (a grid search, not a bisection: the answer is one of the ratios
-given, so give a finer --ratios for a finer answer). It prints the result as a mapping for
-`apply_patch(ratio=...)`, the setting that reaches X with the smallest ratios, and, plainly, each
-resolution where no ratio of the grid reaches X; results.json holds it under "target".
-
-Out of memory at one point (a CUDA OOM, a failed CPU allocation, or a child killed by the kernel)
-marks that row "OOM" and the grid goes on. Other errors stop the run.
-
-The UNet is a built-in architecture with random weights (`--arch`, tomesd.archs) or a model
-(`--model`: "reference", the shipped digits model; a local pipeline or UNet directory; a hub id),
-loaded by tomesd.models. Every setting is applied once at every ratio to the model (without
-weights) before any timing: a setting the model refuses is a one-line error, not a failed run.
-
-The default is the real SD 1.5 UNet on a GPU and on a CPU alike: the speed-ups it shows are the ones
-a user gets. On a GPU it is the grid above (512/1024/2048 px, ratios 0.3/0.5/0.7). On a CPU, when no
-grid is asked for (no --model, --resolutions, --ratios, --set, --variant, --interleave,
---target-speedup, --calls, --isolate), it is tomesd.bench_cpu: interleaved rounds of a whole step at
-512 px and of the finest-level block at 1024 px, apply_patch's defaults against the fast
-setting (ratio 0.7 + prop_attn + merge_mlp), medians with their noise band, torch threads = physical cores, and a warning when the
-machine is loaded (a few minutes on 2 cores). `--arch tiny` is a
-toy (SD 1.5's layout at 1/10 width) whose attention dominates far more than SD 1.5's, so its
-speed-ups are larger; it is labelled as such wherever its results appear.
-
-matplotlib (bench.png) and tqdm (progress bar) are optional: without them the run says so up front
-and writes results.json and results.csv only.
-
-API (used by examples/speed_memory.ipynb): `BenchConfig`, `default_config`, `run`, `format_table`,
-`plot`, `write_results`, `target_ratios`. They live in tomesd.bench_config (the run's settings and
-grid), tomesd.bench_run (measuring), tomesd.bench_report (reading a run) and tomesd.timing (timing
-windows, isolation); this module is the command line.
-"""
+"""`python -m tomesd.bench` / `tomesd-bench`: the command line of the benchmark (see tomesd.bench)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from typing import Optional, Sequence
 
-from . import bench_cpu, cli, models, timing
-from .archs import ARCHS, TRANSFORMER_ARCHS
-from .bench_config import (ATTENTION, BACKENDS, CPU_DEFAULTS, GPU_DEFAULTS, BenchConfig, calls_per_window, default_config,
-                           denoiser_batch, grid, settings, unet_inputs)
-from .bench_report import TOY_NOTE, BenchResult, format_table, format_target, noisy_rows, plot, target_ratios, write_results
-from .bench_run import ROW_FIELDS, check_settings, environment, load_unet, measure_point, run
-from .timing import is_oom, timesteps
-
-__all__ = [
-    "BenchConfig", "BenchResult", "default_config", "run", "format_table", "format_target", "plot", "write_results",
-    "target_ratios", "noisy_rows", "grid", "settings", "calls_per_window", "denoiser_batch", "unet_inputs", "load_unet",
-    "measure_point", "check_settings", "environment", "timesteps", "is_oom", "TOY_NOTE", "ROW_FIELDS", "GPU_DEFAULTS",
-    "CPU_DEFAULTS", "main", "build_parser",
-]
+from ..tools import cli, models, timing
+from ..tools.archs import ARCHS, TRANSFORMER_ARCHS
+from . import cpu as bench_cpu
+from .config import (
+    ATTENTION,
+    BACKENDS,
+    BenchConfig,
+    default_config,
+    denoiser_batch,
+    grid,
+)
+from .report import (
+    TOY_NOTE,
+    BenchResult,
+    format_table,
+    format_target,
+    noisy_rows,
+    write_results,
+)
+from . import measure
+from .measure import check_settings, environment, load_unet
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Defaults: the SD 1.5 UNet (--arch sd15). On a GPU the grid --resolutions 512,1024,2048 --ratios "
         "0.3,0.5,0.7 --dtype fp16 --steps 10. On a CPU, unless a grid argument is given: interleaved rounds (--steps, "
         "default 4) of a whole step at 512 px and of the finest-level block at 1024 px, apply_patch's defaults "
-        "against ratio 0.7 + prop_attn + merge_mlp, with noise bands and load warnings (tomesd.bench_cpu). "
+        "against ratio 0.7 + prop_attn + merge_mlp, with noise bands and load warnings (tomesd.bench.cpu). "
         "--arch tiny is a toy at 1/10 width for quick checks: its speed-ups are not SD 1.5's.",
     )
     which = p.add_mutually_exclusive_group()
@@ -142,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not cli.available("diffusers"):
         parser.error("needs diffusers: pip install 'tomesd[bench]'")
     if args.backend is None:
-        from . import ops
+        from .. import ops
 
         try:
             args.backend = ops.requested_backend()
@@ -180,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         env = environment(cfg)
     except RuntimeError as error:  # e.g. --backend cuda where the kernels cannot load
         parser.error(str(error))
-    result = run(cfg, progress=not args.no_progress, env=env)
+    result = measure.run(cfg, progress=not args.no_progress, env=env)  # measure.run: the grid's seam
     print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, backend {env['backend']}, "
           f"{env['gpu'] or 'CPU ' + str(env['cpu_threads']) + ' threads'}; memory: {env['memory']}")
     print(format_table(result))
@@ -200,7 +147,7 @@ GRID_ARGS = ("model", "resolutions", "ratios", "calls", "isolate", "target_speed
 
 
 def cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> bool:
-    """The CPU default (tomesd.bench_cpu) runs on a CPU when no grid was asked for."""
+    """The CPU default (tomesd.bench.cpu) runs on a CPU when no grid was asked for."""
     asked = any(getattr(args, k) is not None for k in GRID_ARGS) or args.assign or args.variant or args.interleave
     return not cfg.on_gpu and not asked and cfg.arch not in TRANSFORMER_ARCHS
 
@@ -218,7 +165,7 @@ def set_threads(args: argparse.Namespace) -> None:
 
 
 def run_cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> int:
-    """tomesd.bench_cpu's interleaved rounds; prints the table, the load warnings and writes results.json/csv."""
+    """tomesd.bench.cpu's interleaved rounds; prints the table, the load warnings and writes results.json/csv."""
     import torch
 
     rounds, warmup = args.steps or 4, 1 if args.warmup is None else args.warmup
@@ -251,6 +198,3 @@ def run_cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> int:
     print("wrote " + ", ".join(paths.values()))
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

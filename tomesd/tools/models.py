@@ -1,7 +1,7 @@
 """The one model loader of the tools (bench, quality, visualize and the examples).
 
 A model name is one of:
-- a built-in architecture (tomesd.archs: `ARCHS` UNets, `TRANSFORMER_ARCHS` MMDiT transformers),
+- a built-in architecture (tomesd.tools.archs: `ARCHS` UNets, `TRANSFORMER_ARCHS` MMDiT transformers),
   built with random weights (`build_denoiser`; speed and memory do not depend on the weights);
 - "reference": the trained digits model shipped in `tomesd/reference/` (see tomesd.reference);
 - "photos": the trained photographs model shipped there too (tomesd.reference.photos);
@@ -35,11 +35,11 @@ ATTENTION = ("sdpa", "math")  # diffusers' AttnProcessor2_0 / AttnProcessor
 def reference_dir(model: str) -> Optional[str]:
     """The pipeline directory if `model` names a reference model (digits or photos) or a saved copy of one, else None."""
     if model == REFERENCE:
-        from .reference import PIPELINE_DIR
+        from ..reference import PIPELINE_DIR
 
         return PIPELINE_DIR
     if model == PHOTOS:
-        from .reference.photos import PHOTOS_DIR
+        from ..reference.photos import PHOTOS_DIR
 
         return PHOTOS_DIR
     return model if reference_class_name(model) is not None else None
@@ -60,8 +60,8 @@ def reference_pipeline_class(model: str):
     path = reference_dir(model)
     if path is None:
         return None
-    from .reference import DigitsPipeline
-    from .reference.photos import PhotosPipeline
+    from ..reference import DigitsPipeline
+    from ..reference.photos import PhotosPipeline
 
     return PhotosPipeline if reference_class_name(path) == "PhotosPipeline" else DigitsPipeline
 
@@ -159,7 +159,7 @@ def load_pipeline(model: str, dtype=None, device="cpu"):
     dtype = torch.float32 if dtype is None else dtype
     path = reference_dir(model)
     if path is not None:
-        from .reference import load_pipeline as load_reference
+        from ..reference import load_pipeline as load_reference
 
         with loading_quiet():
             return load_reference(path, device=device, dtype=dtype, pipeline_class=reference_pipeline_class(path))

@@ -3,7 +3,7 @@
 Defined here, in Python, so that the ops exist on every machine: the CPU impls run the
 tomesd.matching algorithm (for tests and tracing), the fake impls give shapes only (so
 `torch.compile(fullgraph=True)` traces a patched model). The C++ extension (csrc/ops.cpp, loaded by
-tomesd.extension) only adds the CUDA kernels with `TORCH_LIBRARY_IMPL(tomesd, CUDA, ...)`:
+tomesd.ops.loader) only adds the CUDA kernels with `TORCH_LIBRARY_IMPL(tomesd, CUDA, ...)`:
 
   best_dst(metric [B, N, C], dst_idx [D], src_idx [S]) -> (score [B, S] fp32, dst_pos [B, S] int64)
   build_plan(metric, dst_idx, src_idx, r) -> (slot [B, N] int64, counts [B, M] int32,
@@ -33,8 +33,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import matching
-from .matching import LocalWindow, MergePlan
+from .. import matching
+from ..matching import LocalWindow, MergePlan
 
 SCHEMAS = {
     "best_dst": "best_dst(Tensor metric, Tensor dst_idx, Tensor src_idx) -> (Tensor, Tensor)",

@@ -14,7 +14,8 @@ from typing import List, Tuple
 
 import torch
 
-from . import __version__, extension, ops
+from .. import __version__, ops
+from ..ops import loader
 
 
 def _version(name: str) -> str:
@@ -32,10 +33,10 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
         ("diffusers", _version("diffusers")),
         ("nvcc", shutil.which("nvcc") or "not found"),
         ("TOMESD_BACKEND", os.environ.get("TOMESD_BACKEND", "auto (unset)")),
-        ("kernel sources", str(extension.csrc_dir() or "not found")),
-        ("prebuilt tomesd._C", "yes" if extension.prebuilt_available() else "no"),
-        ("JIT build cache", str(extension.cache_dir())),
-        ("JIT build", extension.build_refusal() or "possible"),
+        ("kernel sources", str(loader.csrc_dir() or "not found")),
+        ("prebuilt tomesd._C", "yes" if loader.prebuilt_available() else "no"),
+        ("JIT build cache", str(loader.cache_dir())),
+        ("JIT build", loader.build_refusal() or "possible"),
     ]
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
@@ -49,10 +50,10 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
             backend, refused = ops.choose_backend(probe)
         except RuntimeError as exc:
             backend, refused = "none", {"cuda": str(exc)}
-        rows.append(("extension", extension.loaded_from() or "not loaded"))
+        rows.append(("extension", loader.loaded_from() or "not loaded"))
     else:
-        backend, refused = "not decided (--no-build)", {"cuda": extension.build_refusal() or "not loaded (--no-build)"}
-    rows.append(("kernel self-check", extension.self_check_status()))
+        backend, refused = "not decided (--no-build)", {"cuda": loader.build_refusal() or "not loaded (--no-build)"}
+    rows.append(("kernel self-check", loader.self_check_status()))
     rows.append((f"backend for {probe.device.type} fp16", backend))
     rows.extend((f"refused: {name}", reason) for name, reason in refused.items())
     return rows
@@ -71,6 +72,3 @@ def main(argv=None) -> None:
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
 
-
-if __name__ == "__main__":
-    main()

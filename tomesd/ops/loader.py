@@ -1,12 +1,12 @@
-"""Loads the CUDA kernels (csrc/) that add CUDA impls to the `tomesd::*` ops of tomesd.library.
+"""Loads the CUDA kernels (csrc/) that add CUDA impls to the `tomesd::*` ops of tomesd.ops.torch_ops.
 
 Order: a prebuilt `tomesd._C` (installed with TOMESD_BUILD_CUDA=1), else a JIT build with ninja
-(torch.utils.cpp_extension.load, flags in tomesd/build_flags.py) on the first CUDA call, cached in
+(torch.utils.cpp_extension.load, flags in tomesd/ops/build_flags.py) on the first CUDA call, cached in
 $TOMESD_CACHE_DIR, else $TORCH_EXTENSIONS_DIR/tomesd, else ~/.cache/tomesd; a build that is not cached
 yet is announced (logger "tomesd", once) with the time it took. csrc/ is found in a checkout
 (repo/csrc) or in an installed package (tomesd/csrc).
 
-Before first use on a device, the loaded kernels pass tomesd.selfcheck there (on the tensor's device,
+Before first use on a device, the loaded kernels pass tomesd.ops.selfcheck there (on the tensor's device,
 not the current one). A failed load refuses the CUDA backend for the process, a failed check for
 that device; either warns once (RuntimeWarning) and is kept for `load_error()`,
 `python -m tomesd.info` and ops.cuda_refusal; the PyTorch path runs instead. A first call inside a
@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from . import build_flags, library  # noqa: F401  (library: the ops must be defined before the extension registers impls)
+from . import build_flags, torch_ops  # noqa: F401  (torch_ops: the ops must be defined before the extension registers impls)
 from .selfcheck import SELF_CHECK_CASES, Kernels, self_check, torch_kernels
 
 logger = logging.getLogger("tomesd")
@@ -42,8 +42,8 @@ JIT_LIBRARY = "tomesd_cuda.so"  # what cpp_extension.load leaves in cache_dir()
 
 def csrc_dir() -> Optional[Path]:
     """The kernel sources: tomesd/csrc in an installed package, else csrc/ of the checkout."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "csrc", here.parent / "csrc"):
+    package = Path(__file__).resolve().parent.parent  # tomesd/
+    for candidate in (package / "csrc", package.parent / "csrc"):
         if candidate.is_dir() and any(p.suffix in build_flags.SOURCE_SUFFIXES for p in candidate.iterdir()):
             return candidate
     return None

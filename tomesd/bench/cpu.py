@@ -17,7 +17,7 @@ same round). A speed-up whose whole band is above 1 is marked "faster", below 1 
 "within noise". torch's threads are set to the physical cores (threads beyond them only add
 contention) and said. A warning is printed when the 1-minute load average exceeds the cores this run
 uses, or when a case's rounds differ by more than `SPREAD` of their median. Peak memory is not
-measured here (cases share one process); `--resolutions` etc. give the grid of tomesd.bench_run.
+measured here (cases share one process); `--resolutions` etc. give the grid of tomesd.bench.measure.
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ import statistics
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from . import timing
+from ..tools import timing
 
 STEP_PX, BLOCK_PX = 512, 1024
 SETTINGS = (("default", dict(ratio=0.5)), ("fast", dict(ratio=0.7, prop_attn=True, merge_mlp=True)))
@@ -103,7 +103,7 @@ def measure(parts, rounds: int, warmup: int, progress: Callable[[str], None] = l
 
 
 def format_rows(rows: List[Dict[str, Any]]) -> str:
-    from . import cli
+    from ..tools import cli
 
     lines = [("part", "px", "setting", "ms (median)", "min-max ms", "speedup", "noise band", "")]
     for r in rows:

@@ -9,7 +9,7 @@ the plan kernel, grids that the cells do not divide, every dtype, an empty batch
 (best_dst_local, build_plan_local) is checked on every case with a 3 × 3 window. The CPU side stays
 cheap (about 0.1 s on one thread): the largest case scores 2 × 3,072 × 1,024 pairs.
 
-`self_check(kernels, device)` runs them; tomesd.extension calls it on the device of the first CUDA
+`self_check(kernels, device)` runs them; tomesd.ops.loader calls it on the device of the first CUDA
 tensor that asks for the kernels. Tests pass the registered ops on "cpu" (the CPU impls stand in for
 the kernels) or deliberately broken ones (`Kernels._replace`).
 """
@@ -21,14 +21,14 @@ from typing import Callable, NamedTuple, Tuple
 import torch
 from torch import Tensor
 
-from . import matching
-from .library import csr
+from .. import matching
+from .torch_ops import csr
 
 CPU = torch.device("cpu")
 
 
 class Kernels(NamedTuple):
-    """The op callables a self-check runs, with the torch.ops.tomesd signatures (see tomesd.library)."""
+    """The op callables a self-check runs, with the torch.ops.tomesd signatures (see tomesd.ops.torch_ops)."""
 
     best_dst: Callable
     build_plan: Callable

@@ -1,12 +1,12 @@
 """The op surface: build_plan, merge, unmerge, and the one place that picks a backend.
 
-Backends: "cuda" (the kernels in csrc/, loaded by tomesd.extension) and "torch" (tomesd.matching,
+Backends: "cuda" (the kernels in csrc/, loaded by tomesd.ops.loader) and "torch" (tomesd.matching,
 runs everywhere). `TOMESD_BACKEND=torch|cuda|auto` forces a choice; "cuda" raises if the kernels
 cannot serve a tensor. `choose_backend(t)` returns the backend and, for each refused one, why
 (printed by `python -m tomesd.info`).
 
 The torch.library ops these functions call on CUDA (`torch.ops.tomesd.*`: schemas, CPU and fake
-impls, autograd) are defined in tomesd.library, imported here so that they exist once tomesd.ops does.
+impls, autograd) are defined in tomesd.ops.torch_ops, imported here so that they exist once tomesd.ops does.
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import extension, matching
-from .library import csr
-from .matching import LocalWindow, MergePlan
+from .. import matching
+from ..matching import LocalWindow, MergePlan
+from . import loader
+from .torch_ops import csr
 
 __all__ = ["BACKENDS", "CUDA_DTYPES", "requested_backend", "cuda_refusal", "cuda_refusal_for", "choose_backend",
            "csr", "plan_csr", "LocalWindow", "build_plan", "merge", "unmerge"]
@@ -43,7 +44,7 @@ def cuda_refusal_for(device, dtype: torch.dtype) -> str:
         return f"tensor is on {device.type}, not cuda"
     if dtype not in CUDA_DTYPES:
         return f"dtype {dtype} is not fp16, bf16 or fp32"
-    error = extension.load_error(device)
+    error = loader.load_error(device)
     return f"extension unavailable: {error}" if error else ""
 
 

@@ -1,4 +1,5 @@
-"""The CUDA kernels against the PyTorch path (needs a GPU; skipped without one).
+"""The CUDA kernels against the PyTorch path (needs a GPU; skipped without one), on ordinary inputs and at
+the edges: NaN / Inf tokens, empty batches and grids, malformed indices, 70,000 rows, zero channels, races.
 
 Pairs: the kernel's plan equals matching.plan_from_matches applied to the kernel's own (score,
 dst_pos) exactly, and the kernel's best_dst matches matching.best_dst except where two candidates
@@ -13,31 +14,11 @@ import pytest
 import torch
 from torch.library import opcheck
 
-import tiny
-import tomesd
-from tomesd import extension, matching, ops, selfcheck
+from cuda_cases import DTYPES, SCORE_TOL, case as _case, malformed as _malformed
+from tomesd import matching, ops
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("cuda_kernels")]
 OPS = torch.ops.tomesd
-DTYPES = [torch.float16, torch.bfloat16, torch.float32]
-SCORE_TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-3, torch.float32: 1e-5}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def kernels():
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device: the CUDA kernel tests need a GPU")
-    reason = ops.cuda_refusal(torch.empty(0, device="cuda", dtype=torch.float16))
-    assert not reason, f"a GPU is present but the kernels did not load: {reason}"
-
-
-def _case(B, h, w, C, sx, sy, dtype, seed, ratio=0.5):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    key = torch.tensor(seed * 7919 % 2**32)
-    dst, src = matching.partition(h, w, sx, sy, key, "cuda")
-    metric = torch.randn(B, h * w, C, device="cuda", generator=g).to(dtype)
-    r = max(1, min(int(h * w * ratio), len(src)))
-    return metric, dst, src, r
 
 
 SHAPES = [  # B, h, w, C, sx, sy
@@ -146,44 +127,6 @@ def test_gradients_match_cpu():
     torch.testing.assert_close(x.grad.cpu(), xc.grad, rtol=1e-5, atol=1e-5)
 
 
-def _patched_unet(dtype=torch.float16):
-    unet = tiny.unet("sd1").to("cuda", dtype)
-    tomesd.apply_patch(unet, ratio=0.5, seed=1)
-    args, kwargs = tiny.unet_inputs("sd1", dtype=dtype)
-    args = tuple(a.to("cuda") for a in args)
-    kwargs = {k: v.to("cuda") for k, v in kwargs.items()}
-    return unet, args, kwargs
-
-
-def test_compiled_patched_unet_on_cuda():
-    torch._dynamo.reset()
-    unet, args, kwargs = _patched_unet()
-    with torch.no_grad():
-        eager = unet(*args, **kwargs).sample
-        out = torch.compile(unet)(*args, **kwargs).sample
-    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
-
-
-def test_cuda_graph_capture_and_replay_of_patched_step():
-    unet, args, kwargs = _patched_unet()
-    static_args = tuple(a.clone() for a in args)
-    with torch.no_grad():
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                unet(*static_args, **kwargs)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            static_out = unet(*static_args, **kwargs).sample
-        new_sample = torch.randn_like(args[0])
-        static_args[0].copy_(new_sample)
-        graph.replay()
-        expected = unet(new_sample, static_args[1], **kwargs).sample
-    torch.testing.assert_close(static_out, expected, rtol=1e-3, atol=1e-3)
-
-
 def test_nan_and_inf_tokens_give_nan_like_the_torch_path():
     """A NaN or Inf token makes NaN scores on both paths; the kernels rank NaN as torch.max / topk
     do, so an all-NaN row still gets a valid dst (no read of dst_idx[INT_MAX]) and the context lives."""
@@ -223,57 +166,6 @@ def test_empty_batch_or_grid_returns_empty_outputs(B, h, w):
     x = torch.randn(B, h * w, 32, device="cuda", dtype=torch.float16)
     assert OPS.merge(x, slot, offsets, members, True).shape == (B, h * w - r, 32)
     torch.cuda.synchronize()
-
-
-def test_self_check_passes_on_this_gpu():
-    assert selfcheck.self_check(selfcheck.torch_kernels(), "cuda") == ""
-    assert extension.self_check_status().startswith("passed")
-
-
-def _fresh_loader(monkeypatch):
-    """A new process-wide loader with the library loaded (a CPU device needs no check) and no check run."""
-    fresh = extension.Loader()
-    monkeypatch.setattr(extension, "loader", fresh)
-    assert fresh.load_error("cpu") == "" and not fresh.checks
-    return fresh
-
-
-def test_self_check_under_a_cuda_default_device(monkeypatch):
-    fresh = _fresh_loader(monkeypatch)
-    torch.set_default_device("cuda")
-    try:
-        assert ops.cuda_refusal(torch.empty(0, dtype=torch.float16)) == ""
-    finally:
-        torch.set_default_device(None)
-    assert fresh.self_check_status().startswith("passed")
-
-
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
-def test_self_check_runs_on_the_tensors_device(monkeypatch):
-    fresh = _fresh_loader(monkeypatch)
-    with torch.cuda.device(0):
-        assert ops.cuda_refusal(torch.empty(0, device="cuda:1", dtype=torch.float16)) == ""
-        assert torch.cuda.current_device() == 0
-    assert list(fresh.checks) == ["cuda:1"]
-
-
-def test_first_call_inside_a_graph_capture_defers_the_self_check(monkeypatch):
-    fresh = _fresh_loader(monkeypatch)
-    t = torch.ones(8, device="cuda", dtype=torch.float16)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        reason = ops.cuda_refusal(t)
-        out = t * 2
-    graph.replay()
-    assert "deferred" in reason and not fresh.checks and bool((out == 2).all())
-    assert ops.cuda_refusal(t) == "" and fresh.self_check_status().startswith("passed")
-
-
-def _malformed(kind, dst, src, N):
-    return {"repeated src": (dst, torch.cat([src[:1], src])),
-            "out of range": (dst, torch.cat([src[:-1], src.new_tensor([N + 1000])])),
-            "negative": (dst, torch.cat([src.new_tensor([-5]), src[1:]])),
-            "dst also src": (dst, torch.cat([src[:-1], dst[:1]]))}[kind]
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
@@ -342,124 +234,3 @@ def test_plan_kernel_has_no_shared_memory_races(tmp_path):
     proc = subprocess.run([sanitizer, "--tool", "racecheck", "--error-exitcode", "3", sys.executable, "-c", script],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-
-
-# ---- local matching (match_window): csrc/local.cu ----
-
-LOCAL_SHAPES = [(2, 64, 48, 40, 2, 2, 5), (3, 17, 9, 77, 3, 2, 3), (1, 128, 128, 320, 2, 2, 3), (2, 13, 21, 8, 2, 2, 1)]
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", LOCAL_SHAPES)
-def test_local_matching_matches_torch_path(shape, dtype):
-    B, h, w, C, sx, sy, k = shape
-    metric, dst, src, r = _case(B, h, w, C, sx, sy, dtype, seed=31)
-    win = matching.LocalWindow(h, w, sx, sy, k)
-    score, pos = OPS.best_dst_local(metric, dst, src, h, w, sx, sy, k)
-    ref_score, ref_pos = matching.best_dst_local(metric.cpu(), dst.cpu(), src.cpu(), win)
-    torch.testing.assert_close(score.cpu(), ref_score, atol=SCORE_TOL[dtype], rtol=0)
-    reason = selfcheck.check_matches(metric.cpu(), dst.cpu(), src.cpu(), score.cpu(), pos.cpu(), SCORE_TOL[dtype],
-                                      (ref_score, ref_pos), "best_dst_local")
-    assert reason == ""
-    slot = ops.build_plan(metric, dst, src, r, win).slot
-    assert torch.equal(slot.cpu(), matching.plan_from_matches(score.cpu(), pos.cpu(), dst.cpu(), src.cpu(), r,
-                                                              h * w).slot)
-
-
-def test_local_kernel_with_a_whole_grid_window_equals_the_global_kernel():
-    metric, dst, src, r = _case(2, 24, 20, 64, 2, 2, torch.float32, seed=33)
-    score, pos = OPS.best_dst_local(metric, dst, src, 24, 20, 2, 2, 23)  # the op itself, not ops' shortcut
-    glob_score, glob_pos = matching.best_dst(metric.cpu(), dst.cpu(), src.cpu())
-    torch.testing.assert_close(score.cpu(), glob_score, atol=SCORE_TOL[torch.float32], rtol=0)
-    assert (pos.cpu() != glob_pos).float().mean() < 0.01
-
-
-def test_local_matching_opcheck_empty_and_zero_channels():
-    metric, dst, src, r = _case(2, 16, 12, 32, 2, 2, torch.float16, seed=35)
-    opcheck(OPS.best_dst_local, (metric, dst, src, 16, 12, 2, 2, 3))
-    opcheck(OPS.build_plan_local, (metric, dst, src, 16, 12, 2, 2, 3, r))
-    empty = OPS.build_plan_local(metric[:0], dst, src, 16, 12, 2, 2, 3, r)
-    assert [tuple(t.shape) for t in empty] == [(0, 192), (0, 192 - r), (0, 193 - r), (0, 192)]
-    zero = metric[..., :0]
-    score, pos = OPS.best_dst_local(zero, dst, src, 16, 12, 2, 2, 3)
-    ref = OPS.best_dst_local(zero.cpu(), dst.cpu(), src.cpu(), 16, 12, 2, 2, 3)
-    assert torch.equal(score.cpu(), ref[0]) and torch.equal(pos.cpu(), ref[1])
-
-
-@pytest.mark.parametrize("kind", ["repeated src", "out of range", "negative", "dst also src"])
-def test_local_kernel_stays_in_bounds_on_malformed_indices(kind, monkeypatch):
-    metric, dst, src, _ = _case(2, 40, 36, 64, 2, 2, torch.float16, seed=37)
-    bad_dst, bad_src = _malformed(kind, dst, src, metric.shape[1])
-    monkeypatch.delenv("TOMESD_CHECK_INDICES", raising=False)
-    OPS.best_dst_local(metric, bad_dst, bad_src, 40, 36, 2, 2, 3)
-    OPS.build_plan_local(metric, bad_dst, bad_src, 40, 36, 2, 2, 3, len(bad_src))
-    torch.cuda.synchronize()
-    healthy, hdst, hsrc, hr = _case(1, 8, 8, 8, 2, 2, torch.float32, seed=1)
-    want = OPS.build_plan_local(healthy.cpu(), hdst.cpu(), hsrc.cpu(), 8, 8, 2, 2, 3, hr)[0]
-    assert torch.equal(OPS.build_plan_local(healthy, hdst, hsrc, 8, 8, 2, 2, 3, hr)[0].cpu(), want)
-
-
-def test_patched_unet_with_local_matching_on_cuda(monkeypatch, request):
-    """fp16 UNet, match_window=3: compiled equals eager, and the plans are the local kernel's."""
-    torch._dynamo.reset()
-    unet, args, kwargs = _patched_unet()
-    with torch.no_grad():
-        glob = unet(*args, **kwargs).sample
-    tomesd.apply_patch(unet, ratio=0.5, seed=1, match_window=3)
-    seen = request.getfixturevalue("recorded_plans")
-    with torch.no_grad():
-        eager = unet(*args, **kwargs).sample
-    monkeypatch.undo()
-    assert seen and all(window == matching.LocalWindow(16, 16, 2, 2, 3) for *_, window, _ in seen)
-    for metric, dst, src, r, window, plan in seen:
-        score, pos = OPS.best_dst_local(metric, dst, src, 16, 16, 2, 2, 3)
-        assert torch.equal(plan.slot, matching.plan_from_matches(score, pos, dst, src, r, 256).slot)
-    assert torch.isfinite(eager).all() and not torch.equal(eager, glob)
-    with torch.no_grad():
-        out = torch.compile(unet)(*args, **kwargs).sample
-    torch.testing.assert_close(out, eager, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_prop_attn_channel_form_equals_mask_form_on_cuda(dtype, monkeypatch):
-    """MMDiT joint attention on CUDA takes the head-channel form (SDPA's flash kernels): equal to the mask."""
-    from tomesd import prop_attention
-
-    assert prop_attention.choose_form("cuda") == "channel"
-    g = torch.Generator(device="cuda").manual_seed(3)
-    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", generator=g).to(dtype) for _ in range(3))
-    log_size = torch.randint(1, 9, (2, 256), device="cuda", generator=g).float().log()
-    mask = prop_attention.prop_attention(q, k, v, log_size, form="mask")
-    channel = prop_attention.prop_attention(q, k, v, log_size, form="channel")
-    torch.testing.assert_close(channel, mask, rtol=2e-2, atol=2e-2)
-    model, inputs = tiny.sd3(), tiny.sd3_inputs()
-    model = model.to("cuda", dtype)
-    inputs = {n: v.to("cuda", dtype) if torch.is_floating_point(v) else v.to("cuda") for n, v in inputs.items()}
-    tomesd.apply_patch(model, ratio=0.5, seed=2, mode="kv", prop_attn=True)
-    with torch.no_grad():
-        got = model(**inputs).sample
-        monkeypatch.setattr(prop_attention, "choose_form", lambda device: "mask")
-        want = model(**inputs).sample
-    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
-
-
-@pytest.mark.parametrize("mode", ["tokens", "kv"])
-def test_unet_prop_attn_takes_the_channel_form_on_cuda(mode, monkeypatch):
-    """A UNet's self-attention on CUDA (torch's SDPA processor) takes prop_attn as the extra head channel,
-    equal to the mask form to fp16 rounding."""
-    from tomesd import prop_attention
-
-    unet = tiny.unet().to("cuda", torch.float16)
-    args, kwargs = tiny.unet_inputs("sd1", dtype=torch.float16)
-    args = tuple(a.to("cuda") for a in args)
-    kwargs = {n: v.to("cuda") for n, v in kwargs.items()}
-    tomesd.apply_patch(unet, ratio=0.5, seed=2, mode=mode, prop_attn=True)
-    forms = []
-    real = prop_attention.prop_attention
-    monkeypatch.setattr(prop_attention, "prop_attention", lambda *a, **k: forms.append(a[5]) or real(*a, **k))
-    with torch.no_grad():
-        got = unet(*args, **kwargs).sample
-        assert forms and set(forms) == {"channel"}
-        monkeypatch.setattr(prop_attention, "choose_form", lambda device: "mask")
-        want = unet(*args, **kwargs).sample
-    torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)

@@ -1,5 +1,5 @@
 """How the CUDA extension is compiled: one definition for setup.py (the prebuilt tomesd._C, built with
-TOMESD_BUILD_CUDA=1) and for the JIT build on the first CUDA call (tomesd/extension.py).
+TOMESD_BUILD_CUDA=1) and for the JIT build on the first CUDA call (tomesd/ops/loader.py).
 
 Plain data without imports: setup.py reads this file with runpy, without importing tomesd (which
 needs torch).

@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from . import cli, timing
-from .archs import ARCHS, TRANSFORMER_ARCHS, transformer_inputs
-from .config import ToMeConfig, max_ratio
-from .models import ATTENTION, DTYPES
+from ..config import ToMeConfig, max_ratio
+from ..patch import modes
+from ..tools import cli, timing
+from ..tools.archs import ARCHS, TRANSFORMER_ARCHS, transformer_inputs
+from ..tools.models import ATTENTION, DTYPES
 
 BACKENDS = ("auto", "torch", "cuda")
 GPU_DEFAULTS = dict(arch="sd15", resolutions=(512, 1024, 2048), ratios=(0.3, 0.5, 0.7), dtype="fp16", steps=10, warmup=3)
@@ -20,8 +21,8 @@ Point = Tuple[int, Optional[float], Dict[str, Any]]
 
 @dataclass
 class BenchConfig:
-    """One benchmark run. `arch` (a name in tomesd.archs.ARCHS) or `model` ("reference", a local
-    diffusers model directory, a UNet directory, or a hub id; see tomesd.models) gives the UNet;
+    """One benchmark run. `arch` (a name in tomesd.tools.archs.ARCHS) or `model` ("reference", a local
+    diffusers model directory, a UNet directory, or a hub id; see tomesd.tools.models) gives the UNet;
     resolutions are image sides in px (multiples of 8; the latent is resolution/8 for every UNet);
     ratios are the ToMe ratios compared with the baseline at each resolution.
     batch: images per step (the UNet sees 2 × batch for classifier-free guidance).
@@ -112,7 +113,7 @@ class BenchConfig:
         for params in settings(self):
             try:
                 for ratio in filter(self._ratio_in_range, self.ratios):
-                    ToMeConfig(ratio=ratio, **{"seed": self.seed, **params})
+                    modes.check(ToMeConfig(ratio=ratio, **{"seed": self.seed, **params}))
             except (ValueError, TypeError) as error:
                 return [f"setting {cli.setting_label(params) or cli.DEFAULTS_LABEL}: {error}"]
         return []

@@ -21,7 +21,7 @@ import traceback
 from typing import Any, Callable, List, Optional, Tuple
 
 MIB = float(1 << 20)
-PRELOAD = ("torch", "diffusers", "tomesd", "tomesd.archs")  # what the forkserver imports once
+PRELOAD = ("torch", "diffusers", "tomesd", "tomesd.tools.archs")  # what the forkserver imports once
 
 
 def timesteps(first: int, count: int) -> List[int]:

@@ -6,14 +6,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from . import cli
+from ..tools import cli
 
 TOY_NOTE = "toy architecture (--arch tiny): its speed-ups are larger than SD 1.5's; run without --arch for real ones"
 
 
 @dataclass
 class BenchResult:
-    """rows: one dict per grid point (keys tomesd.bench_run.ROW_FIELDS); env: versions, device, backend,
+    """rows: one dict per grid point (keys tomesd.bench.measure.ROW_FIELDS); env: versions, device, backend,
     settings; target: target_ratios(...) when the run had a target speedup."""
 
     rows: List[Dict[str, Any]]

@@ -7,11 +7,19 @@ import statistics
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
-from . import cli, models, timing
-from .archs import ARCHS, TRANSFORMER_ARCHS
-from .bench_config import BenchConfig, Point, calls_per_window, denoiser_batch, grid, settings, unet_inputs
-from .bench_report import BenchResult, target_ratios
-from .models import DTYPES
+from ..tools import cli, models, timing
+from ..tools.archs import ARCHS, TRANSFORMER_ARCHS
+from ..tools.models import DTYPES
+from .config import (
+    BenchConfig,
+    Point,
+    calls_per_window,
+    denoiser_batch,
+    grid,
+    settings,
+    unet_inputs,
+)
+from .report import BenchResult, target_ratios
 
 ROW_FIELDS = (
     "resolution", "method", "ratio", "setting", "status", "ms_per_step", "ms_min", "ms_max", "speedup",
@@ -20,7 +28,7 @@ ROW_FIELDS = (
 
 
 def load_unet(cfg: BenchConfig, device: Optional[str] = None):
-    """The denoiser of `cfg` (tomesd.models.load_denoiser): a built-in architecture with random
+    """The denoiser of `cfg` (tomesd.tools.models.load_denoiser): a built-in architecture with random
     weights, or cfg.model's UNet, on cfg.device (or `device`: "meta" for no weights) in cfg.dtype
     with the chosen attention processor, in eval mode."""
     return models.load_denoiser(cfg.arch or cfg.model, DTYPES[cfg.dtype], device or cfg.device, seed=cfg.seed,
@@ -171,7 +179,7 @@ def environment(cfg: BenchConfig) -> Dict[str, Any]:
     were refused), and the settings of the run."""
     import torch
 
-    from . import ops
+    from .. import ops
 
     probe = torch.empty(1, device=cfg.device, dtype=DTYPES[cfg.dtype])
     with timing.backend_env(cfg.backend):

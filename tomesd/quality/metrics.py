@@ -20,7 +20,9 @@ def lpips_metric(device: str):
         weights = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
         if not os.path.isfile(weights):
             return None, f"LPIPS skipped: the AlexNet weights are not at {weights} (tomesd never downloads them)"
-        from torchmetrics.functional.image import learned_perceptual_image_patch_similarity as lpips
+        from torchmetrics.functional.image import (
+            learned_perceptual_image_patch_similarity as lpips,
+        )
     except (ImportError, AttributeError) as error:
         return None, f"LPIPS skipped: {error}"
 
@@ -40,7 +42,10 @@ class Metrics:
 
     def __call__(self, images, base) -> Dict[str, Any]:
         import torch
-        from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+        from torchmetrics.functional.image import (
+            peak_signal_noise_ratio,
+            structural_similarity_index_measure,
+        )
 
         x, y = images.double(), base.double()
         per_image = peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))

@@ -1,0 +1,4 @@
+"""`python -m tomesd.info`."""
+from . import main
+
+main()

@@ -1,0 +1,4 @@
+"""What the tools (tomesd.bench, tomesd.quality, tomesd.info, tomesd.visualize's recorder users, examples/)
+share, and the library never imports: the one model loader (`models`), the built-in architectures with
+random weights (`archs`), argument types, the settings grid, formatting and environment (`cli`),
+timing windows, OOM and RSS, isolation (`timing`), and diffusers' warning filters (`quiet`)."""
