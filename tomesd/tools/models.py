@@ -5,6 +5,8 @@ A model name is one of:
   built with random weights (`build_denoiser`; speed and memory do not depend on the weights);
 - "reference": the trained digits model shipped in `tomesd/reference/` (see tomesd.reference);
 - "photos": the trained photographs model shipped there too (tomesd.reference.photos);
+- "photos-sdxl", "photos-flux": an SDXL-layout UNet and a Flux transformer trained on the same
+  photographs (tomesd.reference.photos_sdxl, photos_flux);
 - a local directory: a diffusers pipeline (model_index.json; a saved reference pipeline is
   recognized by its class name) or a bare UNet directory (config.json, for `load_unet`);
 - a Hugging Face hub id (owner/name), loaded by diffusers (from its cache when HF_HUB_OFFLINE=1).
@@ -27,7 +29,9 @@ from .quiet import diffusers_quiet, dtype_kwarg_quiet, loading_quiet
 REFERENCE = "reference"
 REFERENCE_CLASS = "DigitsPipeline"
 PHOTOS = "photos"
-REFERENCE_CLASSES = (REFERENCE_CLASS, "PhotosPipeline")  # pipeline classes of tomesd.reference, by model_index name
+PHOTOS_SDXL, PHOTOS_FLUX = "photos-sdxl", "photos-flux"
+# pipeline classes of tomesd.reference, by model_index name
+REFERENCE_CLASSES = (REFERENCE_CLASS, "PhotosPipeline", "PhotosSDXLPipeline", "PhotosFluxPipeline")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "math")  # diffusers' AttnProcessor2_0 / AttnProcessor
 
@@ -42,6 +46,14 @@ def reference_dir(model: str) -> Optional[str]:
         from ..reference.photos import PHOTOS_DIR
 
         return PHOTOS_DIR
+    if model == PHOTOS_SDXL:
+        from ..reference.photos_sdxl import SDXL_DIR
+
+        return SDXL_DIR
+    if model == PHOTOS_FLUX:
+        from ..reference.photos_flux import FLUX_DIR
+
+        return FLUX_DIR
     return model if reference_class_name(model) is not None else None
 
 
@@ -62,8 +74,11 @@ def reference_pipeline_class(model: str):
         return None
     from ..reference import DigitsPipeline
     from ..reference.photos import PhotosPipeline
+    from ..reference.photos_flux import PhotosFluxPipeline
+    from ..reference.photos_sdxl import PhotosSDXLPipeline
 
-    return PhotosPipeline if reference_class_name(path) == "PhotosPipeline" else DigitsPipeline
+    classes = {c.__name__: c for c in (PhotosPipeline, PhotosSDXLPipeline, PhotosFluxPipeline)}
+    return classes.get(reference_class_name(path), DigitsPipeline)
 
 
 def unet_subfolder(model: str) -> Optional[str]:
@@ -78,7 +93,9 @@ def model_problem(model: str, kind: str = "unet", hub: bool = True) -> str:
     a local directory must hold a pipeline (model_index.json) or, for a UNet, unet/config.json or
     config.json; anything else must be "reference" or a hub id (owner/name) whose config loads (from
     the cache or the hub; hub=False: an id is taken as it is, and loading will tell)."""
-    if model in (REFERENCE, PHOTOS):
+    if model == PHOTOS_FLUX and kind == "unet":
+        return f"{model} is a Flux transformer, not a UNet (tomesd.quality and the examples load its pipeline)"
+    if model in (REFERENCE, PHOTOS, PHOTOS_SDXL, PHOTOS_FLUX):
         return ""
     if os.path.isdir(model):
         has = {name: os.path.isfile(os.path.join(model, name)) for name in ("model_index.json", "unet/config.json", "config.json")}
@@ -193,6 +210,8 @@ def size_multiple(pipe) -> int:
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     if factor > 1:
         return factor * 2 if type(pipe).__name__.startswith("Flux") else factor
+    if getattr(pipe, "denoiser_name", "unet") == "transformer":  # photos-flux: pixels packed 2×2
+        return 2
     unet = getattr(pipe, "unet", None)
     levels = len(getattr(getattr(unet, "config", None), "block_out_channels", (0,))) - 1
     return 2 ** max(levels, 0)
