@@ -156,7 +156,7 @@ class DigitsPipeline(DiffusionPipeline):
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_scale > 1.0
         cond = self.conditioning(labels, guided, device, dtype)
-        x = _randn((len(labels), self.unet.config.in_channels, height, width), generator, device, dtype)
+        x = self.noise((len(labels), self.unet.config.in_channels, height, width), generator, device, dtype)
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         x = x * self.scheduler.init_noise_sigma
         for t in self.progress_bar(self.scheduler.timesteps):
@@ -187,6 +187,11 @@ class DigitsPipeline(DiffusionPipeline):
         if guided:
             cond = torch.cat([cond, self.class_embedding(torch.full_like(ids, self.null_class)).to(dtype)])
         return cond
+
+    @staticmethod
+    def noise(shape, generator, device, dtype) -> torch.Tensor:
+        """The initial noise of shape [B, ...] (drawn on the CPU: the same images on every device)."""
+        return _randn(shape, generator, device, dtype)
 
     def predict(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, *extra) -> torch.Tensor:
         """The UNet's noise prediction for x [B, C, H, W] at timestep t given cond [B, tokens, dim]

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
-from . import HERE, ClassEmbedding, _randn
+from . import HERE, ClassEmbedding
 from .photos import CLASSES, CROSS_DIM, TOKENS, PhotosPipeline
 
 FLUX_DIR = os.path.join(HERE, "photos_flux")
@@ -121,7 +121,7 @@ class PhotosFluxPipeline(PhotosPipeline):
         guidance_scale = self.default_guidance_scale if guidance_scale is None else guidance_scale
         guided = guidance_scale > 1.0
         cond = self.conditioning(labels, guided, device, dtype)
-        tokens = pack(_randn((len(labels), 3, height, width), generator, device, dtype))
+        tokens = pack(self.noise((len(labels), 3, height, width), generator, device, dtype))
         ids = image_ids(height, width, device, dtype)
         sigmas = [1.0 - i / num_inference_steps for i in range(num_inference_steps)]  # 1 … 1/steps, as FluxPipeline
         self.scheduler.set_timesteps(sigmas=sigmas, mu=shift_mu(tokens.shape[1], self.scheduler.config), device=device)

@@ -1,11 +1,14 @@
-"""`python -m tomesd.reference.photos_sheet`: what the photos model draws, unpatched, at each size.
+"""`python -m tomesd.reference.photos_sheet [--model photos|photos-sdxl|photos-flux]`: what a photos
+model draws, unpatched, at each size.
 
-Writes a contact sheet (default tomesd/reference/photos_samples.png): one column per photograph, the
-first row a held-out crop of it (real pixels, for comparison), then one row of samples per canvas
-size (32, 64, 128 px; every tile shown at the same side, so a 32 px sample is enlarged 4× and a
-128 px one shows 16× the area at the same pixel scale). Each sample is labelled with the class the
-shipped classifier reads on it; the recognition rate per size is printed. `--recognition N` also
-samples N images per photograph at 32 px and prints how many the classifier names correctly.
+Writes a contact sheet (default tomesd/reference/photos_samples.png; photos_sdxl_samples.png,
+photos_flux_samples.png for the others): one column per photograph, the first row a held-out crop of
+it at the model's training size (real pixels, for comparison), then one row of samples per canvas
+size (photos and photos-flux 32, 64, 128 px; photos-sdxl 64, 128, 256; every tile shown at the same
+side, so the largest canvas shows 16× the area of the smallest at the same pixel scale). Each sample
+is labelled with the class the model's classifier (pipe.reference_classifier) reads on it; the
+recognition rate per size is printed. `--recognition N` also samples N images per photograph at the
+training size and prints how many the classifier names correctly.
 """
 from __future__ import annotations
 
@@ -16,11 +19,17 @@ from typing import List
 
 import torch
 
-from . import HERE, classify
-from .photos import CLASSES, SIZES, PhotoCrops, load_classifier, load_pipeline
+from . import HERE, classify, photos, photos_flux, photos_sdxl
+from .photos import CLASSES, PhotoCrops
 from .photos_train import held_out_set
 
 SHEET_PATH = os.path.join(HERE, "photos_samples.png")
+# --model → (the module with its load_pipeline and SIZES, the sheet's default path)
+MODELS = {
+    "photos": (photos, SHEET_PATH),
+    "photos-sdxl": (photos_sdxl, os.path.join(HERE, "photos_sdxl_samples.png")),
+    "photos-flux": (photos_flux, os.path.join(HERE, "photos_flux_samples.png")),
+}
 LABEL_H = 12
 
 
@@ -59,43 +68,51 @@ def sheet(rows: List[torch.Tensor], names: List[str], reads: List[List[int]], ti
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tomesd.reference.photos_sheet", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default=SHEET_PATH)
-    p.add_argument("--sizes", default=",".join(str(s) for s in SIZES), help="canvas sides in px (default 32,64,128)")
+    p.add_argument("--model", choices=tuple(MODELS), default="photos")
+    p.add_argument("--out", help="PNG path (default: the model's sheet in tomesd/reference/)")
+    p.add_argument("--sizes", help="canvas sides in px (default: the model's, photos 32,64,128)")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--large-steps", type=int, help="DDIM steps above 64 px (default: --steps; on a CPU a 128 px UNet "
-                   "call costs about as much as 60 at 32 px)")
+    p.add_argument("--large-steps", type=int, help="sampler steps above twice the training size (photos: above 64 px; "
+                   "default: --steps; on a CPU a 128 px UNet call costs about as much as 60 at 32 px)")
     p.add_argument("--guidance", type=float, help="guidance scale (default: the pipeline's, PhotosPipeline.default_guidance_scale)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tile", type=int, default=96)
     p.add_argument("--recognition", type=int, default=0, metavar="N", help="also sample N per photograph at 32 px and report the rate")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    module, sheet_path = MODELS[args.model]
+    try:
+        sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else list(module.SIZES)
+    except ValueError:
+        p.error(f"argument --sizes: expected comma-separated sides in px, e.g. {','.join(map(str, module.SIZES))}; got {args.sizes!r}")
     torch.set_num_threads(args.threads)
-    pipe, classifier = load_pipeline(), load_classifier()
+    pipe = module.load_pipeline()
+    classifier = pipe.reference_classifier()
     if args.guidance is None:
         args.guidance = pipe.default_guidance_scale
     truth = torch.arange(len(CLASSES))
-    real, real_y = held_out_set(PhotoCrops(), seed=0)
+    real, real_y = held_out_set(PhotoCrops(size=module.SIZE), seed=0)
     rows, names, reads = [real[[int((real_y == c).nonzero()[0]) for c in truth]]], ["held-out crop"], [[-1] * len(CLASSES)]
-    for size in (int(s) for s in args.sizes.split(",")):
-        steps = args.large_steps if size > 64 and args.large_steps else args.steps
+    for size in sizes:
+        steps = args.large_steps if size > 2 * module.SIZE and args.large_steps else args.steps
         images = samples(pipe, size, 1, steps, args.guidance, args.seed)
         read = classify(classifier, images)
         print(f"{size} px: classifier names {int((read == truth).sum())}/{len(CLASSES)} sheet samples correctly "
-              f"({steps} DDIM steps, guidance {args.guidance:g})", flush=True)
+              f"({steps} steps, guidance {args.guidance:g})", flush=True)
         rows.append(images)
         names.append(f"{size} px")
         reads.append(read.tolist())
     image = sheet(rows, names, reads, args.tile)
-    image.save(args.out, format="PNG", optimize=True)
-    print(f"wrote {args.out} ({os.path.getsize(args.out) // 1024} KiB)")
+    out = args.out or sheet_path
+    image.save(out, format="PNG", optimize=True)
+    print(f"wrote {out} ({os.path.getsize(out) // 1024} KiB)")
     if args.recognition:
-        images = samples(pipe, SIZES[0], args.recognition, args.steps, args.guidance, args.seed + 1000)
+        images = samples(pipe, module.SIZE, args.recognition, args.steps, args.guidance, args.seed + 1000)
         labels = truth.repeat_interleave(args.recognition)
         right = classify(classifier, images) == labels
         per_class = ", ".join(f"{n} {right[labels == c].float().mean().item():.2f}" for c, n in enumerate(CLASSES))
-        print(f"recognition at {SIZES[0]} px: {right.float().mean().item():.3f} of {len(labels)} samples "
-              f"({args.recognition} per photograph, seeds {args.seed + 1000}+, {args.steps} DDIM steps, guidance {args.guidance:g}); "
+        print(f"recognition at {module.SIZE} px: {right.float().mean().item():.3f} of {len(labels)} samples "
+              f"({args.recognition} per photograph, seeds {args.seed + 1000}+, {args.steps} steps, guidance {args.guidance:g}); "
               f"per photograph: {per_class}")
     return 0
 

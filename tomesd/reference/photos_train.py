@@ -104,11 +104,13 @@ def _defaults(out: str, log: str, **changes) -> dict:
     return dict(DEFAULTS, out=out, log=log, classifier_out=None, **changes)
 
 
-# --model NAME of train.py → (its defaults, its setup); sized for ≤ ~60 minutes on one thread of a shared 2-core CPU
+# --model NAME of train.py → (its defaults, its setup). photos-sdxl and photos-flux are sized for ≤ ~60 minutes on
+# one thread of a shared 2-core CPU; their --max-minutes guard is twice that, so that a loaded machine still runs
+# every step (a run cut by the guard would give other weights than one that finishes)
 MODELS = {
     "photos": (DEFAULTS, setup),
-    "photos-sdxl": (_defaults(SDXL_DIR, SDXL_LOG, steps=800, batch=8, warmup=100, eval_every=200, eval_samples=12,
-                              max_minutes=60.0), sdxl_setup),
-    "photos-flux": (_defaults(FLUX_DIR, FLUX_LOG, steps=2000, batch=16, eval_every=500, eval_samples=48, max_minutes=60.0),
+    "photos-sdxl": (_defaults(SDXL_DIR, SDXL_LOG, steps=700, batch=8, warmup=100, eval_every=350, eval_samples=12,
+                              max_minutes=120.0), sdxl_setup),
+    "photos-flux": (_defaults(FLUX_DIR, FLUX_LOG, steps=1400, batch=16, eval_every=350, eval_samples=24, max_minutes=120.0),
                     flux_setup),
 }
