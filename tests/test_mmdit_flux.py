@@ -1,4 +1,4 @@
-"""Flux (MMDiT): kv mode by default (tokens mode refused), the grid from img_ids (Kontext, unrecognized and
+"""Flux (MMDiT): kv mode by default (tokens mode: tests/test_flux_tokens.py), the grid from img_ids (Kontext, unrecognized and
 positional ids), ratio 0, checkpointed gradients, 0-1000 timesteps, a processor replaced after patching."""
 import logging
 
@@ -12,14 +12,11 @@ from tomesd.patch import patched_state
 
 
 @needs_split_single_blocks
-def test_flux_default_is_kv_and_tokens_mode_is_refused():
+def test_flux_default_is_kv():
     model, inputs = tiny.flux(), tiny.flux_inputs()
     want = _run(model, inputs)
     plain = _run(model, inputs, record=True)
     assert set(plain) == {(5 + 64, 5 + 64)}  # double- and single-stream blocks: text then image
-    with pytest.raises(ValueError, match="rotary position embeddings"):
-        tomesd.apply_patch(model, mode="tokens")
-    assert not tomesd.is_patched(model)
     tomesd.apply_patch(model, ratio=0.5)
     assert patched_state(model).config.mode == "kv" and patched_state(model).config.prop_attn
     seen = _run(model, inputs, record=True)
