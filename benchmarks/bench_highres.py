@@ -38,6 +38,7 @@ says how small).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -324,8 +325,6 @@ def level_rows(pts, times, plans, L: int, layers: int, others: float, rest: floa
 def composed(levels_rows: Dict[int, List[Dict[str, Any]]], counts: Dict[int, int], rest: float) -> List[Dict[str, Any]]:
     """Every combination of one point per level: step = Σ_d L_d · block_d + rest, speed-up against no ToMe
     at every level; best first."""
-    import itertools
-
     base = rest + sum(counts[d] * rows[0]["block_s"] for d, rows in levels_rows.items())
     out = []
     for combo in itertools.product(*levels_rows.values()):
