@@ -10,7 +10,7 @@ import torch
 
 import tiny
 import tomesd
-from mmdit_helpers import hidden_lengths, needs_split_single_blocks, run
+from mmdit_helpers import assert_checkpointing_keeps_gradients, hidden_lengths, needs_split_single_blocks, run
 from tomesd import matching
 from tomesd.matching import MergePlan
 from tomesd.patch import PlanProvider, patched_state
@@ -168,18 +168,7 @@ def test_one_plan_per_call_is_shared_by_double_and_single_blocks(plan_builds):
 def test_checkpointed_gradients_equal_plain(kwargs):
     model = tiny.flux()
     tomesd.apply_patch(model, ratio=0.5, seed=3, mode="tokens", **kwargs)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(**tiny.flux_inputs()).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    got = grads()
-    assert got.keys() == plain.keys()
-    for name in plain:
-        torch.testing.assert_close(got[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(model, lambda m: m(**tiny.flux_inputs()).sample.square().mean())
 
 
 def test_processor_set_after_patching_leaves_the_attention_unmerged(caplog):

@@ -7,7 +7,7 @@ import torch
 
 import tiny
 import tomesd
-from mmdit_helpers import hidden_lengths as _hidden_lengths, run as _run
+from mmdit_helpers import assert_checkpointing_keeps_gradients, hidden_lengths as _hidden_lengths, run as _run
 
 
 def test_sd3_tokens_mode_merges_only_image_tokens():
@@ -71,18 +71,8 @@ def test_sd3_ratio_schedules_seed_and_max_downsample():
 def test_sd3_checkpointed_gradients_equal_plain(kwargs):
     model = tiny.sd3()
     tomesd.apply_patch(model, ratio=0.5, seed=2, **kwargs)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        sum(model(**tiny.sd3_inputs(seed=s)).sample.square().mean() for s in (1, 2)).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    want = grads()
-    model.enable_gradient_checkpointing()
-    got = grads()
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(
+        model, lambda m: sum(m(**tiny.sd3_inputs(seed=s)).sample.square().mean() for s in (1, 2)))
 
 
 @pytest.mark.slow
