@@ -12,7 +12,8 @@ rest (embeddings, positions, output layers). The full model's step is then
 
 with L_kind the full model's blocks of that kind (Flux.1 dev: 19 + 38; SD 3.5 Medium: 13 dual + 10 + 1),
 and builds the full model's plan builds per call (one with share_plan, else the cut model's builds per
-block times the full model's blocks). The blocks' share of the unpatched step gives the ceiling: no
+block times the full model's blocks; divided by k with plan_every=k, whose reuse across the calls of a
+sampling run a single timed step cannot show). The blocks' share of the unpatched step gives the ceiling: no
 setting that merges in the blocks can beat 1 / (1 − share). --check-full PX times one whole unpatched
 step of the full model at PX to check the composition (the full Flux.1 dev needs ~24 GB in bf16).
 
@@ -20,7 +21,8 @@ Settings are timed in interleaved rounds (every setting once per round, in turn;
 unpatched after each step, untimed) so that machine load hits all alike; medians, and each speed-up's
 band (lowest and highest per-round value). Defaults: Flux — today's default (kv 0.5), tokens mode with
 and without share_plan, local matching, prop_attn, merge_mlp; SD 3.5 — the same in tokens mode, and kv.
---setting KEY=V,... (repeatable) replaces them; every setting is applied once before any timing.
+--setting KEY=V,... (repeatable), or the grid --modes × --ratios, replaces them; every setting is applied
+once before any timing.
 
     python benchmarks/bench_mmdit.py --arch flux --layers 2 --resolutions 1024,1536,2048 --device cuda --dtype bf16
     python benchmarks/bench_mmdit.py --arch sd3 --layers 3 --resolutions 1024 --setting mode=tokens,ratio=0.6
@@ -212,6 +214,7 @@ def measure(model, inputs, settings, rounds: int, warmup: bool, clock: Clock, co
         plans = [statistics.mean(p) if p else 0.0 for _, _, p in runs]
         per_block = len(runs[0][2]) / sum(cut_blocks.values())
         builds = len(runs[0][2]) if (params or {}).get("share_plan") else per_block * sum(counts.values())
+        builds /= (params or {}).get("plan_every", 1)  # each timed step builds; a sampling run reuses k − 1 calls
         full = [compose(rest[i], {kd: kinds[kd][i] for kd in kinds}, plans[i], builds, counts) for i in range(len(runs))]
         out[label] = dict(params=params, cut_step_s=statistics.median(step), rest_s=statistics.median(rest),
                           block_s={kd: statistics.median(v) for kd, v in kinds.items()}, plan_s=statistics.median(plans),
@@ -251,7 +254,10 @@ def parse(argv=None):
     p.add_argument("--resolutions", type=cli.comma_list(int), default=(1024, 1536, 2048), help="square sides in px")
     p.add_argument("--setting", type=cli.setting, action="append", help="KEY=V,... apply_patch keywords of one "
                    "setting (repeatable; replaces the defaults)")
-    p.add_argument("--rounds", type=cli.positive, default=3)
+    p.add_argument("--modes", type=cli.values(), help="with --ratios: the grid of modes × ratios instead of the "
+                   "default settings (default modes: tokens,kv)")
+    p.add_argument("--ratios", type=cli.values(float), help="with --modes (or alone): the grid's ratios")
+    p.add_argument("--rounds", "--repeats", type=cli.positive, default=3)
     p.add_argument("--no-warmup", action="store_true", help="no untimed round first")
     p.add_argument("--batch", type=cli.positive, help="default: Flux 1 (guidance-distilled), SD 3.5 2 (CFG)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -277,7 +283,17 @@ def parse(argv=None):
     args.device = torch.device(cli.default_device(args.device))
     args.dtype = DTYPES[args.dtype or ("bf16" if args.device.type == "cuda" else "fp32")]
     args.batch = args.batch or (1 if arch.family == "flux" else 2)
-    settings = [(cli.setting_label(s), s) for s in args.setting] if args.setting else list(SETTINGS[arch.family])
+    if args.setting and (args.modes or args.ratios):
+        p.error("--setting and --modes / --ratios: give whole settings or a grid, not both")
+    if args.modes and not args.ratios:
+        p.error("--modes: give --ratios too")
+    if args.ratios:
+        settings = [(f"{mode} {ratio:g}", dict(mode=mode, ratio=ratio)) for mode in args.modes or ("tokens", "kv")
+                    for ratio in args.ratios]
+    elif args.setting:
+        settings = [(cli.setting_label(s), s) for s in args.setting]
+    else:
+        settings = list(SETTINGS[arch.family])
     return p, args, arch, [("no ToMe", None)] + settings
 
 

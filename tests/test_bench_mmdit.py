@@ -39,6 +39,9 @@ def test_full_step_is_composed_from_blocks_plans_and_rest(arch, layers, counts, 
     (["--setting", "ratio"], "expected KEY=VALUE"),
     (["--resolutions", "100"], "multiples of 16 px"),
     (["--arch", "sd3", "--layers", "2"], "at least 3 blocks"),
+    (["--setting", "ratio=0.5", "--ratios", "0.5"], "not both"),
+    (["--modes", "kv"], "give --ratios too"),
+    (["--ratios", "0.5,x"], "expected comma-separated numbers"),
 ])
 def test_command_line_errors_are_one_line(args, message):
     proc = run("benchmarks/bench_mmdit.py", "--toy", "--resolutions", "64", *args)
