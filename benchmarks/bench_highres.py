@@ -369,10 +369,10 @@ def main() -> None:
         block.save_pretrained(block_dir)
         levels[downsample] = dict(modules=modules, block=block, dir=block_dir)
     pts = points(windows, ints(args.prop_windows))
+    about = {d: dict(modules=len(v["modules"]), channels=v["block"].config.in_channels,
+                     layers=len(v["block"].transformer_blocks)) for d, v in levels.items()}
     result: Dict[str, Any] = dict(arch=args.arch, torch=torch.__version__, threads=torch.get_num_threads(),
-                                  levels={d: dict(modules=len(v["modules"]), channels=v["block"].config.in_channels,
-                                                  layers=len(v["block"].transformer_blocks)) for d, v in levels.items()},
-                                  load_before=load(), resolutions={})
+                                  levels=about, load_before=load(), resolutions={})
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.memory_only:
         memory = {f"{px} px /{d}": memory_points(v["dir"], px, px // 8 // d, cross, pts, say)

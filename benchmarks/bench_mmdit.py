@@ -35,6 +35,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from typing import Any, Dict, List, Tuple
 
 import torch
@@ -132,9 +133,8 @@ class StepRecorder:
     def __init__(self, model, clock: Clock):
         self.clock, self.marks, self.builds, self.handles = clock, [], [], []
         for block in [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]:
-            kind = kind_of(block)
-            self.handles.append(block.register_forward_pre_hook(lambda m, a, k=kind: self.marks.append([k, self.clock.mark(), None])))
-            self.handles.append(block.register_forward_hook(lambda m, a, o: self.marks[-1].__setitem__(2, self.clock.mark())))
+            self.handles.append(block.register_forward_pre_hook(partial(self.enter, kind_of(block))))
+            self.handles.append(block.register_forward_hook(self.leave))
         real = PlanProvider.build
 
         def timed(provider, request):
@@ -144,6 +144,12 @@ class StepRecorder:
             return plan
 
         self.real, PlanProvider.build = real, timed
+
+    def enter(self, kind: str, module, args) -> None:
+        self.marks.append([kind, self.clock.mark(), None])
+
+    def leave(self, module, args, output) -> None:
+        self.marks[-1][2] = self.clock.mark()
 
     def step(self, model, inputs) -> Tuple[float, Dict[str, List[float]], List[float]]:
         self.marks, self.builds = [], []
@@ -215,9 +221,11 @@ def measure(model, inputs, settings, rounds: int, warmup: bool, clock: Clock, co
         per_block = len(runs[0][2]) / sum(cut_blocks.values())
         builds = len(runs[0][2]) if (params or {}).get("share_plan") else per_block * sum(counts.values())
         builds /= (params or {}).get("plan_every", 1)  # each timed step builds; a sampling run reuses k − 1 calls
-        full = [compose(rest[i], {kd: kinds[kd][i] for kd in kinds}, plans[i], builds, counts) for i in range(len(runs))]
+        full = [compose(rest[i], {kd: kinds[kd][i] for kd in kinds}, plans[i], builds, counts)
+                for i in range(len(runs))]
         out[label] = dict(params=params, cut_step_s=statistics.median(step), rest_s=statistics.median(rest),
-                          block_s={kd: statistics.median(v) for kd, v in kinds.items()}, plan_s=statistics.median(plans),
+                          block_s={kd: statistics.median(v) for kd, v in kinds.items()},
+                          plan_s=statistics.median(plans),
                           builds_per_call=builds, full_step_s=statistics.median(full), full_rounds=full)
     return out
 

@@ -1,6 +1,6 @@
-"""diffusers' compile-test properties on patched models (tiny UNet, SD 3, Flux in kv and tokens mode): a patched model compiles
-as often as the unpatched one (no recompilation across calls, error_on_recompile), with no graph break
-(fullgraph=True, batch 1 and 2), logs what it logs once, and merges while compiled."""
+"""diffusers' compile-test properties on patched models (tiny UNet, SD 3, Flux in kv and tokens mode): a
+patched model compiles as often as the unpatched one (no recompilation across calls, error_on_recompile),
+with no graph break (fullgraph=True, batch 1 and 2), logs what it logs once, and merges while compiled."""
 import logging
 
 import pytest

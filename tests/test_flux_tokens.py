@@ -97,7 +97,8 @@ def test_rotation_equals_diffusers():
     anchor = torch.tensor([[0, 2, 5], [1, 3, 9]])  # rows at other tokens' positions, per batch row
     plan = MergePlan(slot=slot, counts=torch.ones(B, 3, dtype=torch.int32), num_out=3, anchor=anchor)
     rows = gather_rows(cos, plan)
-    assert rows.shape == (B, T + 3, D) and torch.equal(rows[1, :T], cos[:T]) and torch.equal(rows[1, T:], cos[T + anchor[1]])
+    assert rows.shape == (B, T + 3, D)
+    assert torch.equal(rows[1, :T], cos[:T]) and torch.equal(rows[1, T:], cos[T + anchor[1]])
 
 
 def test_anchors_are_each_rows_kept_token():

@@ -1,5 +1,6 @@
-"""Flux (MMDiT): kv mode by default (tokens mode: tests/test_flux_tokens.py), the grid from img_ids (Kontext, unrecognized and
-positional ids), ratio 0, checkpointed gradients, 0-1000 timesteps, a processor replaced after patching."""
+"""Flux (MMDiT): kv mode by default (tokens mode: tests/test_flux_tokens.py), the grid from img_ids
+(Kontext, unrecognized and positional ids), ratio 0, checkpointed gradients, 0-1000 timesteps, a
+processor replaced after patching."""
 import logging
 
 import pytest

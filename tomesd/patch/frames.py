@@ -36,10 +36,11 @@ class BlockCall:
 
     request: what to plan, until the block's first merged sub-layer builds `plan` from it.
     merged: sub-layer name → (the plan its input was merged with (its rows, for a batch chunk), what
-    its mode's enter kept for its exit: SublayerCall.kept), until its output is unmerged. slots: per-sub-layer objects a host's attention leaves between a sub-layer's
-    pre-hook and its wrapped processor (what the SDPA call must do: SublayerCall.leave). rows_done: batch rows of
-    `ff` already run in this call (feed-forward chunked over the batch). pushed: the block's entry
-    opened a recompute context, which its exit closes.
+    its mode's enter kept for its exit: SublayerCall.kept), until its output is unmerged. slots:
+    per-sub-layer objects a host's attention leaves between a sub-layer's pre-hook and its wrapped
+    processor (what the SDPA call must do: SublayerCall.leave). rows_done: batch rows of `ff` already
+    run in this call (feed-forward chunked over the batch). pushed: the block's entry opened a
+    recompute context, which its exit closes.
     """
 
     index: int = 0

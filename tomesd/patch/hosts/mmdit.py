@@ -134,10 +134,10 @@ def ids_layout(ids: Tensor):
     return h, w, ids.shape[0] - h * w
 
 
-def _rotary_positions(blocks) -> dict:
+def _rotary_positions(blocks, single_type: type) -> dict:
     """Sublayer kind → position of `image_rotary_emb` in the forward of that kind's module (Flux's
     attention for "self", a single-stream block for "block"; None: keyword only)."""
-    single = [b for b in blocks if not hasattr(b, "ff")]
+    single = [b for b in blocks if isinstance(b, single_type)]
     attn = next((b.attn for b in blocks if isinstance(getattr(b, "attn", None), nn.Module)), None)
     return {"self": arg_position(attn, ROTARY_NAMES, None) if attn is not None else None,
             "block": arg_position(single[0], ROTARY_NAMES, None) if single else None}
@@ -166,7 +166,8 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost
 
         blocks = [m for m in root.modules() if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))]
         split = "encoder_hidden_states" in inspect.signature(FluxSingleTransformerBlock.forward).parameters
-        attention = RotaryJointAttention(False, inner=FLUX_WHOLE_BLOCK.attention, rotary_at=_rotary_positions(blocks))
+        attention = RotaryJointAttention(False, inner=FLUX_WHOLE_BLOCK.attention,
+                                         rotary_at=_rotary_positions(blocks, FluxSingleTransformerBlock))
         return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=attention,
                         vae_scale_factor=vae_scale_factor(model), patch_size=2, sample_names=("hidden_states",),
                         sublayers=FLUX_SUBLAYERS, default_mode="kv", timestep_scale=1000.0,

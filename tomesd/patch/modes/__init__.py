@@ -23,7 +23,8 @@ if TYPE_CHECKING:  # pragma: no cover
 MODES = {mode.name: mode for mode in (TokensMode, KVMode)}
 OTHER_SUBLAYERS = TokensMode  # how cross-attention and feed-forward sub-layers merge, in every mode
 
-__all__ = ["Mode", "MODES", "TokensMode", "KVMode", "check", "resolve", "refusals", "notes", "merges_inputs", "make"]
+__all__ = ["Mode", "MODES", "TokensMode", "KVMode", "check", "resolve", "refusals", "notes", "merges_inputs",
+           "make"]
 
 
 def check(config: "ToMeConfig") -> None:

@@ -35,9 +35,13 @@ class TokensMode(Mode):
         if kept is not None:
             return _rebuilt(output, plan, *kept)
         if isinstance(output, tuple):  # a joint attention: (image tokens, text tokens[, IP-Adapter image])
-            return tuple(ops.unmerge(o, plan) if i == 0 or (i > 1 and o.shape[1] == plan.num_out) else o
+            return tuple(ops.unmerge(o, plan) if i == 0 or (i > 1 and _merged_tokens(o, plan)) else o
                          for i, o in enumerate(output))
         return ops.unmerge(output, plan)
+
+
+def _merged_tokens(value, plan) -> bool:
+    return isinstance(value, torch.Tensor) and value.ndim == 3 and value.shape[1] == plan.num_out
 
 
 def _rebuilt(output, plan, x, merged):
