@@ -9,7 +9,9 @@ two layers each) are identical in shape, so
 
     step(setting) = L · block(setting) + rest,   per-step speed-up = step(no ToMe) / step(setting),
 
-(--level d times the level at downsample d instead, e.g. SDXL's /4 level: 2 + 3 + mid, ten layers each),
+(--level d times the level at downsample d instead, e.g. SDXL's /4 level: 2 + 3 + mid, ten layers each;
+--level 2,4 times both levels and composes every pair of settings, one per level:
+step = L₂ · block₂(setting at /2) + L₄ · block₄(setting at /4) + rest, rest without either level's modules),
 
 where block is one of those Transformer2DModels taken from the UNet (random weights, real sizes, its text
 states [2, 77, cross-attention dim]: the guided batch of 2, fp32) and rest is one unpatched UNet step with
@@ -25,10 +27,18 @@ setting (Linux; CPU: what the call allocates beyond the model and inputs, not CU
 
     python benchmarks/bench_highres.py --arch sd15 --resolutions 1024,1536,2048 --out highres_sd15.json
     python benchmarks/bench_highres.py --arch sdxl --resolutions 2048 --out highres_sdxl.json
+    python benchmarks/bench_highres.py --arch sdxl --level 2,4 --resolutions 1024,1536,2048 --windows 3 \
+        --prop-windows '' --only "default (tokens 0.5),4x4 0.9 prop,0.5 prop mlp share" --out sdxl_levels.json
+
+A level's settings patch its Transformer2DModel alone, so share_plan shares a plan among that module's
+layers (SDXL: 2 at /2, 10 at /4), not among all the level's modules as in the UNet: the composed step
+counts L − 1 plan builds per level more than the UNet makes (a small overestimate; the matching share
+says how small).
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -55,6 +65,8 @@ SETTINGS: Tuple[Tuple[str, Dict[str, Any]], ...] = (  # name → apply_patch key
     ("kv 0.75 prop", dict(ratio=0.75, mode="kv", prop_attn=True)),
     ("4x4 0.8 prop", dict(ratio=0.8, sx=4, sy=4, prop_attn=True)),
     ("4x4 0.9 prop", dict(ratio=0.9, sx=4, sy=4, prop_attn=True)),
+    ("0.5 prop mlp share", dict(ratio=0.5, prop_attn=True, merge_mlp=True, share_plan=True)),
+    ("0.7 prop mlp xattn share", dict(ratio=0.7, prop_attn=True, merge_mlp=True, merge_crossattn=True, share_plan=True)),
 )
 REFERENCE = "tomesd 0.1.3 0.5"
 
@@ -177,18 +189,20 @@ class Variant:
         tomesd.remove_patch(self.block)
 
 
-def block_rounds(block, pts, inputs, rounds: int, warmup: bool, progress) -> Dict[str, List[float]]:
-    sample, text = inputs
-    times: Dict[str, List[float]] = {name: [] for name, _ in pts}
+def block_rounds(levels, pts, rounds: int, warmup: bool, progress) -> Dict[Tuple[int, str], List[float]]:
+    """Seconds of one call of each level's block ((downsample, block, (sample, text)) in `levels`) per point,
+    in interleaved rounds (every level's every point once per round), after an untimed round when warmup."""
+    times: Dict[Tuple[int, str], List[float]] = {(d, name): [] for d, _, _ in levels for name, _ in pts}
     with torch.inference_mode():
         for k in range(-1 if warmup else 0, rounds):
-            for name, params in pts:
-                with Variant(block, name, params):
-                    start = time.perf_counter()
-                    block(sample, encoder_hidden_states=text)
-                    took = time.perf_counter() - start
-                if k >= 0:
-                    times[name].append(took)
+            for d, block, (sample, text) in levels:
+                for name, params in pts:
+                    with Variant(block, name, params):
+                        start = time.perf_counter()
+                        block(sample, encoder_hidden_states=text)
+                        took = time.perf_counter() - start
+                    if k >= 0:
+                        times[(d, name)].append(took)
             progress(f"round {k + 1}/{rounds} done" if k >= 0 else "warm-up done")
     return times
 
@@ -262,15 +276,17 @@ def load() -> str:
     return f"load average {os.getloadavg()[0]:.2f}"
 
 
-def main() -> None:
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sd15", choices=("sd15", "sdxl", "tiny"))
     p.add_argument("--resolutions", default="1024,1536,2048")
     p.add_argument("--windows", default="3,5", help="local windows k besides global matching")
     p.add_argument("--prop-windows", default="9", help="more windows for the settings with prop_attn")
-    p.add_argument("--level", type=int, help="time the Transformer2DModels at this downsample instead of the "
-                   "highest-resolution level (SDXL: 4 for its /4 level); the settings merge that level alone")
+    p.add_argument("--level", help="time the Transformer2DModels at this downsample instead of the "
+                   "highest-resolution level (SDXL: 4 for its /4 level), or at several (2,4: both SDXL levels, "
+                   "every pair of settings composed); the settings merge the timed levels alone")
     p.add_argument("--only", help="comma-separated setting names of SETTINGS (default: all)")
+    p.add_argument("--top", type=int, default=30, help="composed pairs printed (best first; all in --out)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--warmup", default="1024", help="resolutions at which every point gets an untimed call first")
     p.add_argument("--rest-calls", type=int, default=1)
@@ -280,12 +296,50 @@ def main() -> None:
     p.add_argument("--memory-only", action="store_true", help="only the peak memory at --memory (no timing)")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--out")
-    args = p.parse_args()
+    return p, p.parse_args()
+
+
+def ints(text: str) -> List[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def level_rows(pts, times, plans, L: int, layers: int, others: float, rest: float, d: int) -> List[Dict[str, Any]]:
+    """Rows of level d's points: block time, speed-ups of the block and of the step with this level's
+    setting alone (`others`: the other timed levels' unpatched seconds), matching's share of the block."""
+    base = statistics.median(times[(d, "no ToMe")])
+    step0 = L * base + others + rest
+    rows = []
+    for name, params in pts:
+        b = statistics.median(times[(d, name)])
+        step = L * b + others + rest
+        row = dict(setting=name, params=params, block_s=b, block_all=times[(d, name)], block_speedup=base / b,
+                   step_s=step, step_speedup=step0 / step)
+        if (d, name) in plans:
+            builds = 1 if params.get("share_plan") else layers
+            row["plan_s"] = plans[(d, name)]
+            row["matching_share"] = plans[(d, name)] * builds / b
+        rows.append(row)
+    return rows
+
+
+def composed(levels_rows: Dict[int, List[Dict[str, Any]]], counts: Dict[int, int], rest: float) -> List[Dict[str, Any]]:
+    """Every combination of one point per level: step = Σ_d L_d · block_d + rest, speed-up against no ToMe
+    at every level; best first."""
+    base = rest + sum(counts[d] * rows[0]["block_s"] for d, rows in levels_rows.items())
+    out = []
+    for combo in itertools.product(*levels_rows.values()):
+        step = rest + sum(counts[d] * row["block_s"] for d, row in zip(levels_rows, combo))
+        out.append(dict(settings={d: row["setting"] for d, row in zip(levels_rows, combo)}, step_s=step,
+                        step_speedup=base / step))
+    return sorted(out, key=lambda c: -c["step_speedup"])
+
+
+def main() -> None:
+    p, args = parse_args()
     if args.memory_child:
         d, side, cross, spec = args.memory_child
         memory_child(d, int(side), int(cross), spec)
         return
-    ints = lambda text: [int(v) for v in text.split(",") if v.strip()]  # noqa: E731
     windows: List[Optional[int]] = [None] + ints(args.windows)
     global SETTINGS
     if args.only:
@@ -299,71 +353,97 @@ def main() -> None:
     unet = bench.load_unet(cfg)
     cross = unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
-    finest, downsample = finest_modules(unet, args.level)
-    if not finest:
-        p.error(f"--level {args.level}: {args.arch} has no transformer block at that downsample")
-    block = finest[0][0][finest[0][1]]
+    levels: Dict[int, Dict[str, Any]] = {}
+    try:
+        asked = ints(args.level) if args.level else [None]
+    except ValueError:
+        p.error(f"--level {args.level}: expected downsample factors such as 4 or 2,4")
+    if len(set(asked)) < len(asked):
+        p.error(f"--level {args.level}: a level is given twice")
+    for level in asked:
+        modules, downsample = finest_modules(unet, level)
+        if not modules:
+            p.error(f"--level {level}: {args.arch} has no transformer block at that downsample")
+        block = modules[0][0][modules[0][1]]
+        block_dir = tempfile.mkdtemp(prefix=f"tomesd_highres_block{downsample}_")
+        block.save_pretrained(block_dir)
+        levels[downsample] = dict(modules=modules, block=block, dir=block_dir)
     pts = points(windows, ints(args.prop_windows))
-    block_dir = tempfile.mkdtemp(prefix="tomesd_highres_block_")
-    block.save_pretrained(block_dir)
+    about = {d: dict(modules=len(v["modules"]), channels=v["block"].config.in_channels,
+                     layers=len(v["block"].transformer_blocks)) for d, v in levels.items()}
     result: Dict[str, Any] = dict(arch=args.arch, torch=torch.__version__, threads=torch.get_num_threads(),
-                                  finest_modules=len(finest), finest_downsample=downsample, block_channels=block.config.in_channels,
-                                  layers=len(block.transformer_blocks), load_before=load(), resolutions={})
+                                  levels=about, load_before=load(), resolutions={})
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.memory_only:
-        memory = {px: memory_points(block_dir, px, px // 8 // downsample, cross, pts, say) for px in ints(args.memory)}
-        print("| px | " + " | ".join(memory[next(iter(memory))]) + " |")
-        for px, mem in memory.items():
-            print(f"| {px} | " + " | ".join(f"{v:.2f} GiB" for v in mem.values()) + " |")
+        memory = {f"{px} px /{d}": memory_points(v["dir"], px, px // 8 // d, cross, pts, say)
+                  for px in ints(args.memory) for d, v in levels.items()}
+        print("| px, level | " + " | ".join(memory[next(iter(memory))]) + " |")
+        for key, mem in memory.items():
+            print(f"| {key} | " + " | ".join(f"{v:.2f} GiB" for v in mem.values()) + " |")
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(dict(result, memory_gib=memory), fh, indent=1)
         return
     for px in ints(args.resolutions):
-        entry: Dict[str, Any] = dict()
-        warm = px in ints(args.warmup)
-        rest = step_times(unet, cfg, px, args.rest_calls, warm, skipped=finest)
-        entry["rest_s"] = statistics.median(rest)
-        say(f"{px} px: rest of the step {entry['rest_s']:.1f} s ({load()})")
-        inputs = block_inputs(block, px // 8 // downsample, cross)
-        times = block_rounds(block, pts, inputs, args.rounds, warm, lambda t: say(f"{px} px: {t} ({load()})"))
-        plans = {n: plan_seconds(block, inputs[0], params, 3) for n, params in pts if params is not None}
-        L = len(finest)
-        base = statistics.median(times["no ToMe"])
-        step0 = L * base + entry["rest_s"]
-        rows = []
-        for name, params in pts:
-            b = statistics.median(times[name])
-            row = dict(setting=name, params=params, block_s=b, block_all=times[name], block_speedup=base / b,
-                       step_s=L * b + entry["rest_s"], step_speedup=step0 / (L * b + entry["rest_s"]))
-            if name in plans:
-                row["plan_s"] = plans[name]
-                row["matching_share"] = plans[name] * len(block.transformer_blocks) / b
-            rows.append(row)
-        entry["rows"] = rows
-        entry["finest_share"] = L * base / step0
-        if px in ints(args.check_full):
-            full = step_times(unet, cfg, px, 1, warmup=True)
-            entry["full_step_s"] = statistics.median(full)
-            say(f"{px} px: whole step {entry['full_step_s']:.1f} s against L·block + rest = {step0:.1f} s")
+        run_resolution(args, px, unet, cfg, cross, levels, pts, result, say)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(dict(result, load_after=load()), fh, indent=1)
+
+
+def run_resolution(args, px: int, unet, cfg, cross: int, levels, pts, result, say) -> None:
+    """Time and report one resolution: rest, every level's blocks, the composed pairs, memory."""
+    warm = px in ints(args.warmup)
+    entry: Dict[str, Any] = dict(levels={})
+    rest = step_times(unet, cfg, px, args.rest_calls, warm, skipped=[m for v in levels.values() for m in v["modules"]])
+    entry["rest_s"] = statistics.median(rest)
+    say(f"{px} px: rest of the step {entry['rest_s']:.1f} s ({load()})")
+    inputs = {d: block_inputs(v["block"], px // 8 // d, cross) for d, v in levels.items()}
+    times = block_rounds([(d, v["block"], inputs[d]) for d, v in levels.items()], pts, args.rounds, warm,
+                         lambda t: say(f"{px} px: {t} ({load()})"))
+    plans = {(d, n): plan_seconds(v["block"], inputs[d][0], params, 3)
+             for d, v in levels.items() for n, params in pts if params is not None}
+    counts = {d: len(v["modules"]) for d, v in levels.items()}
+    base = {d: statistics.median(times[(d, "no ToMe")]) for d in levels}
+    step0 = entry["rest_s"] + sum(counts[d] * base[d] for d in levels)
+    for d, v in levels.items():
+        others = sum(counts[o] * base[o] for o in levels if o != d)
+        rows = level_rows(pts, times, plans, counts[d], len(v["block"].transformer_blocks), others, entry["rest_s"], d)
+        entry["levels"][d] = dict(rows=rows, share=counts[d] * base[d] / step0)
         if px in ints(args.memory):
-            mem = memory_points(block_dir, px, px // 8 // downsample, cross, pts, say)
+            mem = memory_points(v["dir"], px, px // 8 // d, cross, pts, say)
             for row in rows:
                 if row["setting"] in mem:
                     row["peak_rss_growth_gib"] = mem[row["setting"]]
-        result["resolutions"][px] = entry
-        print(f"\n{args.arch} {px} px: level /{downsample} {entry['finest_share']:.0%} of an unpatched step "
-              f"({L} × {base:.1f} s + rest {entry['rest_s']:.1f} s)", flush=True)
+    if len(levels) > 1:
+        entry["composed"] = composed({d: entry["levels"][d]["rows"] for d in levels}, counts, entry["rest_s"])
+    if px in ints(args.check_full):
+        entry["full_step_s"] = statistics.median(step_times(unet, cfg, px, 1, warmup=True))
+        say(f"{px} px: whole step {entry['full_step_s']:.1f} s against Σ L · block + rest = {step0:.1f} s")
+    result["resolutions"][px] = entry
+    report(args.arch, px, entry, counts, base, args.top)
+
+
+def report(arch: str, px: int, entry: Dict[str, Any], counts, base, top: int) -> None:
+    for d, level in entry["levels"].items():
+        print(f"\n{arch} {px} px: level /{d} {level['share']:.0%} of an unpatched step ({counts[d]} × {base[d]:.1f} s "
+              f"+ rest {entry['rest_s']:.1f} s" + (" + the other levels)" if len(counts) > 1 else ")"), flush=True)
         print("| setting | block (s) | block speed-up | step speed-up | matching share | peak RSS + (GiB) |")
         print("| --- | --- | --- | --- | --- | --- |")
-        for row in rows:
+        for row in level["rows"]:
             share = f"{row['matching_share']:.1%}" if "matching_share" in row else "—"
             mem_s = f"{row['peak_rss_growth_gib']:.2f}" if "peak_rss_growth_gib" in row else "—"
             print(f"| {row['setting']} | {row['block_s']:.2f} | {row['block_speedup']:.2f}× | "
                   f"{row['step_speedup']:.2f}× | {share} | {mem_s} |", flush=True)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(dict(result, load_after=load()), fh, indent=1)
+    if "composed" in entry:
+        share = sum(level["share"] for level in entry["levels"].values())
+        print(f"\n{arch} {px} px: levels {', '.join(f'/{d}' for d in counts)} together {share:.0%} of a step "
+              f"(ceiling {1 / max(1e-9, 1 - share):.2f}×); best {min(top, len(entry['composed']))} of "
+              f"{len(entry['composed'])} pairs")
+        print("| " + " | ".join(f"setting at /{d}" for d in counts) + " | step speed-up |")
+        print("| " + " | ".join("---" for _ in counts) + " | --- |")
+        for c in entry["composed"][:top]:
+            print("| " + " | ".join(c["settings"][d] for d in counts) + f" | {c['step_speedup']:.2f}× |", flush=True)
 
 
 if __name__ == "__main__":

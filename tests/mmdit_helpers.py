@@ -1,5 +1,6 @@
 """What the SD 3 / Flux (MMDiT) tests share: whether this diffusers splits Flux's single-stream blocks, the
-(query, key) lengths of every SDPA call, one call of a model, and the token counts a sub-layer sees."""
+(query, key) lengths of every SDPA call, one call of a model, the token counts a sub-layer sees, and
+gradients with and without checkpointing."""
 import inspect
 
 import pytest
@@ -56,3 +57,18 @@ def hidden_lengths(model, name):
             sub.register_forward_pre_hook(lambda m, a, k: seen.append((a[0] if a else k["hidden_states"]).shape[1]),
                                           with_kwargs=True)
     return seen
+
+
+def assert_checkpointing_keeps_gradients(model, loss):
+    """The parameter gradients of loss(model) are the same after model.enable_gradient_checkpointing()."""
+    def grads():
+        model.zero_grad(set_to_none=True)
+        loss(model).backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    model.enable_gradient_checkpointing()
+    got = grads()
+    assert got.keys() == plain.keys()
+    for name in plain:
+        torch.testing.assert_close(got[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)

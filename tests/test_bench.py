@@ -177,19 +177,20 @@ def test_a_ratio_out_of_range_is_said_once_and_no_setting_is_nameless(capsys):
 
 
 def test_settings_the_model_refuses_fail_before_any_timing(monkeypatch, capsys):
-    """Issue 17 item 8: Flux refuses mode=tokens; the bench timed the whole baseline first, then died
-    with a nested traceback. Every setting is applied to the model once, before any timing."""
+    """Issue 17 item 8: Flux refused a setting (then mode=tokens; now merge_crossattn, it has no
+    cross-attention); the bench timed the whole baseline first, then died with a nested traceback. Every
+    setting is applied to the model once, before any timing."""
     monkeypatch.setattr(timing, "time_calls", lambda *a, **k: pytest.fail("timed before checking the settings"))
     with pytest.raises(SystemExit) as exit_info:
-        bench.main(["--arch", "flux", "--layers", "1", "--resolutions", "64", "--ratios", "0.5", "--set", "mode=tokens",
-                    "--no-isolate", "--no-progress"])
+        bench.main(["--arch", "flux", "--layers", "1", "--resolutions", "64", "--ratios", "0.5", "--set",
+                    "merge_crossattn=true", "--no-isolate", "--no-progress"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
-    assert err.strip().splitlines()[-1].startswith("tomesd-bench: error: setting tome 0.5 mode=tokens: ")
-    assert "mode='tokens' cannot merge the attention of FluxTransformer2DModel" in err
+    assert err.strip().splitlines()[-1].startswith("tomesd-bench: error: setting tome 0.5 merge_crossattn=True: ")
+    assert "FluxTransformer2DModel have no cross-attention sub-layer" in err
     cfg = bench.default_config("cpu", arch="flux", layers=1, resolutions=(64,), ratios=(0.5,),
-                               variants=({"mode": "kv"}, {"mode": "tokens"}))
-    with pytest.raises(ValueError, match="setting tome 0.5 mode=tokens"):
+                               variants=({"mode": "kv"}, {"merge_crossattn": True}))
+    with pytest.raises(ValueError, match="setting tome 0.5 merge_crossattn=True"):
         bench.run(cfg, progress=False)  # the API checks too (isolated: on the model without weights)
 
 

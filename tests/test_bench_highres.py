@@ -24,20 +24,44 @@ def test_bench_highres_points_formula_and_memory(tmp_path):
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
     entry = data["resolutions"]["128"]
-    rows = {r["setting"]: r for r in entry["rows"]}
+    assert list(data["levels"]) == list(entry["levels"]) == ["1"] and "composed" not in entry
+    rows = {r["setting"]: r for r in entry["levels"]["1"]["rows"]}
     assert list(rows) == ["no ToMe", "tomesd 0.1.3 0.5", "default (tokens 0.5) global", "default (tokens 0.5) k=3",
                           "0.7 prop global", "0.7 prop k=3", "0.7 prop k=5"]
     assert rows["0.7 prop k=5"]["params"] == dict(ratio=0.7, prop_attn=True, match_window=5)
-    L, rest, base = data["finest_modules"], entry["rest_s"], rows["no ToMe"]["block_s"]
+    L, rest, base = data["levels"]["1"]["modules"], entry["rest_s"], rows["no ToMe"]["block_s"]
     for row in rows.values():  # step = L · block + rest, speed-up against the unpatched step
         assert row["step_s"] == pytest.approx(L * row["block_s"] + rest)
         assert row["step_speedup"] == pytest.approx((L * base + rest) / row["step_s"])
         assert ("matching_share" in row) == (row["params"] is not None)
-    assert entry["full_step_s"] > 0 and 0 < entry["finest_share"] < 1
+    assert entry["full_step_s"] > 0 and 0 < entry["levels"]["1"]["share"] < 1
     memory = {name: row["peak_rss_growth_gib"] for name, row in rows.items() if "peak_rss_growth_gib" in row}
     assert set(memory) == {"no ToMe", "tomesd 0.1.3 0.5", "default (tokens 0.5) global", "default (tokens 0.5) k=3"}
     assert all(v >= 0 for v in memory.values())
     assert "| 0.7 prop k=5 |" in proc.stdout
+
+
+def test_bench_highres_composes_two_levels(tmp_path):
+    """--level 1,2: both levels timed, every pair of settings composed (step = Σ L_d · block_d + rest)."""
+    out = tmp_path / "levels.json"
+    proc = run("benchmarks/bench_highres.py", "--arch", "tiny", "--level", "1,2", "--resolutions", "64", "--rounds", "1",
+               "--warmup", "", "--check-full", "", "--memory", "", "--windows", "", "--prop-windows", "3",
+               "--only", "0.5 prop mlp share", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(out.read_text())
+    entry = data["resolutions"]["64"]
+    rows = {d: {r["setting"]: r for r in entry["levels"][d]["rows"]} for d in ("1", "2")}
+    assert list(rows["2"]) == ["no ToMe", "tomesd 0.1.3 0.5", "0.5 prop mlp share global", "0.5 prop mlp share k=3"]
+    counts = {d: data["levels"][d]["modules"] for d in ("1", "2")}
+    pairs = {tuple(c["settings"][d] for d in ("1", "2")): c for c in entry["composed"]}
+    assert len(pairs) == 16
+    base = entry["rest_s"] + sum(counts[d] * rows[d]["no ToMe"]["block_s"] for d in counts)
+    for (a, b), c in pairs.items():
+        step = entry["rest_s"] + counts["1"] * rows["1"][a]["block_s"] + counts["2"] * rows["2"][b]["block_s"]
+        assert c["step_s"] == pytest.approx(step) and c["step_speedup"] == pytest.approx(base / step)
+    assert rows["2"]["0.5 prop mlp share k=3"]["step_s"] == pytest.approx(  # /2 alone: /1 unpatched
+        base - counts["2"] * (rows["2"]["no ToMe"]["block_s"] - rows["2"]["0.5 prop mlp share k=3"]["block_s"]))
+    assert "| setting at /1 | setting at /2 | step speed-up |" in proc.stdout
 
 
 def test_bench_highres_refuses_unknown_settings_and_levels():
@@ -45,6 +69,8 @@ def test_bench_highres_refuses_unknown_settings_and_levels():
     assert proc.returncode == 2 and "--only: unknown setting(s) ['fastest']" in proc.stderr
     proc = run("benchmarks/bench_highres.py", "--arch", "tiny", "--level", "3", "--resolutions", "64")
     assert proc.returncode == 2 and "--level 3: tiny has no transformer block at that downsample" in proc.stderr
+    proc = run("benchmarks/bench_highres.py", "--arch", "tiny", "--level", "2,2", "--resolutions", "64")
+    assert proc.returncode == 2 and "a level is given twice" in proc.stderr
 
 
 def test_local_matching_where_reports_every_window(tmp_path):

@@ -1,6 +1,6 @@
-"""diffusers' compile-test properties on patched models (tiny UNet, SD 3, Flux): a patched model compiles
-as often as the unpatched one (no recompilation across calls, error_on_recompile), with no graph break
-(fullgraph=True, batch 1 and 2), logs what it logs once, and merges while compiled."""
+"""diffusers' compile-test properties on patched models (tiny UNet, SD 3, Flux in kv and tokens mode): a
+patched model compiles as often as the unpatched one (no recompilation across calls, error_on_recompile),
+with no graph break (fullgraph=True, batch 1 and 2), logs what it logs once, and merges while compiled."""
 import logging
 
 import pytest
@@ -19,13 +19,16 @@ def _model(kind, batch):
     return getattr(tiny, kind)(), getattr(tiny, kind + "_inputs")(batch=batch)
 
 
+FLUX_TOKENS = dict(mode="tokens", prop_attn=True, merge_mlp=True, share_plan=True, match_window=3)
+
+
 @pytest.mark.parametrize("batch", [1, 2])
-@pytest.mark.parametrize("kind", ["unet", "sd3", "flux"])
+@pytest.mark.parametrize("kind", ["unet", "sd3", "flux", "flux tokens"])
 def test_patched_model_compiles_once_fullgraph(kind, batch):
-    model, inputs = _model(kind, batch)
+    model, inputs = _model(kind.split()[0], batch)
     with torch.no_grad():
         plain = model(**inputs).sample
-        tomesd.apply_patch(model, ratio=0.5, seed=0)
+        tomesd.apply_patch(model, ratio=0.5, seed=0, **(FLUX_TOKENS if kind == "flux tokens" else {}))
         eager = model(**inputs).sample
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="eager", fullgraph=True)
@@ -77,10 +80,12 @@ def test_flux_img_ids_read_once_per_tensor(monkeypatch):
     assert len(reads) == 1
 
 
-def test_compile_repeated_blocks_shares_compiled_code_between_blocks():
-    """Regional compilation (diffusers' compile_repeated_blocks) of a patched Flux with 10 + 10 blocks:
-    the hooks carry no per-block constant and the attention keeps one processor type, so the number
-    of compiles does not grow with the number of blocks (a recompile limit of 4 fails otherwise)."""
+@pytest.mark.parametrize("kwargs", [{}, FLUX_TOKENS])
+def test_compile_repeated_blocks_shares_compiled_code_between_blocks(kwargs):
+    """Regional compilation (diffusers' compile_repeated_blocks) of a patched Flux with 10 + 10 blocks (kv
+    mode, and tokens mode with whole single-stream blocks): the hooks carry no per-block constant and the
+    attention keeps one processor type, so the number of compiles does not grow with the number of blocks
+    (a recompile limit of 4 fails otherwise)."""
     from diffusers import FluxTransformer2DModel
 
     torch.manual_seed(0)
@@ -88,7 +93,7 @@ def test_compile_repeated_blocks_shares_compiled_code_between_blocks():
     inputs = tiny.flux_inputs(batch=2)
     with torch.no_grad():
         plain = model(**inputs).sample
-        tomesd.apply_patch(model, ratio=0.5, seed=0)
+        tomesd.apply_patch(model, ratio=0.5, seed=0, **kwargs)
         eager = model(**inputs).sample
         torch._dynamo.reset()
         model.compile_repeated_blocks(backend="eager", fullgraph=True)

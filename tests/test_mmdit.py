@@ -12,8 +12,9 @@ from mmdit_helpers import needs_split_single_blocks
 from tomesd.patch import patched_state
 
 
-@pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=needs_split_single_blocks)])
-def test_pipelines_after_save_and_load(kind, tmp_path, caplog):
+@pytest.mark.parametrize("kind,mode", [("sd3", None), pytest.param("flux", None, marks=needs_split_single_blocks),
+                                       pytest.param("flux", "tokens", marks=needs_split_single_blocks)])
+def test_pipelines_after_save_and_load(kind, mode, tmp_path, caplog):
     from diffusers import DiffusionPipeline
 
     tiny.mmdit_pipeline(kind, tmp_path / "tok").save_pretrained(tmp_path / "pipe")
@@ -25,7 +26,7 @@ def test_pipelines_after_save_and_load(kind, tmp_path, caplog):
         return pipe(generator=torch.Generator().manual_seed(0), **call).images
 
     want = images()
-    tomesd.apply_patch(pipe, ratio=0.5)
+    tomesd.apply_patch(pipe, ratio=0.5, mode=mode)
     assert tomesd.is_patched(pipe) and tomesd.is_patched(pipe.transformer)
     with caplog.at_level(logging.WARNING, logger="tomesd"):
         got = images()

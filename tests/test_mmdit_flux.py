@@ -1,5 +1,6 @@
-"""Flux (MMDiT): kv mode by default (tokens mode refused), the grid from img_ids (Kontext, unrecognized and
-positional ids), ratio 0, checkpointed gradients, 0-1000 timesteps, a processor replaced after patching."""
+"""Flux (MMDiT): kv mode by default (tokens mode: tests/test_flux_tokens.py), the grid from img_ids
+(Kontext, unrecognized and positional ids), ratio 0, checkpointed gradients, 0-1000 timesteps, a
+processor replaced after patching."""
 import logging
 
 import pytest
@@ -7,19 +8,17 @@ import torch
 
 import tiny
 import tomesd
-from mmdit_helpers import hidden_lengths as _hidden_lengths, needs_split_single_blocks, run as _run
+from mmdit_helpers import assert_checkpointing_keeps_gradients, hidden_lengths as _hidden_lengths, needs_split_single_blocks
+from mmdit_helpers import run as _run
 from tomesd.patch import patched_state
 
 
 @needs_split_single_blocks
-def test_flux_default_is_kv_and_tokens_mode_is_refused():
+def test_flux_default_is_kv():
     model, inputs = tiny.flux(), tiny.flux_inputs()
     want = _run(model, inputs)
     plain = _run(model, inputs, record=True)
     assert set(plain) == {(5 + 64, 5 + 64)}  # double- and single-stream blocks: text then image
-    with pytest.raises(ValueError, match="rotary position embeddings"):
-        tomesd.apply_patch(model, mode="tokens")
-    assert not tomesd.is_patched(model)
     tomesd.apply_patch(model, ratio=0.5)
     assert patched_state(model).config.mode == "kv" and patched_state(model).config.prop_attn
     seen = _run(model, inputs, record=True)
@@ -49,17 +48,7 @@ def test_flux_ratio_zero_is_bit_exact_and_gradients_with_checkpointing():
     tomesd.apply_patch(model, ratio=0.0)
     assert torch.equal(_run(model, inputs), want)
     tomesd.apply_patch(model, ratio=0.5, seed=3, merge_mlp=True)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        model(**tiny.flux_inputs()).sample.square().mean().backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    plain = grads()
-    model.enable_gradient_checkpointing()
-    got = grads()
-    for name in plain:
-        torch.testing.assert_close(got[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(model, lambda m: m(**tiny.flux_inputs()).sample.square().mean())
 
 
 def test_flux_timestep_ratio_sees_the_0_1000_scale():

@@ -7,7 +7,7 @@ import torch
 
 import tiny
 import tomesd
-from mmdit_helpers import hidden_lengths as _hidden_lengths, run as _run
+from mmdit_helpers import assert_checkpointing_keeps_gradients, hidden_lengths as _hidden_lengths, run as _run
 
 
 def test_sd3_tokens_mode_merges_only_image_tokens():
@@ -71,18 +71,8 @@ def test_sd3_ratio_schedules_seed_and_max_downsample():
 def test_sd3_checkpointed_gradients_equal_plain(kwargs):
     model = tiny.sd3()
     tomesd.apply_patch(model, ratio=0.5, seed=2, **kwargs)
-
-    def grads():
-        model.zero_grad(set_to_none=True)
-        sum(model(**tiny.sd3_inputs(seed=s)).sample.square().mean() for s in (1, 2)).backward()
-        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    want = grads()
-    model.enable_gradient_checkpointing()
-    got = grads()
-    assert got.keys() == want.keys()
-    for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert_checkpointing_keeps_gradients(
+        model, lambda m: sum(m(**tiny.sd3_inputs(seed=s)).sample.square().mean() for s in (1, 2)))
 
 
 @pytest.mark.slow
@@ -131,3 +121,28 @@ def test_attention_output_cache_is_refused_on_sd3(order, caplog):
     assert attn and set(attn) == {64}  # the joint attention sees every image token
     assert ff and set(ff) == {32}  # the feed-forward, without such a hook, still merges
     assert "attn is not merged" in caplog.text and "pyramid_attention_broadcast" in caplog.text
+
+
+def _duplicate_cells(module, args, out):
+    """PatchEmbed's output [B, 8·8, C] with every 2×2 cell of the token grid holding its top-left token."""
+    B, N, C = out.shape
+    g = out.reshape(B, 8, 8, C)[:, ::2, ::2]
+    return g.repeat_interleave(2, 1).repeat_interleave(2, 2).reshape(B, N, C)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(share_plan=True), dict(match_window=3),
+                                    dict(share_plan=True, match_window=3, merge_mlp=True, max_downsample=4)])
+def test_sd3_tokens_options_compose_losslessly_on_duplicated_tokens(kwargs, plan_builds):
+    """Every 2×2 cell of the image tokens identical, ratio 0.75 (each src into its cell's dst), prop_attn:
+    tokens mode with local matching and / or one plan shared by all blocks computes the unpatched output
+    (SD 3 has one level: max_downsample changes nothing). Without prop_attn it does not."""
+    model, inputs = tiny.sd3(), tiny.sd3_inputs()
+    model.pos_embed.register_forward_hook(_duplicate_cells)
+    want = _run(model, inputs)
+    tomesd.apply_patch(model, ratio=0.75, prop_attn=True, **kwargs)
+    attn, attn2 = _hidden_lengths(model, "attn"), _hidden_lengths(model, "attn2")
+    torch.testing.assert_close(_run(model, inputs), want, rtol=1e-5, atol=2e-5)
+    assert set(attn) == set(attn2) == {16} and len(attn) == 3 and len(attn2) == 1
+    assert plan_builds == [64] * (1 if kwargs.get("share_plan") else 3)
+    tomesd.apply_patch(model, ratio=0.75, **kwargs)
+    assert not torch.allclose(_run(model, inputs), want, atol=1e-3)

@@ -57,11 +57,12 @@ def apply_patch(
     mode: "tokens" (tomesd 0.1.3: merge each chosen sub-layer's input, unmerge its output) or "kv":
         self-attention keeps queries for all N tokens and takes keys/values from the N − r merged
         ones (no unmerge); merge_crossattn / merge_mlp still merge those sub-layers as tokens.
-        None (default): tokens, except on Flux, whose rotary positions allow kv only.
+        None (default): tokens, except on Flux: kv (in tokens mode there a merged token takes its dst's
+        rotary position, and single-stream blocks merge whole with merge_attn).
     prop_attn: proportional attention: a merged key standing for s tokens gets + log s on its logits.
         None: True in kv mode, False in tokens mode. Needs diffusers attention (an additive mask).
     share_plan: one plan per UNet level per denoiser call, built by the level's first block and used
-        by the others (one matching per level instead of one per block).
+        by the others (one matching per level instead of one per block; SD 3 and Flux: one per call).
     plan_every: rebuild plans every k-th denoiser call and reuse them in between (calls with another
         latent size or batch rebuild); not with torch.compile.
     match_window: None (default): global matching, every src token compares with every dst (tomesd

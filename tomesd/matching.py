@@ -30,6 +30,8 @@ class MergePlan:
     num_out:  M = N − r
     offsets, members: optional CSR of slot, built by the CUDA backend ([B, M + 1] and [B, N] int32):
               output row m holds tokens members[b, offsets[b, m] : offsets[b, m + 1]], in raster order
+    anchor:   optional [B, M] int64, the kept token of each output row (its dst, or the unmerged src
+              itself): where the row's merged token sits (rotary positions follow it); see `anchors`
     """
 
     slot: Tensor
@@ -37,6 +39,7 @@ class MergePlan:
     num_out: int
     offsets: Optional[Tensor] = None
     members: Optional[Tensor] = None
+    anchor: Optional[Tensor] = None
 
     @property
     def num_in(self) -> int:
@@ -232,6 +235,17 @@ def plan_from_matches(score: Tensor, dst_pos: Tensor, dst_idx: Tensor, src_idx: 
     counts = torch.ones(B, n - r, dtype=torch.int32, device=device)
     counts.scatter_add_(1, dst_slot, torch.ones_like(dst_slot, dtype=torch.int32))
     return MergePlan(slot=slot, counts=counts, num_out=n - r)
+
+
+def anchors(plan: MergePlan, dst_idx: Tensor) -> Tensor:
+    """[B, M] int64: the kept token of each output row of `plan` (made on a grid whose dst tokens are
+    dst_idx [D]): a dst, or a src that merged into nothing. Output rows are the kept tokens in raster
+    order, and a src is kept exactly when it is alone in its row."""
+    B, N = plan.slot.shape
+    is_dst = torch.zeros(N, dtype=torch.bool, device=plan.slot.device).index_fill_(0, dst_idx, True)
+    kept = is_dst[None, :] | (plan.counts.gather(1, plan.slot.long()) == 1)
+    order = torch.argsort((~kept).to(torch.int8), dim=1, stable=True)  # kept tokens first, raster order
+    return order[:, : plan.num_out]
 
 
 def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int,

@@ -15,7 +15,7 @@ from . import hosts, modes
 from .args import arg_position
 from .calls import block_entry, on_block_call, on_block_done, on_root_done, root_pre_hook
 from .compiled import is_compiled
-from .hosts import KIND_FLAGS, Host
+from .hosts import Host
 from .plans import PlanProvider
 from .state import STATE_ATTR, ModelState, check_idle, claim, owner, release, take_slot
 from .sublayers import on_sublayer_call, on_sublayer_done
@@ -46,14 +46,15 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
         base_key=keys.base_key(config.seed) if config.use_rand else 0,
         sample_pos=arg_position(host.root, host.sample_names, 0),
         timestep_pos=arg_position(host.root, host.timestep_names, 1),
-        plans=PlanProvider(config),
+        plans=PlanProvider(config, anchors=modes.merges_inputs(config) and host.attention.moves_positions),
     )
-    state.modes = modes.make(config, host)
+    whole = modes.merges_inputs(config)
+    subs = [host.block_sublayers(module, config, whole) for module in host.blocks]
+    state.modes = modes.make(config, host, {s.name: s for block_subs in subs for s in block_subs}.values())
     _log_exclusions(state, prop_given=given.prop_attn is not None)
     add = state.handles.append
     add(host.root.register_forward_pre_hook(root_pre_hook(state), with_kwargs=True))
     add(host.root.register_forward_hook(partial(on_root_done, state), with_kwargs=True, always_call=True))
-    subs = [sub for sub in host.sublayers if getattr(config, KIND_FLAGS[sub.kind])]
     for index, module in enumerate(host.blocks):
         method = host.entry(module)
         if method is not None:
@@ -61,19 +62,28 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
         else:
             add(module.register_forward_pre_hook(partial(on_block_call, state, index), with_kwargs=True))
             add(module.register_forward_hook(partial(on_block_done, state), with_kwargs=True, always_call=True))
-        for spec in subs:
-            sub = getattr(module, spec.name, None)
-            if isinstance(sub, nn.Module):
-                pre = partial(on_sublayer_call, state, spec.name, spec.kind)
-                add(sub.register_forward_pre_hook(pre, with_kwargs=True))
-                add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True))
-                if spec.kind == "self":
-                    handle = host.attention.wrap(spec.name, sub, partial(take_slot, state), config.prop_attn)
-                    if handle is not None:
-                        add(handle)
+        for spec in subs[index]:
+            _attach_sublayer(state, host, module, spec)
         claim(module, state)
     setattr(host.root, STATE_ATTR, state)
     return state
+
+
+def _attach_sublayer(state: ModelState, host: Host, block: nn.Module, spec) -> None:
+    """Hooks of sub-layer `spec` of `block` (a whole block's come after the block's entry pre-hook and
+    before its exit hook), and the wrapper of the attention processor its merge acts in."""
+    sub = spec.module_in(block)
+    if sub is None:
+        return
+    add = state.handles.append
+    add(sub.register_forward_pre_hook(partial(on_sublayer_call, state, spec.name, spec.kind), with_kwargs=True))
+    add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True,
+                                  prepend=spec.kind == "block"))
+    found = spec.attention_in(block)
+    if found is not None:
+        handle = host.attention.wrap(found[0], found[1], partial(take_slot, state), state.config.prop_attn)
+        if handle is not None:
+            add(handle)
 
 
 def _log_exclusions(state: ModelState, prop_given: bool) -> None:

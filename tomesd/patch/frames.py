@@ -35,17 +35,18 @@ class BlockCall:
     """One block's merge within one denoiser call (block `index` of the host's blocks).
 
     request: what to plan, until the block's first merged sub-layer builds `plan` from it.
-    merged: sub-layer name → the plan its input was merged with (its rows, for a batch chunk), until
-    its output is unmerged. slots: per-sub-layer objects a host's attention leaves between a sub-layer's
-    pre-hook and its wrapped processor (what the SDPA call must do: SublayerCall.leave). rows_done: batch rows of
-    `ff` already run in this call (feed-forward chunked over the batch). pushed: the block's entry
-    opened a recompute context, which its exit closes.
+    merged: sub-layer name → (the plan its input was merged with (its rows, for a batch chunk), what
+    its mode's enter kept for its exit: SublayerCall.kept), until its output is unmerged. slots:
+    per-sub-layer objects a host's attention leaves between a sub-layer's pre-hook and its wrapped
+    processor (what the SDPA call must do: SublayerCall.leave). rows_done: batch rows of `ff` already
+    run in this call (feed-forward chunked over the batch). pushed: the block's entry opened a
+    recompute context, which its exit closes.
     """
 
     index: int = 0
     request: Optional[MergeRequest] = None
     plan: Optional[MergePlan] = None
-    merged: Dict[str, MergePlan] = field(default_factory=dict)
+    merged: Dict[str, Tuple[MergePlan, Any]] = field(default_factory=dict)
     slots: Dict[str, Any] = field(default_factory=dict)
     rows_done: int = 0
     pushed: bool = False
@@ -115,6 +116,7 @@ class SublayerCall:
 
     warn(tag, message): warn once per model and tag. slots: the block's per-sub-layer slots, where a
     sub-layer's pre-hook leaves what its wrapped attention processor must do in this call (`leave`).
+    kept: what the mode's enter keeps for its exit (a whole block's unmerged and merged input).
     """
 
     name: str
@@ -126,11 +128,13 @@ class SublayerCall:
     where: Any
     warn: Callable[[str, str], None]
     slots: Dict[str, Any]
+    kept: Any = None
 
     def with_input(self, value: Tensor) -> Tuple[tuple, dict]:
         """The call's (args, kwargs) with its input tokens replaced by value."""
         return set_arg(self.args, self.kwargs, self.where, value)
 
-    def leave(self, value: Any) -> None:
-        """Leave `value` in this sub-layer's slot for its wrapped processor (it takes it during the call)."""
-        self.slots[self.name] = value
+    def leave(self, value: Any, name: Optional[str] = None) -> None:
+        """Leave `value` in this sub-layer's slot (or in the slot of the block's attention `name`, for a
+        whole block) for its wrapped processor (it takes it during the call)."""
+        self.slots[self.name if name is None else name] = value

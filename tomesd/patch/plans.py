@@ -9,6 +9,7 @@ or was interrupted drops them, so identical pipeline calls give identical images
 """
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Dict, Optional, Tuple
 
@@ -46,7 +47,8 @@ def fits(plan: MergePlan, request: MergeRequest) -> bool:
 
 def with_tail(plan: MergePlan, tail: int) -> MergePlan:
     """plan [B, N] → [B, N + tail]: the tail tokens (reference images after the image grid) each get an
-    output row of their own after the plan's M, so they pass through merge and unmerge unchanged."""
+    output row of their own after the plan's M, so they pass through merge and unmerge unchanged (and
+    are their own rows' anchors)."""
     B, N = plan.slot.shape
     rows = torch.arange(plan.num_out, plan.num_out + tail, device=plan.slot.device, dtype=plan.slot.dtype)
     slot = torch.cat([plan.slot, rows.expand(B, tail)], dim=1)
@@ -56,7 +58,11 @@ def with_tail(plan: MergePlan, tail: int) -> MergePlan:
         steps = torch.arange(1, tail + 1, device=plan.offsets.device, dtype=plan.offsets.dtype)
         offsets = torch.cat([plan.offsets, plan.offsets[:, -1:] + steps], dim=1)
         members = torch.cat([plan.members, (N + steps - 1).to(plan.members.dtype).expand(B, tail)], dim=1)
-    return MergePlan(slot=slot, counts=counts, num_out=plan.num_out + tail, offsets=offsets, members=members)
+    anchor = None
+    if plan.anchor is not None:
+        anchor = torch.cat([plan.anchor, torch.arange(N, N + tail, device=plan.anchor.device).expand(B, tail)], dim=1)
+    return MergePlan(slot=slot, counts=counts, num_out=plan.num_out + tail, offsets=offsets, members=members,
+                     anchor=anchor)
 
 
 @torch.compiler.disable
@@ -65,10 +71,13 @@ def _timestep_value(timestep) -> Optional[float]:
 
 
 class PlanProvider:
-    """Builds, shares and reuses the plans of one patched model (see the module docstring)."""
+    """Builds, shares and reuses the plans of one patched model (see the module docstring). anchors:
+    plans carry each output row's anchor token (MergePlan.anchor), for merged tokens whose positions
+    must follow them (Flux's rotary embeddings in tokens mode)."""
 
-    def __init__(self, config: ToMeConfig):
+    def __init__(self, config: ToMeConfig, anchors: bool = False):
         self.config = config
+        self.anchors = anchors
         self.kept = _Kept()
 
     def build(self, request: MergeRequest) -> MergePlan:
@@ -79,6 +88,8 @@ class PlanProvider:
         window = None if cfg.match_window is None else matching.LocalWindow(request.h, request.w, cfg.sx, cfg.sy,
                                                                             cfg.match_window)
         plan = ops.build_plan(metric, dst_idx, src_idx, request.r, window)
+        if self.anchors:
+            plan = dataclasses.replace(plan, anchor=matching.anchors(plan, dst_idx))
         return with_tail(plan, request.tail) if request.tail else plan
 
     def begin_call(self, ctx: CallContext) -> None:

@@ -35,6 +35,10 @@ def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module,
         return None
     call = SublayerCall(name, kind, module, args, kwargs, x, where, warn=state.warn_once, slots=block.slots)
     mode = state.modes[name]
+    why = mode.refusal(call)
+    if why is not None:
+        state.warn_once(f"mode-refused-{name}-{why}", f"tomesd: {name} is not merged in such calls: {why}")
+        return None
     B, N = plan.slot.shape
     if x.shape[1] != N and mode.takes_all_tokens(call):
         state.warn_once(f"chunk-{name}", f"tomesd: {name} was called on {x.shape[1]} of a block's {N} tokens "
@@ -52,13 +56,13 @@ def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module,
                         f"block's {B}; it is not merged there")
         return None
     args, kwargs = mode.enter(call, used)
-    block.merged[name] = used
+    block.merged[name] = (used, call.kept)
     return args, kwargs
 
 
 def on_sublayer_done(state: ModelState, name: str, module: nn.Module, args: tuple, kwargs: dict, output):
     block = state.block()
-    plan = block.merged.pop(name, None) if block is not None else None
-    if plan is None:
+    merged = block.merged.pop(name, None) if block is not None else None
+    if merged is None:
         return None
-    return state.modes[name].exit(output, plan)
+    return state.modes[name].exit(output, *merged)

@@ -24,16 +24,35 @@ class Sublayer:
 
     name: its attribute on the block. kind: "self" — attention among the image tokens (self- or joint
     attention): the mode (tokens / kv) applies there and prop_attn biases it; "cross" — attention from
-    the image tokens to the text; "mlp" — the feed-forward. merge_attn / merge_crossattn / merge_mlp
-    choose the kinds.
+    the image tokens to the text; "mlp" — the feed-forward; "block" — the whole block (its module is
+    the block itself), a residual block that takes the image tokens as its input and returns them
+    (alone, or last of a tuple): merged before it, and each token rebuilt after it as its own input plus
+    the unmerged change of its row (Flux's single-stream blocks in tokens mode, whose attention and MLP
+    run side by side on one sequence); `attention` names the block's attention sub-module, whose
+    processor carries the merge's positions and prop_attn. merge_attn / merge_crossattn / merge_mlp
+    choose the kinds (merge_attn: "self" and "block").
     """
 
     name: str
     kind: str
+    attention: str = ""
+
+    def module_in(self, block: nn.Module) -> Optional[nn.Module]:
+        """This sub-layer's module in `block` (None if the block has none)."""
+        module = block if self.kind == "block" else getattr(block, self.name, None)
+        return module if isinstance(module, nn.Module) else None
+
+    def attention_in(self, block: nn.Module) -> Optional[Tuple[str, nn.Module]]:
+        """(name, module) of the attention whose processor this sub-layer's merge acts in, if any."""
+        name = self.name if self.kind == "self" else self.attention if self.kind == "block" else ""
+        module = getattr(block, name, None) if name else None
+        return (name, module) if isinstance(module, nn.Module) else None
 
 
 KIND_FLAGS = {"self": "merge_attn", "cross": "merge_crossattn", "mlp": "merge_mlp"}
 KIND_NAMES = {"self": "self-attention", "cross": "cross-attention", "mlp": "feed-forward"}
+ATTENTION_KINDS = ("self", "block")  # kinds the mode and prop_attn act in (a whole block: its attention)
+BLOCK_FLAG = "merge_attn"  # the flag that merges a whole block
 UNET_SUBLAYERS = (Sublayer("attn1", "self"), Sublayer("attn2", "cross"), Sublayer("ff", "mlp"))
 
 
@@ -56,10 +75,14 @@ class Attention:
     passes an attention mask over unmerged tokens (the block is not merged). wrap(name, module, take,
     bias) → a handle (with .remove()) around the sub-layer's processor, if the attention needs one
     (bias: prop_attn is on); the wrapped processor finds what a call left for it with `take(name)`.
+    moves_positions: token positions (rotary embeddings) are applied inside the attention, so merged
+    tokens need their rows' anchors (MergePlan.anchor) and `prepare` is asked even without prop_attn.
+    tokens_refusal(call) → why this call cannot run on merged tokens (tokens mode), or None.
     """
 
     kv_inside = False
     takes_bias = True
+    moves_positions = False
 
     def prepare(self, call: SublayerCall, args: tuple, kwargs: dict, plan: MergePlan, merge_kv: bool,
                 bias: bool) -> Tuple[tuple, dict]:
@@ -73,6 +96,9 @@ class Attention:
 
     def masked(self, kwargs: dict) -> bool:
         return False
+
+    def tokens_refusal(self, call: SublayerCall) -> Optional[str]:
+        return None
 
     def wrap(self, name: str, module: nn.Module, take: Take, bias: bool):
         return None
@@ -144,7 +170,7 @@ class Host:
     timestep_scale: what
     the root's timestep argument is multiplied by to give the 0–1000 scale ratio callables see (Flux
     receives t / 1000).
-    Methods a host kind may override: entry, locate, sublayer_refusals.
+    Methods a host kind may override: entry, locate, sublayer_refusals, block_sublayers.
     """
 
     name: str
@@ -170,6 +196,11 @@ class Host:
     def locate(self, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
         """(H, W) of the latent for a root whose sample is not a [B, C, H, W] latent, else None."""
         return None
+
+    def block_sublayers(self, block: nn.Module, config: ToMeConfig, merges_inputs: bool) -> List[Sublayer]:
+        """The Sublayers of `block` that merge under `config` (merges_inputs: its mode merges the
+        sub-layers' input tokens, as tokens mode does); by default the host's, chosen by the merge_* flags."""
+        return [sub for sub in self.sublayers if getattr(config, KIND_FLAGS.get(sub.kind, BLOCK_FLAG))]
 
     def sublayer_refusals(self, module: nn.Module) -> List[str]:
         """Why merging before sub-layer `module` would be wrong at this call ([] if it is fine)."""

@@ -10,14 +10,18 @@ concatenates image and text queries, keys and values and calls F.scaled_dot_prod
   image tokens and are never merged themselves;
 - kv mode (and prop_attn) act inside that SDPA call on the image part of the keys and values, after
   every projection, q/k norm and (Flux) rotary embedding, so queries keep their positions.
-Flux applies rotary embeddings per token: merged tokens fed to its attention would carry no valid
-position, so tokens mode is refused there: mode="kv" is the supported mode and Flux's default (its
-feed-forwards may still merge as tokens with merge_mlp). Single-stream blocks take the image tokens apart from the text on diffusers
+Flux applies rotary embeddings per token. kv mode (its default) merges keys and values after them. In
+tokens mode a merged token takes its anchor's position (rotary.py): double-stream blocks merge their
+joint attention's image input (and the feed-forward with merge_mlp) like SD 3; a single-stream block
+runs its attention and MLP side by side on one text + image sequence, so with merge_attn the whole block
+merges (Sublayer kind "block"): image tokens merged before it, each rebuilt after it as its own input
+plus its row's change. Single-stream blocks take the image tokens apart from the text on diffusers
 versions whose `FluxSingleTransformerBlock.forward` has `encoder_hidden_states`; on older ones their
 input is the concatenated sequence, which is no token grid, so they are not merged (logged).
 """
 from __future__ import annotations
 
+import inspect
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -28,13 +32,13 @@ from torch import Tensor, nn
 from ..args import arg_position, get_arg
 from .base import Sublayer
 from .diffusers import DiffusersHost, denoiser, vae_scale_factor
+from .rotary import ROTARY_NAMES, RotaryJointAttention
 from .sdpa import JointAttention
 
 SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("ff", "mlp"))
 FLUX_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("ff", "mlp"))
+FLUX_WHOLE_BLOCK = Sublayer("block", "block", attention="attn")  # single-stream blocks in tokens mode
 MAX_REFERENCES = 8  # reference image grids after the output image's in Flux img_ids (Kontext: 1)
-FLUX_TOKENS_REFUSAL = ("Flux applies rotary position embeddings per token, and merged tokens have no single "
-                       "position; use mode='kv' (or merge_attn=False)")
 
 
 @dataclass
@@ -44,7 +48,13 @@ class FluxHost(DiffusersHost):
 
     ids_pos: Optional[int] = None
     last: "LastIds" = field(default_factory=lambda: LastIds(), repr=False, compare=False)
+    whole_blocks: Tuple[type, ...] = ()  # block classes that merge whole in tokens mode (single-stream)
     reads_inputs = True  # its layout is read from img_ids' values (a class attribute, not a field)
+
+    def block_sublayers(self, block, config, merges_inputs):
+        if merges_inputs and isinstance(block, self.whole_blocks):
+            return [FLUX_WHOLE_BLOCK] if config.merge_attn else []
+        return super().block_sublayers(block, config, merges_inputs)
 
     def locate(self, args, kwargs):
         """(H, W, tail): the latent size behind the output image's packed 2×2 tokens and the number of
@@ -124,6 +134,15 @@ def ids_layout(ids: Tensor):
     return h, w, ids.shape[0] - h * w
 
 
+def _rotary_positions(blocks, single_type: type) -> dict:
+    """Sublayer kind → position of `image_rotary_emb` in the forward of that kind's module (Flux's
+    attention for "self", a single-stream block for "block"; None: keyword only)."""
+    single = [b for b in blocks if isinstance(b, single_type)]
+    attn = next((b.attn for b in blocks if isinstance(getattr(b, "attn", None), nn.Module)), None)
+    return {"self": arg_position(attn, ROTARY_NAMES, None) if attn is not None else None,
+            "block": arg_position(single[0], ROTARY_NAMES, None) if single else None}
+
+
 def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost]:
     """Host for an SD 3 / 3.5 or Flux transformer or ControlNet (or a pipeline's transformer), or None if
     `model` is none of them."""
@@ -146,8 +165,12 @@ def find_host(model, root: Optional[nn.Module] = None) -> Optional[DiffusersHost
         from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 
         blocks = [m for m in root.modules() if isinstance(m, (FluxTransformerBlock, FluxSingleTransformerBlock))]
-        return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=JointAttention(False),
+        split = "encoder_hidden_states" in inspect.signature(FluxSingleTransformerBlock.forward).parameters
+        attention = RotaryJointAttention(False, inner=FLUX_WHOLE_BLOCK.attention,
+                                         rotary_at=_rotary_positions(blocks, FluxSingleTransformerBlock))
+        return FluxHost(name="flux", root=root, blocks=blocks, top_level=1, attention=attention,
                         vae_scale_factor=vae_scale_factor(model), patch_size=2, sample_names=("hidden_states",),
-                        sublayers=FLUX_SUBLAYERS, mode_refusals={"tokens": FLUX_TOKENS_REFUSAL}, default_mode="kv",
-                        timestep_scale=1000.0, ids_pos=arg_position(root, ("img_ids",), None))
+                        sublayers=FLUX_SUBLAYERS, default_mode="kv", timestep_scale=1000.0,
+                        ids_pos=arg_position(root, ("img_ids",), None),
+                        whole_blocks=(FluxSingleTransformerBlock,) if split else ())
     return None

@@ -3,26 +3,28 @@ list of them: a new mode is one new module registered here, and nothing else nam
 
 resolve(config, host) gives the patch's configuration with its mode (None: the host's default) and a
 prop_attn left to follow the mode resolved; refusals(host, config) why the model cannot run it;
-make(config, host) the Mode of each sub-layer ("self" sub-layers: the configured mode; cross-attention
-and feed-forward: tokens).
+make(config, host, sublayers) the Mode of each sub-layer ("self" sub-layers and whole blocks: the
+configured mode; cross-attention and feed-forward: tokens).
 """
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import TYPE_CHECKING, Dict, List
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
+from ..hosts.base import ATTENTION_KINDS
 from .base import Mode
 from .kv import KVMode
 from .tokens import TokensMode
 
 if TYPE_CHECKING:  # pragma: no cover
     from ...config import ToMeConfig
-    from ..hosts.base import Host
+    from ..hosts.base import Host, Sublayer
 
 MODES = {mode.name: mode for mode in (TokensMode, KVMode)}
 OTHER_SUBLAYERS = TokensMode  # how cross-attention and feed-forward sub-layers merge, in every mode
 
-__all__ = ["Mode", "MODES", "TokensMode", "KVMode", "check", "resolve", "refusals", "notes", "make"]
+__all__ = ["Mode", "MODES", "TokensMode", "KVMode", "check", "resolve", "refusals", "notes", "merges_inputs",
+           "make"]
 
 
 def check(config: "ToMeConfig") -> None:
@@ -52,7 +54,13 @@ def notes(host: "Host", config: "ToMeConfig", prop_given: bool) -> List[str]:
     return MODES[config.mode].notes(host, config, prop_given)
 
 
-def make(config: "ToMeConfig", host: "Host") -> Dict[str, Mode]:
-    """Sub-layer name → its Mode, for a resolved config."""
-    return {sub.name: MODES[config.mode](host.attention, config.prop_attn) if sub.kind == "self"
-            else OTHER_SUBLAYERS(host.attention, False) for sub in host.sublayers}
+def merges_inputs(config: "ToMeConfig") -> bool:
+    """Whether the resolved config's mode merges sub-layers' input tokens (Mode.merges_inputs)."""
+    return MODES[config.mode].merges_inputs
+
+
+def make(config: "ToMeConfig", host: "Host", sublayers: Optional[Iterable["Sublayer"]] = None) -> Dict[str, Mode]:
+    """Sub-layer name → its Mode, for a resolved config and the sub-layers patched (default: the host's)."""
+    subs = host.sublayers if sublayers is None else sublayers
+    return {sub.name: MODES[config.mode](host.attention, config.prop_attn) if sub.kind in ATTENTION_KINDS
+            else OTHER_SUBLAYERS(host.attention, False) for sub in subs}

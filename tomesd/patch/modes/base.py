@@ -17,14 +17,18 @@ class Mode:
 
     A mode module says everything about its mode: `name` (what `apply_patch(mode=...)` takes),
     `prop_default` (prop_attn when left to follow the mode), `refusals` (why a model cannot run it),
-    `notes` (what patching logs about it) and, at run time, `enter(call, plan)` → the sub-layer's new
-    (args, kwargs) — merging its input, or asking the attention for merged keys/values — and
-    `exit(output, plan)` → its output as the block expects it (N tokens), or None to leave it.
-    `takes_all_tokens(call)`: whether the sub-layer's input must be the block's N tokens.
-    prop: proportional attention (a merged key standing for s tokens gets + log s on its logits).
+    `notes` (what patching logs about it) and, at run time, `refusal(call)` → why this call cannot run
+    in this mode (it then runs unmerged, said once), `enter(call, plan)` → the sub-layer's new
+    (args, kwargs) — merging its input, or asking the attention for merged keys/values; it may set
+    `call.kept` — and `exit(output, plan, kept)` → its output as the block expects it (N tokens), or
+    None to leave it. `takes_all_tokens(call)`: whether the sub-layer's input must be the block's N
+    tokens. merges_inputs: the mode merges sub-layers' input tokens (so whole blocks can merge, and
+    positions must follow merged tokens). prop: proportional attention (a merged key standing for s
+    tokens gets + log s on its logits).
     """
 
     name = ""
+    merges_inputs = False
 
     def __init__(self, attention: "Attention", prop: bool = False):
         self.attention, self.prop = attention, prop
@@ -51,8 +55,11 @@ class Mode:
     def takes_all_tokens(self, call: SublayerCall) -> bool:
         return True
 
+    def refusal(self, call: SublayerCall) -> Optional[str]:
+        return None
+
     def enter(self, call: SublayerCall, plan: MergePlan) -> Tuple[tuple, dict]:
         raise NotImplementedError
 
-    def exit(self, output, plan: MergePlan) -> Optional[Any]:
+    def exit(self, output, plan: MergePlan, kept: Any = None) -> Optional[Any]:
         return None
