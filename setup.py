@@ -20,7 +20,7 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 CSRC = os.path.join(HERE, "csrc")
 # Compiler flags and source suffixes, shared with the JIT build (read without importing tomesd).
-FLAGS = runpy.run_path(os.path.join(HERE, "tomesd", "build_flags.py"))
+FLAGS = runpy.run_path(os.path.join(HERE, "tomesd", "ops", "build_flags.py"))
 
 
 class build_py_with_csrc(build_py):
