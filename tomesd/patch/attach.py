@@ -68,7 +68,7 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
                 add(sub.register_forward_pre_hook(pre, with_kwargs=True))
                 add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True))
                 if spec.kind == "self":
-                    handle = host.attention.wrap(spec.name, sub, partial(take_slot, state), config.prop_attn)
+                    handle = host.attention.wrap(spec.name, sub, partial(take_slot, state), config.prop_attn, state)
                     if handle is not None:
                         add(handle)
         claim(module, state)

@@ -115,6 +115,8 @@ class SublayerCall:
 
     warn(tag, message): warn once per model and tag. slots: the block's per-sub-layer slots, where a
     sub-layer's pre-hook leaves what its wrapped attention processor must do in this call (`leave`).
+    owner: the patch this call runs under, opaque (the processor wrappers it made carry it: only those
+    take what is left in a slot).
     """
 
     name: str
@@ -126,6 +128,7 @@ class SublayerCall:
     where: Any
     warn: Callable[[str, str], None]
     slots: Dict[str, Any]
+    owner: Any = None
 
     def with_input(self, value: Tensor) -> Tuple[tuple, dict]:
         """The call's (args, kwargs) with its input tokens replaced by value."""

@@ -54,8 +54,10 @@ class Attention:
     options cannot run on this host's attention (at patching). kv_refusal_of(module) → why that
     attention module cannot take keys/values from merged tokens, or None. masked(kwargs): the call
     passes an attention mask over unmerged tokens (the block is not merged). wrap(name, module, take,
-    bias) → a handle (with .remove()) around the sub-layer's processor, if the attention needs one
-    (bias: prop_attn is on); the wrapped processor finds what a call left for it with `take(name)`.
+    bias, owner) → a handle (with .remove()) around the sub-layer's processor, if the attention needs one
+    (bias: prop_attn is on; owner: the patch, SublayerCall.owner); the wrapped processor finds what a
+    call left for it with `take(name)`. refusal(call, merge_kv, bias) → why this call cannot take merged
+    keys/values or the bias (the sub-layer is then left unmerged, said), or None.
     """
 
     kv_inside = False
@@ -74,7 +76,10 @@ class Attention:
     def masked(self, kwargs: dict) -> bool:
         return False
 
-    def wrap(self, name: str, module: nn.Module, take: Take, bias: bool):
+    def wrap(self, name: str, module: nn.Module, take: Take, bias: bool, owner: Any = None):
+        return None
+
+    def refusal(self, call: SublayerCall, merge_kv: bool, bias: bool) -> Optional[str]:
         return None
 
 

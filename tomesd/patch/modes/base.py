@@ -21,6 +21,7 @@ class Mode:
     (args, kwargs) — merging its input, or asking the attention for merged keys/values — and
     `exit(output, plan)` → its output as the block expects it (N tokens), or None to leave it.
     `takes_all_tokens(call)`: whether the sub-layer's input must be the block's N tokens.
+    `refusal(call)`: why this call cannot run in the mode (the sub-layer is then left unmerged, said), or None.
     prop: proportional attention (a merged key standing for s tokens gets + log s on its logits).
     """
 
@@ -50,6 +51,9 @@ class Mode:
 
     def takes_all_tokens(self, call: SublayerCall) -> bool:
         return True
+
+    def refusal(self, call: SublayerCall) -> Optional[str]:
+        return None
 
     def enter(self, call: SublayerCall, plan: MergePlan) -> Tuple[tuple, dict]:
         raise NotImplementedError

@@ -13,6 +13,9 @@ class TokensMode(Mode):
 
     name = "tokens"
 
+    def refusal(self, call):
+        return self.attention.refusal(call, merge_kv=False, bias=True) if self.prop else None
+
     def enter(self, call, plan):
         args, kwargs = call.with_input(ops.merge(call.x, plan))
         if not self.prop:
