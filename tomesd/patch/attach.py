@@ -147,7 +147,7 @@ def attach_to(model, config: ToMeConfig, controlnet: bool = False) -> None:
     for host in found:
         _claim(host)
     for host, resolved in zip(found, prepared):
-        attach(host, config, resolved)
+        attach(host, config, resolved).plans.watch(model)  # a pipeline's scheduler tells runs apart
     _after_change(model, [host.root for host in found])
 
 

@@ -18,8 +18,9 @@ from .args import set_arg
 @dataclass
 class MergeRequest:
     """A block call's merge, resolved but not yet planned: the metric [B, N, C] on the h × w grid of
-    level /downsample (its first h·w tokens; the `tail` tokens after them pass through unmerged), r
-    tokens to merge, the block's random key (None: each cell's first token)."""
+    level /downsample (its h·w tokens after the first `head`; the `head` tokens before them and the `tail`
+    tokens after them pass through unmerged), r tokens to merge, the block's random key (None: each
+    cell's first token)."""
 
     metric: Tensor
     h: int
@@ -27,6 +28,7 @@ class MergeRequest:
     r: int
     key: Optional[Tensor]
     downsample: int = 1
+    head: int = 0
     tail: int = 0
 
 
@@ -76,8 +78,9 @@ class CallContext:
     BlockCall of the block running now (blocks never nest; sub-layer hooks find it here, so they carry
     no per-block constant and compiled code is shared between blocks). records: block index → Record, for calls made with
     gradients (None otherwise). recompute: this is a copy opened by a checkpoint recompute of one
-    block. shared: level → the plan its blocks share in this call (share_plan). tail: tokens that follow
-    the image grid in each block's sequence and pass through unmerged (Flux Kontext's reference image).
+    block. shared: level → the plan its blocks share in this call (share_plan). head, tail: tokens that
+    precede / follow the image grid in each block's sequence and pass through unmerged (Flux Kontext's
+    reference image).
     """
 
     height: int
@@ -92,6 +95,7 @@ class CallContext:
     records: Optional[Dict[int, Record]] = None
     recompute: bool = False
     shared: Dict[int, MergePlan] = field(default_factory=dict)
+    head: int = 0
     tail: int = 0
 
 

@@ -172,8 +172,10 @@ class Host:
         """The name of a block method to wrap as the block's entry instead of forward hooks, or None."""
         return None
 
-    def locate(self, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
-        """(H, W) of the latent for a root whose sample is not a [B, C, H, W] latent, else None."""
+    def locate(self, args: tuple, kwargs: dict):
+        """(H, W) of the latent for a root whose sample is not a [B, C, H, W] latent, or (H, W, head, tail)
+        when `head` tokens before its grid and `tail` after it pass through unmerged; a str saying why the
+        call's token layout cannot be merged; else None."""
         return None
 
     def sublayer_refusals(self, module: nn.Module) -> List[str]:
