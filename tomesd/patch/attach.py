@@ -19,7 +19,7 @@ from .hosts import KIND_FLAGS, Host
 from .plans import PlanProvider
 from .state import STATE_ATTR, ModelState, check_idle, claim, owner, release, take_slot
 from .sublayers import on_sublayer_call, on_sublayer_done
-from .wrappers import MethodWrapper
+from .wrappers import MethodWrapper, ProcessorWrapper
 
 logger = logging.getLogger("tomesd")
 
@@ -72,8 +72,27 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
                     if handle is not None:
                         add(handle)
         claim(module, state)
+    if callable(getattr(host.root, "set_default_attn_processor", None)) and any(
+            isinstance(h, ProcessorWrapper) for h in state.handles):
+        add(MethodWrapper(host.root, "set_default_attn_processor", partial(_default_processors, state)))
     setattr(host.root, STATE_ATTR, state)
     return state
+
+
+def _default_processors(state: ModelState, original, args: tuple, kwargs: dict):
+    """The root's set_default_attn_processor() while patched: diffusers checks the processors' classes and
+    knows no wrapper's, so it runs on the wrapped processors; the defaults it sets then replace them, as
+    any processor set after patching (tomesd.patch.wrappers.own_processor)."""
+    wrapped = [h for h in state.handles if isinstance(h, ProcessorWrapper) and h.module.processor is h]
+    for wrapper in wrapped:
+        wrapper.module.processor = wrapper.inner
+    try:
+        return original(*args, **kwargs)
+    except BaseException:
+        for wrapper in wrapped:
+            if wrapper.module.processor is wrapper.inner:
+                wrapper.module.processor = wrapper
+        raise
 
 
 def _log_exclusions(state: ModelState, prop_given: bool) -> None:

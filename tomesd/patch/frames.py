@@ -57,13 +57,15 @@ class BlockCall:
 class Record:
     """What a merged block's input was in a call with gradients, to find the call in a recompute.
 
-    ref: weak reference to the input; memory: (shape, stride, dtype, device, data_ptr, version);
-    probe: a strided sample of its values [B, ≤8, ≤8] fp32; plan: the plan the block merged with (a
-    recompute replays it, whether it was built, shared or reused in the forward).
+    ref: weak reference to the input; layout: (shape, dtype, device); memory: (stride, data_ptr,
+    version); probe: a strided sample of its values [B, ≤8, ≤8] fp32; plan: the plan the block merged
+    with (a recompute replays it, whether it was built, shared or reused in the forward). ref and
+    memory are None for a call recorded inside compiled code.
     """
 
-    ref: "weakref.ref[Tensor]"
-    memory: tuple
+    ref: Optional["weakref.ref[Tensor]"]
+    layout: tuple
+    memory: Optional[tuple]
     probe: Tensor
     plan: Optional[MergePlan] = None
 

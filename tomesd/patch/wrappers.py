@@ -45,12 +45,11 @@ class ProcessorWrapper:
     processor class are instances of one class (compiled code guards on the processor's type, not on a
     per-module callable, so blocks share compiled code, e.g. with `compile_repeated_blocks`). diffusers
     reads `inspect.signature(processor.__call__)` to filter extra attention kwargs: that class's
-    `__call__` carries the inner processor's signature, so the same kwargs reach it. A wrapper stands for
-    its processor elsewhere too: its `__class__` is the inner processor's (diffusers'
-    `set_default_attn_processor` checks processors by `__class__`), and attributes other than its own
-    are read from and set on the inner processor. `owner`: the patch that made it (`serves` tells a
-    patch's own live wrapper from one of another patch, or one retired by `remove()` and set back).
-    `remove()` restores the inner processor. Use `ProcessorWrapper.wrap(module, around, owner)`.
+    `__call__` carries the inner processor's signature, so the same kwargs reach it. Attributes other
+    than the wrapper's own are read from and set on the inner processor (e.g. an adapter's scale).
+    `owner`: the patch that made it (`serves` tells a patch's own live wrapper from one of another
+    patch, or one retired by `remove()` and set back). `remove()` restores the inner processor. Use
+    `ProcessorWrapper.wrap(module, around, owner)`.
     """
 
     _classes: dict = {}
@@ -75,10 +74,6 @@ class ProcessorWrapper:
             __call__.__wrapped__ = inner.__call__
             made = cls._classes[inner] = type(f"Wrapped{inner.__name__}", (cls,), {"__call__": __call__})
         return made
-
-    @property
-    def __class__(self):  # what diffusers sees (type(wrapper) stays the wrapper class)
-        return type(self.inner)
 
     def __getattr__(self, name: str):  # only for names the wrapper does not have
         if name in self._OWN or name.startswith("__"):
