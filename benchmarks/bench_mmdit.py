@@ -21,7 +21,10 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 import tomesd
+from tomesd.tools import cli
 from tomesd.tools.archs import TRANSFORMER_ARCHS, build_transformer, transformer_inputs
+
+SIZE_STEP = 16  # image sides: multiples of the VAE's 8 × the transformers' patch size 2
 
 
 class AttentionTimer(TorchFunctionMode):
@@ -48,23 +51,28 @@ def step(model, inputs) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", choices=sorted(TRANSFORMER_ARCHS), default="sd3")
     parser.add_argument("--layers", type=int, default=2, help="blocks of each kind to keep (default 2)")
-    parser.add_argument("--resolutions", default="512,768")
+    parser.add_argument("--resolutions", type=cli.comma_list(int), default=(512, 768),
+                        help=f"image sides in px, multiples of {SIZE_STEP}")
     parser.add_argument("--ratios", default="0.3,0.5,0.7")
     parser.add_argument("--modes", default="tokens,kv", help="modes to time (Flux: kv only)")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
+    bad = [px for px in args.resolutions if px < SIZE_STEP or px % SIZE_STEP]
+    if bad or not args.resolutions:
+        parser.error(f"--resolutions: image sides must be multiples of {SIZE_STEP} px (the VAE's 8 × patch size 2), "
+                     f"got {', '.join(map(str, bad)) or 'none'}")
     arch = TRANSFORMER_ARCHS[args.arch]
     modes = [m for m in args.modes.split(",") if not (arch.family == "flux" and m == "tokens")]
     torch.manual_seed(0)
     model = build_transformer(arch, layers=args.layers).eval()
     settings = [("none", None, 0.0)] + [(m, m, float(r)) for m in modes for r in args.ratios.split(",")]
     rows = []
-    for px in (int(p) for p in args.resolutions.split(",")):
+    for px in args.resolutions:
         inputs = transformer_inputs(arch, args.batch, px, px, torch.float32, "cpu")
         times = {s: [] for s in settings}
         timer = AttentionTimer()
