@@ -15,7 +15,6 @@ and highest single-round speed-up against "no ToMe" of the same round.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics

@@ -16,9 +16,9 @@
 
 --model: a shipped reference model by name ("reference": the digits model, trained at 16 px, prompt a
 digit), any local diffusers pipeline directory, or a hub id. --height/--width default to the model's
-size and may be any multiple it takes (8 px for SD's VAE, 16 for Flux, 2 for the pixel-space
-reference models). --hires-fix needs an img2img pipeline (the SD and Flux families have one; the
-reference models do not).
+size and may be any multiple it takes (8 px for SD 1.x / 2.x / XL's VAE, 16 for SD 3 and Flux: the VAE's
+8 × their patch size 2, 2 for the pixel-space reference models). --hires-fix needs an img2img pipeline
+(the SD and Flux families have one; the reference models do not); its size is rounded to that multiple.
 
 --ratio is a float or `side:ratio` pairs, linearly interpolated in the image side sqrt(H·W) px and
 resolved at every UNet call, so one mapping serves both passes of --hires-fix. Each image gets the
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import math
 import os
 import sys
@@ -45,17 +46,31 @@ from tomesd.tools import cli, models
 PRESET = dict(ratio="512:0.8,1024:0.9", cells=4, prop_attn=True, match_window=None)
 
 
+def _ratio_value(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise ValueError(f"a ratio must be a number in [0, 1), got {text.strip()}")
+    return value
+
+
 def parse_ratio(text: str):
-    """'0.5' → 0.5; '512:0.3,1024:0.5' → {512.0: 0.3, 1024.0: 0.5}; its form checked by tomesd.ToMeConfig
-    (its bound, 1 − 1/cells², once the cells are known: parse_args, resolve_preset)."""
+    """'0.5' → 0.5; '512:0.3,1024:0.5' → {512.0: 0.3, 1024.0: 0.5}: ratios in [0, 1), image sides > 0, each
+    side once. Its bound, 1 − 1/cells², is checked once the cells are known (parse_args, load_pipelines)."""
     try:
-        if ":" in text:
-            pairs = (item.split(":") for item in text.split(",") if item.strip())
-            ratio = {float(side): float(value) for side, value in pairs}
-        else:
-            ratio = float(text)
-        tomesd.ToMeConfig(ratio=ratio, sx=64, sy=64)
-    except (ValueError, TypeError) as error:
+        if ":" not in text:
+            return _ratio_value(text)
+        ratio = {}
+        for item in (item for item in text.split(",") if item.strip()):
+            side, sep, value = item.partition(":")
+            if not sep:
+                raise ValueError(f"expected side:ratio pairs, got {item.strip()!r}")
+            side = float(side)
+            if not (math.isfinite(side) and side > 0):
+                raise ValueError(f"an image side must be a number of pixels > 0, got {item.split(':')[0].strip()}")
+            if side in ratio:
+                raise ValueError(f"image side {side:g} is given twice")
+            ratio[side] = _ratio_value(value)
+    except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
     return ratio
 
@@ -130,10 +145,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[examples]'")
     if args.ratio is not None:  # against --cells, or the largest cells a default takes (the preset's)
         cells = args.cells or PRESET["cells"]
+        given = f"--cells {cells}" if args.cells else (f"the default cells ({cells}x{cells} on UNet pipelines, "
+                                                        "2x2 on SD 3 / Flux; --cells changes them)")
         try:
             tomesd.ToMeConfig(ratio=args.ratio, sx=cells, sy=cells)
         except (ValueError, TypeError) as error:
-            parser.error(f"argument --ratio: with {cells}x{cells} cells: {error}")
+            parser.error(f"argument --ratio: too large for {given}: {error}")
     problem = models.model_problem(args.model, "pipeline", hub=False)
     if problem:
         parser.error(f"--model {problem}")
@@ -158,9 +175,9 @@ def output_path(out: str, index: int, total: int) -> str:
     return f"{stem}-{index:03d}{ext or '.png'}"
 
 
-def hires_size(height: int, width: int, factor: float):
-    """(height, width) × factor, rounded to multiples of 8."""
-    return max(8, round(height * factor / 8) * 8), max(8, round(width * factor / 8) * 8)
+def hires_size(height: int, width: int, factor: float, step: int = 8):
+    """(height, width) × factor, rounded to multiples of `step` (the sizes the pipeline takes)."""
+    return max(step, round(height * factor / step) * step), max(step, round(width * factor / step) * step)
 
 
 TEXT_PROMPT = "a photograph of an astronaut riding a horse on the moon"
@@ -198,13 +215,12 @@ def load_pipelines(args, device: str):
     if not args.no_tome:
         tome = dict(ratio=args.ratio, sx=args.cells, sy=args.cells, seed=args.seed, mode=args.mode,
                     match_window=args.match_window, prop_attn=args.prop_attn)
-        try:
-            tomesd.ToMeConfig(**{k: v for k, v in tome.items() if k != "seed"})
-        except (ValueError, TypeError) as error:  # e.g. --ratio 0.9 with --cells 2
+        try:  # e.g. --ratio 0.9 with --cells 2, or a mode the model refuses (--mode tokens on Flux)
+            tomesd.apply_patch(pipe, **tome)
+            if img2img is not None and not tomesd.is_patched(img2img):  # from_pipe shares the (patched) UNet
+                tomesd.apply_patch(img2img, **tome)
+        except (ValueError, TypeError) as error:
             fail(f"tomesd settings: {cli.error_line(error)}")
-        tomesd.apply_patch(pipe, **tome)
-        if img2img is not None and not tomesd.is_patched(img2img):  # from_pipe shares the (patched) UNet
-            tomesd.apply_patch(img2img, **tome)
     if args.compile:
         (pipe.unet if hasattr(pipe, "unet") else pipe.transformer).compile()
     return pipe, img2img
@@ -245,9 +261,11 @@ def generate(pipe, img2img, args, prompt: str, seed: int, device: str):
         common["guidance_scale"] = args.guidance
     image = pipe(height=args.height, width=args.width, **common).images[0]
     if img2img is not None:
-        height, width = hires_size(args.height, args.width, args.hires_fix)
+        height, width = hires_size(args.height, args.width, args.hires_fix, models.size_multiple(pipe))
         upscaled = image.resize((width, height), Image.LANCZOS)
         common["generator"] = torch.Generator("cpu").manual_seed(seed)
+        if "height" in inspect.signature(img2img.__call__).parameters:  # SD 3 / Flux: else their default size
+            common.update(height=height, width=width)
         image = img2img(image=upscaled, strength=args.strength, **common).images[0]
     return image
 
@@ -265,7 +283,8 @@ def main(argv=None) -> int:
     pipe, img2img = load_pipelines(args, device)
     todo = jobs(args.prompt, args.images_per_prompt, args.seed)
     if state.is_main_process:
-        sizes = [(args.height, args.width)] + ([hires_size(args.height, args.width, args.hires_fix)] if img2img else [])
+        hires = hires_size(args.height, args.width, args.hires_fix, models.size_multiple(pipe)) if img2img else None
+        sizes = [(args.height, args.width)] + ([hires] if hires else [])
         tome = "no tomesd" if args.no_tome else "; ".join(describe_ratio(args.ratio, h, w, args.cells) for h, w in sizes) + (
             f"; {args.cells}x{args.cells} cells, match_window {args.match_window or 'none (global)'}, prop_attn "
             f"{'default' if args.prop_attn is None else 'on' if args.prop_attn else 'off'}")

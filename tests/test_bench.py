@@ -135,6 +135,7 @@ def test_other_errors_stop_the_run(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["--resolutions", "100"], "multiples of 8"),
+    (["--arch", "sd3", "--resolutions", "72"], "multiples of 16"),
     (["--ratios", "0.9"], "ratios must be in (0, 0.75], got (0.9,)"),
     (["--ratios", "a"], "comma-separated numbers"),
     (["--backend", "cuda", "--device", "cpu"], "needs a cuda device"),

@@ -104,6 +104,26 @@ def test_compile_repeated_blocks_shares_compiled_code_between_blocks(kwargs):
         torch.testing.assert_close(out, eager, rtol=1e-4, atol=1e-4)
 
 
+def _graph_breaks(model, inputs, grad):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch.set_grad_enabled(grad):
+        torch.compile(model, backend="eager")(**inputs)
+    return sum(counters["graph_break"].values())
+
+
+@pytest.mark.parametrize("kind", ["unet", "flux"])
+def test_compiled_training_records_blocks_without_graph_breaks(kind):
+    """With gradients on (compiled training), each merged block records its input for checkpoint
+    recomputes inside the graph: the only break gradients add is one at the root's end, where the call
+    is kept for its recomputes, however many blocks merge (torch._dynamo's graph-break counter)."""
+    model, inputs = _model(kind, 2)
+    tomesd.apply_patch(model, ratio=0.5, seed=0)
+    assert _graph_breaks(model, inputs, grad=True) <= _graph_breaks(model, inputs, grad=False) + 1
+
+
 def test_dynamic_shapes_give_eager_results_and_one_compile_per_size():
     """torch.compile(dynamic=True) across latent sizes: results equal eager; each new size compiles once
     (the call's size is read by the root hook outside the graph: README, Limitations), a size seen before

@@ -39,6 +39,16 @@ def pipes(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def mmdit_pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mmdit")
+    paths = {}
+    for kind in ("sd3", "flux"):
+        tiny.mmdit_pipeline(kind, root / f"tok-{kind}").save_pretrained(root / kind)
+        paths[kind] = str(root / kind)
+    return paths
+
+
 def _first_block_lengths(unet):
     """Token counts attn1 of the first transformer block sees (after tomesd's merge)."""
     block = next(m for m in unet.modules() if type(m).__name__ == "BasicTransformerBlock")
@@ -109,6 +119,44 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "error:" in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["sd3", "flux"])
+def test_mmdit_hires_fix_refines_at_the_larger_size(kind, mmdit_pipes, tmp_path, capsys):
+    """SD 3 / Flux img2img takes its size as height / width (else its default size): the printed size is
+    the image's."""
+    out = tmp_path / "img.png"
+    assert highres.main(["--model", mmdit_pipes[kind], "--prompt", "a cat", "--height", "32", "--width", "32",
+                         "--steps", "2", "--hires-fix", "2", "--ratio", "0.5", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "ratio 0.5 at 32x32; ratio 0.5 at 64x64" in printed and "(64x64, seed 0)" in printed
+    with Image.open(out) as png:
+        assert png.size == (64, 64)
+
+
+@pytest.mark.parametrize("kind, argv, message", [
+    ("flux", ["--mode", "tokens"], "tomesd settings: ValueError: tomesd: mode='tokens' cannot merge the attention"),
+    ("sd3", ["--height", "34"], "--height 34: StableDiffusion3Pipeline needs multiples of 4 px"),  # VAE 2 × patch 2
+    ("flux", ["--width", "30"], "--width 30: FluxPipeline needs multiples of 4 px"),
+    ("flux", ["--ratio", "0.8"], "(0 ≤ ratio ≤ 1 − 1/(sx·sy) with sx=2, sy=2), got 0.8"),  # Flux's default cells
+])
+def test_mmdit_problems_are_one_line(kind, argv, message, mmdit_pipes, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        highres.load_pipelines(highres.parse_args(["--model", mmdit_pipes[kind], "--height", "32", "--width", "32"]
+                                                  + argv), "cpu")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("text, message", [
+    ("1.0", "a ratio must be a number in [0, 1), got 1.0"), ("nan", "got nan"), ("inf", "got inf"),
+    ("512:0.8,512:0.9", "image side 512 is given twice"), ("512:0.8,1024", "expected side:ratio pairs"),
+    ("0:0.5", "an image side must be a number of pixels > 0, got 0"), ("512:nan", "got nan"),
+])
+def test_ratio_is_checked_without_made_up_cells(text, message):
+    with pytest.raises(argparse.ArgumentTypeError) as info:
+        highres.parse_ratio(text)
+    assert message in str(info.value) and "sx=" not in str(info.value)
 
 
 def test_missing_model_is_an_error_message_not_a_traceback(tmp_path):
@@ -185,6 +233,7 @@ def test_jobs_are_numbered_and_seeded_independently_of_processes():
     assert jobs == [(0, "a", 10), (1, "a", 11), (2, "b", 12), (3, "b", 13)]
     assert highres.output_path("out/x.png", 3, 4) == "out/x-003.png" and highres.output_path("x.png", 0, 1) == "x.png"
     assert highres.hires_size(64, 96, 1.5) == (96, 144)
+    assert highres.hires_size(40, 40, 1.5, 16) == (64, 64)  # SD 3 / Flux take multiples of 16
     assert isinstance(highres.parse_ratio("0.3"), float)
     with pytest.raises(argparse.ArgumentTypeError):
         highres.parse_ratio("1024")

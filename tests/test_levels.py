@@ -74,8 +74,12 @@ def test_levels_without_a_dst_cell_are_skipped(arch, size, width, kwargs, caplog
     assert torch.isfinite(out).all()
     narrow = [r for r in caplog.records if "narrower than one" in r.getMessage()]
     assert narrow and len({r.getMessage() for r in narrow}) == len(narrow)  # each level once
+    warned = [r.getMessage() for r in narrow if r.levelno >= logging.WARNING]
     if arch == "sdxl" or kwargs.get("sx") == 100 or kwargs.get("sy") == 17:
         assert torch.equal(out, plain)  # nothing could merge
+        assert len(warned) == 1 and "nothing is merged" in warned[0]  # said as a warning, once
+    else:
+        assert not warned  # a coarser level without a dst cell, while finer ones merge: INFO
 
 
 def test_max_downsample_below_the_first_attention_level_warns(caplog):

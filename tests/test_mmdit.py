@@ -103,6 +103,23 @@ def test_bench_runs_the_mmdit_architectures(arch, tmp_path):
         bench.default_config("cpu", arch="sd15", layers=2)
 
 
+@pytest.mark.parametrize("sizes", ["100", "512,72", "abc"])
+def test_bench_mmdit_script_takes_sizes_the_transformers_take(sizes, capsys):
+    """benchmarks/bench_mmdit.py: sides not multiples of 16 (VAE 8 × patch 2) are one error line, not a
+    run at a smaller size (or a traceback)."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks", "bench_mmdit.py")
+    spec = importlib.util.spec_from_file_location("bench_mmdit", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--resolutions", sizes])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(err) == 1 and "--resolutions" in err[0]
+
+
 @pytest.mark.parametrize("kind", ["sd3", pytest.param("flux", marks=needs_split_single_blocks)])
 def test_mmdit_controlnets_merge(kind, builds):
     net = getattr(tiny, kind + "_controlnet")()

@@ -66,11 +66,16 @@ def test_flux_ids_layouts():
     from tomesd.patch.hosts.mmdit import ids_layout
 
     g = tiny.grid_ids
-    assert ids_layout(g(4, 8)) == (4, 8, 0)
-    assert ids_layout(g(4, 8)[None]) == (4, 8, 0)  # deprecated batched ids
-    assert ids_layout(torch.cat([g(4, 8), g(8, 4, first=1)])) == (4, 8, 32)  # Kontext, swapped aspect
-    assert ids_layout(torch.cat([g(4, 8), g(8, 4)])) == (4, 8, 32)  # bounding box 8×8 would be a made-up grid
-    assert ids_layout(torch.cat([g(4, 4), g(4, 4, col0=4)])) == (4, 4, 16)  # a reference beside the image
+    assert ids_layout(g(4, 8)) == (4, 8, 0, 0)  # (h, w, head, tail)
+    assert ids_layout(g(4, 8)[None]) == (4, 8, 0, 0)  # deprecated batched ids
+    assert ids_layout(torch.cat([g(4, 8), g(8, 4, first=1)])) == (4, 8, 0, 32)  # Kontext, swapped aspect
+    assert ids_layout(torch.cat([g(4, 8), g(8, 4)])) == (4, 8, 0, 32)  # bounding box 8×8 would be a made-up grid
+    assert ids_layout(torch.cat([g(4, 4), g(4, 4, col0=4)])) == (4, 4, 0, 16)  # a reference beside the image
+    assert ids_layout(torch.cat([g(8, 4, first=1), g(4, 8)])) == (4, 8, 32, 0)  # the reference first
+    assert ids_layout(torch.cat([g(2, 2, first=1), g(4, 8), g(8, 4, first=2)])) == (4, 8, 4, 32)
+    column_major = g(8, 6).view(8, 6, 3).transpose(0, 1).reshape(-1, 3)
+    assert "column-major" in ids_layout(column_major)
+    assert ids_layout(g(8, 1)) == (8, 1, 0, 0)  # one column: raster and column-major orders agree
     assert "whole numbers" in ids_layout(torch.randn(64, 3, generator=torch.Generator().manual_seed(0)))
     shuffled = g(8, 8)[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
     assert isinstance(ids_layout(shuffled), str)
@@ -91,14 +96,48 @@ def test_flux_kontext_merges_the_output_grid_only(builds):
     assert builds == [(4, 8, 16, 32, 64, 48)] * 4  # 32 grid tokens, 16 merged; 32 reference tokens pass through
     assert seen == [(5 + 64, 5 + 48)] * 4
     from tomesd import matching
-    from tomesd.patch.plans import with_tail
+    from tomesd.patch.plans import with_context
 
     base = matching.build_plan(torch.randn(1, 16, 4), *matching.partition(4, 4, 2, 2, None, "cpu"), 6)
-    extended = with_tail(base, 3)
-    x = torch.randn(1, 19, 4)
+    extended = with_context(base, head=2, tail=3)
+    x = torch.randn(1, 21, 4)
     merged = matching.merge(x, extended)
-    assert torch.equal(merged[:, base.num_out:], x[:, 16:])  # reference tokens pass through exactly
-    assert torch.equal(matching.unmerge(merged, extended)[:, 16:], x[:, 16:])
+    assert torch.equal(merged[:, base.num_out:], torch.cat([x[:, :2], x[:, 18:]], dim=1))  # passed through exactly
+    assert torch.equal(merged[:, :base.num_out], matching.merge(x[:, 2:18], base))
+    unmerged = matching.unmerge(merged, extended)
+    assert torch.equal(unmerged[:, :2], x[:, :2]) and torch.equal(unmerged[:, 18:], x[:, 18:])
+
+
+@needs_split_single_blocks
+def test_flux_reference_first_merges_the_output_grid(builds):
+    """img_ids with a reference grid first and the output grid second: the output grid merges, the
+    reference passes through; the same output as the output-first layout, tokens reordered."""
+    model = tiny.flux()
+    inputs = tiny.flux_inputs(grid=4, width=8)
+    reference = torch.randn(2, 32, 16, generator=torch.Generator().manual_seed(3))
+    image, ids = inputs["hidden_states"], tiny.grid_ids(4, 8)
+    calls = []
+    tomesd.apply_patch(model, ratio=lambda h, w: calls.append((h, w)) or 0.5, seed=1)
+    first = _run(model, dict(inputs, hidden_states=torch.cat([image, reference], 1),
+                             img_ids=torch.cat([ids, tiny.grid_ids(8, 4, first=1)])))
+    second = _run(model, dict(inputs, hidden_states=torch.cat([reference, image], 1),
+                              img_ids=torch.cat([tiny.grid_ids(8, 4, first=1), ids])))
+    assert calls == [(4 * 16, 8 * 16)] * 2  # the output image's size both times
+    assert builds == [(4, 8, 16, 32, 64, 48)] * 4 + [(4, 8, 16, 0, 64, 48)] * 4
+    torch.testing.assert_close(second, torch.cat([first[:, 32:], first[:, :32]], 1), rtol=1e-4, atol=1e-5)
+
+
+@needs_split_single_blocks
+def test_flux_column_major_img_ids_are_a_warning(builds, caplog):
+    model, inputs = tiny.flux(), tiny.flux_inputs(grid=8, width=6)
+    inputs["img_ids"] = inputs["img_ids"].view(8, 6, 3).transpose(0, 1).reshape(-1, 3)
+    want = _run(model, inputs)
+    tomesd.apply_patch(model, ratio=0.5)
+    with caplog.at_level(logging.INFO, logger="tomesd"):
+        got = _run(model, inputs)
+    assert not builds and torch.equal(got, want)
+    said = [r for r in caplog.records if "column-major" in r.getMessage()]
+    assert said and all(r.levelno == logging.WARNING for r in said)
 
 
 @needs_split_single_blocks

@@ -224,6 +224,30 @@ def test_plan_every_identical_pipeline_calls_give_identical_images(tmp_path):
     assert torch.equal(first, second)
 
 
+def test_plan_every_a_run_stopped_between_steps_does_not_shift_the_next(tmp_path):
+    """A pipeline call stopped after step 0 (its step callback raises) leaves plans kept at a timestep the
+    next call starts at again; the next pipeline call still starts a new run (the pipeline's scheduler is
+    set up again), so identical calls after it give the image of an undisturbed call. Also with a
+    scheduler set on the pipeline after patching."""
+    pipe = tiny.pipeline("sd1", tmp_path)
+    pipe.set_progress_bar_config(disable=True)
+    tomesd.apply_patch(pipe, ratio=0.5, plan_every=2, seed=3)
+
+    def image(**kwargs):
+        return pipe("a cat", num_inference_steps=4, height=32, width=32, output_type="pt",
+                    generator=torch.Generator().manual_seed(0), **kwargs).images
+
+    def stop(pipeline, step, timestep, tensors):
+        raise KeyboardInterrupt("stopped by the user")
+
+    for _ in range(2):
+        want = image()
+        with pytest.raises(KeyboardInterrupt):
+            image(callback_on_step_end=stop)
+        assert torch.equal(image(), want) and torch.equal(image(), want)
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+
+
 def test_plan_every_new_run_when_the_timestep_goes_up(plan_builds):
     unet = tiny.unet("sd1")
     tomesd.apply_patch(unet, ratio=0.5, plan_every=4, seed=1)

@@ -176,6 +176,8 @@ def _cli_error(capsys, argv):
     (["--variant", "ratio=0.5", "--ratios", "0.3"], "ratio: both a grid axis and in a --variant"),
     (["--variant", "merge_mlp=true", "--merge", "attn"], "merge_mlp: both a grid axis and in a --variant"),
     (["--variant", "bogus=1"], "not apply_patch keywords: bogus"),
+    (["--height", "15", "--steps", "1"], "--height 15: DigitsPipeline needs multiples of 2 px (its default is 16)"),
+    (["--sizes", "16,15", "--steps", "1"], "--sizes 15: DigitsPipeline needs multiples of 2 px"),
 ])
 def test_cli_errors_are_clear(capsys, argv, message):
     assert message in _cli_error(capsys, argv)

@@ -106,8 +106,8 @@ class MergeRecorder:
         """Observer of the patched model: block `index` merges with `plan` built for `request`."""
         if self._step < 0 or (self.steps is not None and self._step not in self.steps):
             return
-        n = request.h * request.w  # the image grid; tokens after it (Flux references) are not drawn
-        slot = plan.slot[:, :n].detach().cpu()
+        n = request.h * request.w  # the image grid; tokens before / after it (Flux references) are not drawn
+        slot = plan.slot[:, request.head: request.head + n].detach().cpu()
         self.snapshots.append(MergeSnapshot(self._step, index, (request.h, request.w), request.downsample, slot))
 
     def get(self, step: Optional[int] = None, block: Optional[int] = None, level: Optional[int] = None) -> MergeSnapshot:

@@ -72,8 +72,10 @@ class BenchConfig:
                             f"got layers={self.layers} with arch={self.arch!r}")
         if self.arch in TRANSFORMER_ARCHS and self.attention != "sdpa":
             problems.append(f"attention must be 'sdpa' for the {self.arch} transformer")
-        if not self.resolutions or any(r < 64 or r % 8 for r in self.resolutions):
-            problems.append(f"resolutions must be multiples of 8, at least 64, got {self.resolutions}")
+        step = 16 if self.arch in TRANSFORMER_ARCHS else 8  # SD 3 / Flux: the VAE's 8 × patch size 2
+        if not self.resolutions or any(r < 64 or r % step for r in self.resolutions):
+            problems.append(f"resolutions must be multiples of {step}, at least 64, got {self.resolutions}"
+                            + (f" (the {self.arch} transformer's VAE factor 8 × patch size 2)" if step == 16 else ""))
         if not self.ratios or any(not self._ratio_in_range(r) for r in self.ratios):
             problems.append(f"ratios must be in (0, {max_ratio(2, 2):g}], got {self.ratios}")
         for name, choices in (("dtype", tuple(DTYPES)), ("attention", ATTENTION), ("backend", BACKENDS)):

@@ -19,7 +19,7 @@ from .hosts import Host
 from .plans import PlanProvider
 from .state import STATE_ATTR, ModelState, check_idle, claim, owner, release, take_slot
 from .sublayers import on_sublayer_call, on_sublayer_done
-from .wrappers import MethodWrapper
+from .wrappers import MethodWrapper, ProcessorWrapper
 
 logger = logging.getLogger("tomesd")
 
@@ -65,6 +65,9 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
         for spec in subs[index]:
             _attach_sublayer(state, host, module, spec)
         claim(module, state)
+    if callable(getattr(host.root, "set_default_attn_processor", None)) and any(
+            isinstance(h, ProcessorWrapper) for h in state.handles):
+        add(MethodWrapper(host.root, "set_default_attn_processor", partial(_default_processors, state)))
     setattr(host.root, STATE_ATTR, state)
     return state
 
@@ -81,9 +84,23 @@ def _attach_sublayer(state: ModelState, host: Host, block: nn.Module, spec) -> N
                                   prepend=spec.kind == "block"))
     found = spec.attention_in(block)
     if found is not None:
-        handle = host.attention.wrap(found[0], found[1], partial(take_slot, state), state.config.prop_attn)
+        handle = host.attention.wrap(found[0], found[1], partial(take_slot, state), state.config.prop_attn, state)
         if handle is not None:
             add(handle)
+def _default_processors(state: ModelState, original, args: tuple, kwargs: dict):
+    """The root's set_default_attn_processor() while patched: diffusers checks the processors' classes and
+    knows no wrapper's, so it runs on the wrapped processors; the defaults it sets then replace them, as
+    any processor set after patching (tomesd.patch.wrappers.own_processor)."""
+    wrapped = [h for h in state.handles if isinstance(h, ProcessorWrapper) and h.module.processor is h]
+    for wrapper in wrapped:
+        wrapper.module.processor = wrapper.inner
+    try:
+        return original(*args, **kwargs)
+    except BaseException:
+        for wrapper in wrapped:
+            if wrapper.module.processor is wrapper.inner:
+                wrapper.module.processor = wrapper
+        raise
 
 
 def _log_exclusions(state: ModelState, prop_given: bool) -> None:
@@ -157,7 +174,7 @@ def attach_to(model, config: ToMeConfig, controlnet: bool = False) -> None:
     for host in found:
         _claim(host)
     for host, resolved in zip(found, prepared):
-        attach(host, config, resolved)
+        attach(host, config, resolved).plans.watch(model)  # a pipeline's scheduler tells runs apart
     _after_change(model, [host.root for host in found])
 
 

@@ -52,8 +52,9 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
     H, W = size[:2]
     p = host.patch_size
     records = {} if torch.is_grad_enabled() else None
+    head, tail = size[2:] if len(size) > 2 else (0, 0)
     ctx = CallContext(height=H, width=W, grid_h=H // p, grid_w=W // p, key=key, timestep=timestep, records=records,
-                      tail=size[2] if len(size) > 2 else 0)
+                      head=head, tail=tail)
     state.plans.begin_call(ctx)
     frames.append(ctx)
 
@@ -153,12 +154,13 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
                         "without [B, N, C] tokens as hidden_states; it is not merged")
         return None
     B, N, _ = x.shape
-    n = N - ctx.tail  # image-grid tokens; the tail passes through (identity slots of the plan)
+    n = N - ctx.head - ctx.tail  # image-grid tokens; head and tail pass through (identity slots of the plan)
     if n not in ctx.levels:
         ctx.levels[n] = level_of(ctx.grid_h, ctx.grid_w, n)
     level = ctx.levels[n]
     if level is None:
-        after = f" (after {ctx.tail} reference tokens are set aside)" if ctx.tail else ""
+        aside = ctx.head + ctx.tail
+        after = f" (after {aside} reference tokens are set aside)" if aside else ""
         state.warn_once(f"grid-{index}", f"tomesd: transformer block {index} has {N} tokens, which is no level "
                         f"of the {ctx.grid_h}×{ctx.grid_w} token grid of the latent (halving each side, rounding "
                         f"up){after}; it is not merged")
@@ -168,10 +170,12 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
         return None
     cfg = state.config
     dst = (h // cfg.sy) * (w // cfg.sx)
-    if dst == 0:
+    if dst == 0:  # at the model's finest level no coarser one has a dst either: nothing merges, a warning
+        finest = downsample <= state.host.top_level
         log_once(state, f"narrow-{downsample}-{h}x{w}", f"tomesd: the /{downsample} level's {h}×{w} token grid "
                  f"is narrower than one sy×sx = {cfg.sy}×{cfg.sx} dst cell, so it has no dst tokens; it is not "
-                 "merged", logging.INFO)
+                 "merged" + ("; no level has one, so nothing is merged in such calls (use smaller sx / sy)"
+                             if finest else ""), logging.WARNING if finest else logging.INFO)
         return None
     ratio = _ratio(state, ctx, downsample)
     r = min(int(n * ratio), n - dst)
@@ -188,7 +192,7 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
         key = None
     if key is not None:
         key = keys.block_key(key, index)
-    return MergeRequest(metric=x, h=h, w=w, r=r, key=key, downsample=downsample, tail=ctx.tail)
+    return MergeRequest(metric=x, h=h, w=w, r=r, key=key, downsample=downsample, head=ctx.head, tail=ctx.tail)
 
 
 def exit_block(state: ModelState) -> None:

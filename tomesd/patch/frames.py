@@ -18,8 +18,9 @@ from .args import set_arg
 @dataclass
 class MergeRequest:
     """A block call's merge, resolved but not yet planned: the metric [B, N, C] on the h × w grid of
-    level /downsample (its first h·w tokens; the `tail` tokens after them pass through unmerged), r
-    tokens to merge, the block's random key (None: each cell's first token)."""
+    level /downsample (its h·w tokens after the first `head`; the `head` tokens before them and the `tail`
+    tokens after them pass through unmerged), r tokens to merge, the block's random key (None: each
+    cell's first token)."""
 
     metric: Tensor
     h: int
@@ -27,6 +28,7 @@ class MergeRequest:
     r: int
     key: Optional[Tensor]
     downsample: int = 1
+    head: int = 0
     tail: int = 0
 
 
@@ -56,13 +58,15 @@ class BlockCall:
 class Record:
     """What a merged block's input was in a call with gradients, to find the call in a recompute.
 
-    ref: weak reference to the input; memory: (shape, stride, dtype, device, data_ptr, version);
-    probe: a strided sample of its values [B, ≤8, ≤8] fp32; plan: the plan the block merged with (a
-    recompute replays it, whether it was built, shared or reused in the forward).
+    ref: weak reference to the input; layout: (shape, dtype, device); memory: (stride, data_ptr,
+    version); probe: a strided sample of its values [B, ≤8, ≤8] fp32; plan: the plan the block merged
+    with (a recompute replays it, whether it was built, shared or reused in the forward). ref and
+    memory are None for a call recorded inside compiled code.
     """
 
-    ref: "weakref.ref[Tensor]"
-    memory: tuple
+    ref: Optional["weakref.ref[Tensor]"]
+    layout: tuple
+    memory: Optional[tuple]
     probe: Tensor
     plan: Optional[MergePlan] = None
 
@@ -77,8 +81,9 @@ class CallContext:
     BlockCall of the block running now (blocks never nest; sub-layer hooks find it here, so they carry
     no per-block constant and compiled code is shared between blocks). records: block index → Record, for calls made with
     gradients (None otherwise). recompute: this is a copy opened by a checkpoint recompute of one
-    block. shared: level → the plan its blocks share in this call (share_plan). tail: tokens that follow
-    the image grid in each block's sequence and pass through unmerged (Flux Kontext's reference image).
+    block. shared: level → the plan its blocks share in this call (share_plan). head, tail: tokens that
+    precede / follow the image grid in each block's sequence and pass through unmerged (Flux Kontext's
+    reference image).
     """
 
     height: int
@@ -93,6 +98,7 @@ class CallContext:
     records: Optional[Dict[int, Record]] = None
     recompute: bool = False
     shared: Dict[int, MergePlan] = field(default_factory=dict)
+    head: int = 0
     tail: int = 0
 
 
@@ -117,6 +123,8 @@ class SublayerCall:
     warn(tag, message): warn once per model and tag. slots: the block's per-sub-layer slots, where a
     sub-layer's pre-hook leaves what its wrapped attention processor must do in this call (`leave`).
     kept: what the mode's enter keeps for its exit (a whole block's unmerged and merged input).
+    owner: the patch this call runs under, opaque (the processor wrappers it made carry it: only those
+    take what is left in a slot).
     """
 
     name: str
@@ -129,6 +137,7 @@ class SublayerCall:
     warn: Callable[[str, str], None]
     slots: Dict[str, Any]
     kept: Any = None
+    owner: Any = None
 
     def with_input(self, value: Tensor) -> Tuple[tuple, dict]:
         """The call's (args, kwargs) with its input tokens replaced by value."""

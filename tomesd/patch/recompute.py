@@ -45,8 +45,12 @@ def live_calls(state: ModelState) -> List[CallContext]:
         return list(state.live.values())
 
 
+def _layout(x: Tensor) -> tuple:
+    return (tuple(x.shape), x.dtype, x.device)
+
+
 def _memory(x: Tensor) -> tuple:
-    return (tuple(x.shape), tuple(x.stride()), x.dtype, x.device, x.data_ptr(), x._version)
+    return (tuple(x.stride()), x.data_ptr(), x._version)
 
 
 def _probe(x: Tensor) -> Tensor:
@@ -54,10 +58,13 @@ def _probe(x: Tensor) -> Tensor:
     return x.detach()[:, :: max(1, N // 8)][:, :8, :: max(1, C // 8)][:, :, :8].float().clone()
 
 
-@torch.compiler.disable
 def record(ctx: CallContext, index: int, x: Tensor) -> None:
-    """Remember block `index`'s input x [B, N, C] in a call with gradients."""
-    ctx.records[index] = Record(ref=weakref.ref(x), memory=_memory(x), probe=_probe(x))
+    """Remember block `index`'s input x [B, N, C] in a call with gradients. Inside compiled code (training
+    a compiled model) without a graph break: its layout and probe only (tensor ops; a weak reference and
+    the memory of a traced tensor are no values), so a recompute finds that call by the probe."""
+    eager = not torch.compiler.is_compiling()
+    ctx.records[index] = Record(ref=weakref.ref(x) if eager else None, layout=_layout(x),
+                                memory=_memory(x) if eager else None, probe=_probe(x))
 
 
 def _probe_matches(rec: Record, probe: Tensor) -> bool:
@@ -92,11 +99,11 @@ def find_call(state: ModelState, index: int, x: Tensor) -> Optional[Tuple[CallCo
     dropped the original but kept its storage). RuntimeError when calls that merge differently remain.
     """
     calls = [c for c in live_calls(state) if c.records and index in c.records]
-    memory = _memory(x)
-    calls = [c for c in calls if c.records[index].memory[:1] + c.records[index].memory[2:4] == memory[:1] + memory[2:4]]
+    layout, memory = _layout(x), _memory(x)
+    calls = [c for c in calls if c.records[index].layout == layout]
     if len(calls) > 1:
         same = [c for c in calls if c.records[index].memory == memory]
-        alive = [c for c in same if c.records[index].ref() is not None]
+        alive = [c for c in same if c.records[index].ref is not None and c.records[index].ref() is not None]
         if alive:
             calls = alive
         else:  # the input was freed: its memory may since hold another tensor, so the values decide

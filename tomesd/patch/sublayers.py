@@ -33,12 +33,9 @@ def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module,
     if not isinstance(x, Tensor) or x.ndim != 3:
         state.warn_once(f"shape-{name}", f"tomesd: {name} was called without [B, N, C] tokens; it is not merged")
         return None
-    call = SublayerCall(name, kind, module, args, kwargs, x, where, warn=state.warn_once, slots=block.slots)
+    call = SublayerCall(name, kind, module, args, kwargs, x, where, warn=state.warn_once, slots=block.slots,
+                        owner=state)
     mode = state.modes[name]
-    why = mode.refusal(call)
-    if why is not None:
-        state.warn_once(f"mode-refused-{name}-{why}", f"tomesd: {name} is not merged in such calls: {why}")
-        return None
     B, N = plan.slot.shape
     if x.shape[1] != N and mode.takes_all_tokens(call):
         state.warn_once(f"chunk-{name}", f"tomesd: {name} was called on {x.shape[1]} of a block's {N} tokens "
@@ -54,6 +51,10 @@ def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module,
     else:
         state.warn_once(f"shape-{name}", f"tomesd: {name} was called with a batch of {x.shape[0]} rows, not the "
                         f"block's {B}; it is not merged there")
+        return None
+    why = mode.refusal(call)
+    if why is not None:
+        state.warn_once(f"refusal-{name}-{why}", f"tomesd: {why}; {name} is not merged there")
         return None
     args, kwargs = mode.enter(call, used)
     block.merged[name] = (used, call.kept)

@@ -1,7 +1,7 @@
 """MethodWrapper: run code around a module's method, for what module hooks cannot do."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
@@ -45,15 +45,19 @@ class ProcessorWrapper:
     processor class are instances of one class (compiled code guards on the processor's type, not on a
     per-module callable, so blocks share compiled code, e.g. with `compile_repeated_blocks`). diffusers
     reads `inspect.signature(processor.__call__)` to filter extra attention kwargs: that class's
-    `__call__` carries the inner processor's signature, so the same kwargs reach it. `remove()` restores
-    the inner processor. Use `ProcessorWrapper.wrap(module, around)`.
+    `__call__` carries the inner processor's signature, so the same kwargs reach it. Attributes other
+    than the wrapper's own are read from and set on the inner processor (e.g. an adapter's scale).
+    `owner`: the patch that made it (`serves` tells a patch's own live wrapper from one of another
+    patch, or one retired by `remove()` and set back). `remove()` restores the inner processor. Use
+    `ProcessorWrapper.wrap(module, around, owner)`.
     """
 
     _classes: dict = {}
+    _OWN = ("module", "around", "inner", "active", "owner")
 
     @classmethod
-    def wrap(cls, module: nn.Module, around: Callable) -> "ProcessorWrapper":
-        wrapper = _rebuild(cls.class_for(type(module.processor)), module, around, module.processor, True)
+    def wrap(cls, module: nn.Module, around: Callable, owner: Any = None) -> "ProcessorWrapper":
+        wrapper = _rebuild(cls.class_for(type(module.processor)), module, around, module.processor, True, owner)
         module.processor = wrapper
         return wrapper
 
@@ -71,8 +75,23 @@ class ProcessorWrapper:
             made = cls._classes[inner] = type(f"Wrapped{inner.__name__}", (cls,), {"__call__": __call__})
         return made
 
+    def __getattr__(self, name: str):  # only for names the wrapper does not have
+        if name in self._OWN or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._OWN:
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self.inner, name, value)
+
     def __reduce__(self):  # the class is made at run time: rebuild it from the inner processor's class
-        return (_rebuild, (None, self.module, self.around, self.inner, self.active))
+        return (_rebuild, (None, self.module, self.around, self.inner, self.active, self.owner))
+
+    def serves(self, module: nn.Module, owner: Any) -> bool:
+        """Whether this is `owner`'s live wrapper of `module`'s processor."""
+        return self.active and self.owner is owner and self.module is module
 
     def remove(self) -> None:
         self.active = False
@@ -80,7 +99,15 @@ class ProcessorWrapper:
             self.module.processor = self.inner
 
 
-def _rebuild(cls, module, around, inner, active) -> ProcessorWrapper:
+def own_processor(module: nn.Module, owner: Any) -> bool:
+    """Whether `module`'s processor now is `owner`'s live wrapper of it (not a processor set after patching:
+    another one, a wrapper of another patch, or one of its own retired wrappers set back)."""
+    processor = getattr(module, "processor", None)
+    return isinstance(processor, ProcessorWrapper) and processor.serves(module, owner)
+
+
+def _rebuild(cls, module, around, inner, active, owner=None) -> ProcessorWrapper:
     wrapper = object.__new__(cls or ProcessorWrapper.class_for(type(inner)))
-    wrapper.module, wrapper.around, wrapper.inner, wrapper.active = module, around, inner, active
+    for name, value in zip(ProcessorWrapper._OWN, (module, around, inner, active, owner)):
+        object.__setattr__(wrapper, name, value)
     return wrapper

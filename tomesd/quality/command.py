@@ -173,6 +173,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pipe = models.load_pipeline(cfg.model, dtype=models.DTYPES[cfg.dtype], device=cfg.device)
     except Exception as error:  # noqa: BLE001 - a hub id that is not there, a broken directory: one line each
         parser.error(f"--model {cfg.model}: cannot load it ({cli.error_line(error)})")
+    default = models.pipeline_size(pipe)
+    asked = [(s, s, ("--sizes", "--sizes")) for s in args.sizes or ()] or [
+        (cfg.height or default, cfg.width or default, ("--height", "--width"))]
+    problem = next(filter(None, (models.size_problem(pipe, *size) for size in asked)), "")
+    if problem:  # e.g. SD 3 / Flux at a multiple of 8 that is none of 16
+        parser.error(problem)
     try:
         check_settings(pipe, cfg)
     except (ValueError, TypeError) as error:

@@ -204,12 +204,25 @@ def pipeline_size(pipe) -> int:
     return int(sample) * int(getattr(pipe, "vae_scale_factor", 8))
 
 
+def patch_size(pipe) -> int:
+    """Latent cells per token side of a pipeline's denoiser: 2 for Flux (it packs 2×2 latent cells into a
+    token), the transformer's patch size for SD 3 / 3.5, DiT and PixArt, 1 for UNets."""
+    if type(pipe).__name__.startswith("Flux"):
+        return 2
+    size = getattr(pipe, "patch_size", None)  # SD 3 pipelines hold it
+    if not isinstance(size, int):
+        config = getattr(getattr(pipe, "transformer", None), "config", None)
+        size = config.get("patch_size") if hasattr(config, "get") else None
+    return size if isinstance(size, int) and size > 0 else 1
+
+
 def size_multiple(pipe) -> int:
-    """Image sides must be multiples of this: the VAE's factor for latent pipelines (×2 for the packed
-    2×2 latents of Flux), 2^(downsampling levels) for pixel-space UNets (vae_scale_factor 1)."""
+    """Image sides must be multiples of this: the VAE's factor × the denoiser's patch size (patch_size:
+    16 for SD 3 and Flux, 8 for SD 1.x / 2.x / XL) for latent pipelines, 2^(downsampling levels) for
+    pixel-space UNets (vae_scale_factor 1)."""
     factor = int(getattr(pipe, "vae_scale_factor", 8))
     if factor > 1:
-        return factor * 2 if type(pipe).__name__.startswith("Flux") else factor
+        return factor * patch_size(pipe)
     if getattr(pipe, "denoiser_name", "unet") == "transformer":  # photos-flux: pixels packed 2×2
         return 2
     unet = getattr(pipe, "unet", None)
@@ -217,11 +230,12 @@ def size_multiple(pipe) -> int:
     return 2 ** max(levels, 0)
 
 
-def size_problem(pipe, height: int, width: int) -> str:
-    """One line if `pipe` cannot generate height × width px, else ""."""
+def size_problem(pipe, height: int, width: int, flags=("--height", "--width")) -> str:
+    """One line if `pipe` cannot generate height × width px, else "" (flags: how the sizes were given)."""
     step = size_multiple(pipe)
-    bad = [f"--{name} {value}" for name, value in (("height", height), ("width", width)) if value < step or value % step]
+    bad = [f"{flag} {value}" for flag, value in zip(flags, (height, width)) if value < step or value % step]
     if bad:
+        bad = list(dict.fromkeys(bad))  # one size given once (--sizes) is named once
         return f"{', '.join(bad)}: {type(pipe).__name__} needs multiples of {step} px (its default is {pipeline_size(pipe)})"
     return ""
 

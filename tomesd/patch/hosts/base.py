@@ -73,8 +73,10 @@ class Attention:
     options cannot run on this host's attention (at patching). kv_refusal_of(module) → why that
     attention module cannot take keys/values from merged tokens, or None. masked(kwargs): the call
     passes an attention mask over unmerged tokens (the block is not merged). wrap(name, module, take,
-    bias) → a handle (with .remove()) around the sub-layer's processor, if the attention needs one
-    (bias: prop_attn is on); the wrapped processor finds what a call left for it with `take(name)`.
+    bias, owner) → a handle (with .remove()) around the sub-layer's processor, if the attention needs one
+    (bias: prop_attn is on; owner: the patch, SublayerCall.owner); the wrapped processor finds what a
+    call left for it with `take(name)`. refusal(call, merge_kv, bias) → why this call cannot take merged
+    keys/values or the bias (the sub-layer is then left unmerged, said), or None.
     moves_positions: token positions (rotary embeddings) are applied inside the attention, so merged
     tokens need their rows' anchors (MergePlan.anchor) and `prepare` is asked even without prop_attn.
     tokens_refusal(call) → why this call cannot run on merged tokens (tokens mode), or None.
@@ -100,7 +102,10 @@ class Attention:
     def tokens_refusal(self, call: SublayerCall) -> Optional[str]:
         return None
 
-    def wrap(self, name: str, module: nn.Module, take: Take, bias: bool):
+    def wrap(self, name: str, module: nn.Module, take: Take, bias: bool, owner: Any = None):
+        return None
+
+    def refusal(self, call: SublayerCall, merge_kv: bool, bias: bool) -> Optional[str]:
         return None
 
 
@@ -193,8 +198,10 @@ class Host:
         """The name of a block method to wrap as the block's entry instead of forward hooks, or None."""
         return None
 
-    def locate(self, args: tuple, kwargs: dict) -> Optional[Tuple[int, int]]:
-        """(H, W) of the latent for a root whose sample is not a [B, C, H, W] latent, else None."""
+    def locate(self, args: tuple, kwargs: dict):
+        """(H, W) of the latent for a root whose sample is not a [B, C, H, W] latent, or (H, W, head, tail)
+        when `head` tokens before its grid and `tail` after it pass through unmerged; a str saying why the
+        call's token layout cannot be merged; else None."""
         return None
 
     def block_sublayers(self, block: nn.Module, config: ToMeConfig, merges_inputs: bool) -> List[Sublayer]:

@@ -57,18 +57,18 @@ class FluxHost(DiffusersHost):
         return super().block_sublayers(block, config, merges_inputs)
 
     def locate(self, args, kwargs):
-        """(H, W, tail): the latent size behind the output image's packed 2×2 tokens and the number of
-        tokens after them (reference images, passed through unmerged), read from img_ids; a str saying why
-        img_ids are no layout tomesd recognizes; None without img_ids. The ids are read once per tensor (a
-        pipeline passes the same img_ids at every step): one host sync, outside compiled code."""
+        """(H, W, head, tail): the latent size behind the output image's packed 2×2 tokens and the numbers
+        of tokens before and after them (reference images, passed through unmerged), read from img_ids; a
+        str saying why img_ids are no layout tomesd recognizes; None without img_ids. The ids are read once
+        per tensor (a pipeline passes the same img_ids at every step): one host sync, outside compiled code."""
         ids, _ = get_arg(args, kwargs, ("img_ids",), self.ids_pos)
         if not isinstance(ids, Tensor):
             return None
         layout = _cached_layout(self, ids)
         if isinstance(layout, str):
             return layout
-        h, w, tail = layout
-        return 2 * h, 2 * w, tail
+        h, w, head, tail = layout
+        return 2 * h, 2 * w, head, tail
 
 
 class LastIds:
@@ -106,14 +106,29 @@ def _grid(ids: Tensor, start: int) -> Tuple[int, int]:
     return int(whole.view(h_max, w).all(1).int().cumprod(0).sum()), w
 
 
-def ids_layout(ids: Tensor):
-    """(h, w, tail) of Flux's img_ids [N, 3] (or [1, N, 3]), one (c, row, col) per image token, or a str
-    saying why it is no such layout.
+def _pieces(ids: Tensor):
+    """[(start, h, w)] of ids split into raster grids (at most MAX_REFERENCES + 1), or None if there are more."""
+    pieces, start = [], 0
+    while start < ids.shape[0]:
+        if len(pieces) > MAX_REFERENCES:
+            return None
+        h, w = _grid(ids, start)
+        pieces.append((start, h, w))
+        start += h * w
+    return pieces
 
-    The layouts diffusers' Flux pipelines produce: the output image's h × w grid in raster order (one c,
-    rows and columns counting up from the first token's), then `tail` tokens of reference images, each
-    a raster grid of its own (FluxKontextPipeline: c = 1, its own size). Fill, Control and Redux pass
-    the plain grid (tail 0). Only the output image's grid is merged; anything else is refused."""
+
+def ids_layout(ids: Tensor):
+    """(h, w, head, tail) of Flux's img_ids [N, 3] (or [1, N, 3]), one (c, row, col) per image token, or a
+    str saying why it is no such layout.
+
+    The layouts diffusers' Flux pipelines produce: the output image's h × w grid in raster order (c = 0,
+    rows and columns counting up from 0), then `tail` tokens of reference images, each a raster grid of
+    its own (FluxKontextPipeline: c = 1, its own size). Fill, Control and Redux pass the plain grid. A
+    layout with reference grids first (c ≠ 0) and the output grid after them (`head` tokens before it) is
+    read alike: the output grid is the first grid with c = 0 starting at row 0, column 0 (else the first
+    grid, when it starts there). Only the output image's grid is merged; anything else — ids in
+    column-major order included — is refused."""
     if ids.ndim == 3:  # deprecated batched ids: diffusers reads the first
         ids = ids[0]
     if ids.ndim != 2 or ids.shape[1] != 3 or ids.shape[0] == 0:
@@ -121,17 +136,21 @@ def ids_layout(ids: Tensor):
     ids = ids.detach().to("cpu", torch.float64)
     if not bool((ids == ids.round()).all()):
         return "img_ids hold positions that are not whole numbers"
-    if ids[0, 1:].tolist() != [0.0, 0.0]:
-        return "img_ids do not start at row 0, column 0 (the output image's first token)"
-    h, w = _grid(ids, 0)
-    start, pieces = h * w, 0
-    while start < ids.shape[0] and pieces <= MAX_REFERENCES:
-        gh, gw = _grid(ids, start)
-        start, pieces = start + gh * gw, pieces + 1
-    if pieces > MAX_REFERENCES:
-        return (f"the img_ids after the output image's {h}×{w} grid are no reference image grids in raster "
-                f"order (more than {MAX_REFERENCES} pieces)")
-    return h, w, ids.shape[0] - h * w
+    pieces = _pieces(ids)
+    if pieces is None:
+        return (f"img_ids are no output image grid and at most {MAX_REFERENCES} reference image grids, each in "
+                "raster order")
+    origins = [ids[start].tolist() for start, _, _ in pieces]
+    output = next((i for i, o in enumerate(origins) if o == [0.0, 0.0, 0.0]), None)
+    if output is None and origins[0][1:] == [0.0, 0.0]:
+        output = 0
+    if output is None:
+        return "img_ids hold no image grid starting at row 0, column 0 (the output image's first token)"
+    start, h, w = pieces[output]
+    if w == 1 and h > 1 and _grid(ids[:, [0, 2, 1]], start)[0] > 1:
+        return ("img_ids are in column-major order (the output image's tokens column by column); tomesd reads "
+                "the raster order diffusers' Flux pipelines use (row by row)")
+    return h, w, start, ids.shape[0] - start - h * w
 
 
 def _rotary_positions(blocks, single_type: type) -> dict:

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from ...matching import MergePlan
 from ..args import get_arg, set_arg
-from ..wrappers import ProcessorWrapper
+from ..wrappers import own_processor
 from .sdpa import Joint, JointAttention
 
 ROTARY_NAMES = ("image_rotary_emb",)
@@ -83,15 +83,20 @@ class RotaryJointAttention(JointAttention):
         self.inner = inner
         self.rotary_at = dict(rotary_at or {})
 
-    def _processor_of(self, call):
-        module = call.module if call.kind == "self" else getattr(call.module, self.inner, None)
-        return getattr(module, "processor", None)
+    def _attention_of(self, call):
+        return call.module if call.kind == "self" else getattr(call.module, self.inner, None)
 
     def tokens_refusal(self, call):
-        if not isinstance(self._processor_of(call), ProcessorWrapper):
+        if not own_processor(self._attention_of(call), call.owner):
             return (f"the attention processor of {call.name if call.kind == 'self' else self.inner} was replaced "
-                    "after patching (set_attn_processor?), so merged tokens would lose their rotary positions; "
+                    "after patching (set_attn_processor, unfuse_qkv_projections, or processors saved from a "
+                    "patched model and set back), so merged tokens would lose their rotary positions; "
                     "apply_patch again after setting processors")
+        return None
+
+    def refusal(self, call, merge_kv, bias):
+        if (merge_kv or bias) and not own_processor(self._attention_of(call), call.owner):
+            return self.tokens_refusal(call)
         return None
 
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):

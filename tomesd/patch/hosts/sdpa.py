@@ -26,7 +26,7 @@ from torch.overrides import TorchFunctionMode
 from ... import ops
 from ... import prop_attention as pa
 from ...matching import MergePlan
-from ..wrappers import ProcessorWrapper
+from ..wrappers import ProcessorWrapper, own_processor
 from .base import ArgAttention, Attention, Take
 
 SDPA_PROCESSORS = ("AttnProcessor2_0",)  # diffusers processors that call F.scaled_dot_product_attention once
@@ -110,46 +110,49 @@ def sdpa_forward(take: Take, name: str, original, args: tuple, kwargs: dict):
 class JointAttention(Attention):
     """A joint attention (image and text tokens in one SDPA call, the image part first or last):
     kv mode and prop_attn act inside that call, through a Joint opened around the attention's processor
-    (wrapped when patching; a processor set after patching replaces the wrapper, and is then said and
-    left unmerged there)."""
+    (wrapped when patching). Only this patch's own live wrapper takes it: any other processor set after
+    patching (another one, a wrapper of another patch, or a wrapper of an earlier patch saved from
+    `attn_processors` and set back, e.g. by unfuse_qkv_projections) is said and left unmerged there."""
 
     kv_inside = True
 
     def __init__(self, image_first: bool):
         self.image_first = image_first
 
+    def refusal(self, call, merge_kv, bias):
+        if (merge_kv or bias) and not own_processor(call.module, call.owner):
+            return (f"the attention processor of {call.name} was replaced after patching (set_attn_processor, "
+                    "unfuse_qkv_projections, or processors saved from a patched model and set back), so "
+                    "mode='kv' / prop_attn cannot act inside it; apply_patch again after setting processors")
+        return None
+
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):
-        if not (merge_kv or bias):
-            return args, kwargs
-        if not isinstance(getattr(call.module, "processor", None), ProcessorWrapper):
-            call.warn(f"processor-{call.name}", f"tomesd: the attention processor of {call.name} was replaced "
-                      "after patching (set_attn_processor?), so mode='kv' / prop_attn cannot act inside it; "
-                      "apply_patch again after setting processors")
-            return args, kwargs
-        call.leave(Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first))
+        if merge_kv or bias:
+            call.leave(Joint(plan, merge_kv=merge_kv, bias=bias, image_first=self.image_first))
         return args, kwargs
 
-    def wrap(self, name, module, take, bias):
-        return ProcessorWrapper.wrap(module, partial(sdpa_forward, take, name))
+    def wrap(self, name, module, take, bias, owner=None):
+        return ProcessorWrapper.wrap(module, partial(sdpa_forward, take, name), owner)
 
 
 class ProcessorAttention(ArgAttention):
     """diffusers' Attention as a self-attention sub-layer (UNets, DiT / PixArt blocks): ArgAttention's
     keys / values source and additive mask, and prop_attn's head-channel form on devices where
     tomesd.prop_attention.choose_form gives "channel", when the processor is torch's SDPA one
-    (SDPA_PROCESSORS; wrapped when patching with prop_attn). Elsewhere — another processor, one set
-    after patching, a CPU — the bias goes in as the attention_mask, as before."""
+    (SDPA_PROCESSORS; wrapped when patching with prop_attn) and still this patch's own wrapper. Elsewhere —
+    another processor, any processor set after patching (a wrapper of another or an earlier patch too), a
+    CPU — the bias goes in as the attention_mask, as before."""
 
-    def wrap(self, name, module, take, bias):
+    def wrap(self, name, module, take, bias, owner=None):
         kind = type(getattr(module, "processor", None))
         sdpa_processor = kind.__name__ in SDPA_PROCESSORS and kind.__module__.startswith("diffusers.")
         if not (bias and sdpa_processor):  # exactly diffusers' class: a look-alike may not call SDPA once
             return None
-        return ProcessorWrapper.wrap(module, partial(sdpa_forward, take, name))
+        return ProcessorWrapper.wrap(module, partial(sdpa_forward, take, name), owner)
 
     def prepare(self, call, args, kwargs, plan, merge_kv, bias):
         if (bias and (merge_kv or not self._has_kv_source(call))
-                and isinstance(getattr(call.module, "processor", None), ProcessorWrapper)
+                and own_processor(call.module, call.owner)
                 and pa.choose_form(call.x.device) == "channel"):
             args, kwargs = super().prepare(call, args, kwargs, plan, merge_kv, False)
             call.leave(Joint(plan, merge_kv=False, bias=True, image_first=True))

@@ -41,5 +41,8 @@ class KVMode(Mode):
         # an attention that merges inside its SDPA call may be handed the text tokens too
         return not self.attention.kv_inside
 
+    def refusal(self, call):
+        return self.attention.refusal(call, merge_kv=True, bias=self.prop)
+
     def enter(self, call, plan):
         return self.attention.prepare(call, call.args, call.kwargs, plan, merge_kv=True, bias=self.prop)

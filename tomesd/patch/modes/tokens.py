@@ -20,7 +20,12 @@ class TokensMode(Mode):
     merges_inputs = True
 
     def refusal(self, call):
-        return self.attention.tokens_refusal(call) if call.kind in ATTENTION_KINDS else None
+        if call.kind not in ATTENTION_KINDS:
+            return None
+        why = self.attention.tokens_refusal(call)
+        if why is None and self.prop:
+            why = self.attention.refusal(call, merge_kv=False, bias=True)
+        return why
 
     def enter(self, call, plan):
         merged = ops.merge(call.x, plan)
