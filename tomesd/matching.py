@@ -9,8 +9,11 @@ Nothing here imports diffusers; the CUDA ops in csrc/ implement the same contrac
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -19,6 +22,8 @@ from .keys import cell_keys
 
 # Element budget of one [B, rows, D] fp32 score tile: 2**24 elements = 64 MiB.
 SCORE_TILE_ELEMS = 1 << 24
+# Local matching's neighbourhoods kept (one per window and device, least recently used dropped first).
+NEIGHBOURHOOD_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -131,23 +136,77 @@ class Neighbourhood(NamedTuple):
     near: Tensor
 
 
-_NEIGHBOURHOODS: Dict[tuple, Neighbourhood] = {}
+def capturing(device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph: a tensor made then holds its
+    values only once the graph replays."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+class NeighbourhoodCache:
+    """The Neighbourhoods of the last `size` (window, device) pairs used, least recently used dropped
+    first (thread-safe). Its users `hold` it (weakly: a patched model's plan provider) and `release` it;
+    the last release empties it. Never read or filled while tracing or inside a CUDA-graph capture
+    (`capturing`, the seam tests replace): a capture builds its own, which lives in the graph's memory,
+    and no cached tensor holds values written only at replay or is read by a graph after the cache
+    dropped it."""
+
+    def __init__(self, size: int = NEIGHBOURHOOD_CACHE_SIZE, capturing=capturing):
+        self.size = size
+        self.capturing = capturing
+        self._entries: "OrderedDict[tuple, Neighbourhood]" = OrderedDict()
+        self._holders: "weakref.WeakSet" = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def get(self, win: LocalWindow, device) -> Neighbourhood:
+        """The Neighbourhood of `win` on `device`, built on first use (outside inference mode, so a cached
+        one serves calls that track gradients too)."""
+        device = torch.device(device)
+        if torch.compiler.is_compiling() or self.capturing(device):
+            return _neighbourhood(win, device)
+        key = (win, str(device))
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        with torch.inference_mode(False):
+            made = _neighbourhood(win, device)
+        if all(type(t) is Tensor for t in made):  # no fake tensors
+            with self._lock:
+                self._entries[key] = made
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return made
+
+    def keys(self) -> Tuple[tuple, ...]:
+        """(window, device) of the kept neighbourhoods, least recently used first."""
+        with self._lock:
+            return tuple(self._entries)
+
+    def hold(self, owner) -> None:
+        """`owner` (weakly referenced) uses the cache."""
+        with self._lock:
+            self._holders.add(owner)
+
+    def release(self, owner) -> None:
+        """`owner` no longer uses the cache; when no holder is left, it empties."""
+        with self._lock:
+            self._holders.discard(owner)
+            if not len(self._holders):
+                self._entries.clear()
+
+
+NEIGHBOURHOODS = NeighbourhoodCache()  # the process's cache
 
 
 def neighbourhood(win: LocalWindow, device) -> Neighbourhood:
-    """The Neighbourhood of `win` on `device`, built once per grid shape (not cached while tracing; made
-    outside inference mode, so a cached one serves calls that track gradients too)."""
-    if torch.compiler.is_compiling():
-        return _neighbourhood(win, torch.device(device))
-    key = (win, str(torch.device(device)))
-    found = _NEIGHBOURHOODS.get(key)
-    if found is not None:
-        return found
-    with torch.inference_mode(False):
-        made = _neighbourhood(win, torch.device(device))
-    if all(type(t) is Tensor for t in made):  # no fake tensors
-        _NEIGHBOURHOODS[key] = made
-    return made
+    """The Neighbourhood of `win` on `device`, from the process's cache (NEIGHBOURHOODS)."""
+    return NEIGHBOURHOODS.get(win, device)
 
 
 def _neighbourhood(win: LocalWindow, device) -> Neighbourhood:
