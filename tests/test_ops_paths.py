@@ -25,8 +25,8 @@ def test_report_lists_the_path_calls_took_per_device_and_dtype(monkeypatch):
     dst, src = matching.partition(8, 8, 2, 2, None, "cpu")
     plan = ops.build_plan(metric, dst, src, 16)
     ops.unmerge(ops.merge(metric.half(), plan), plan)
-    assert ops.report() == [ops.Path("cpu", "float16", False, "torch", CPU_REFUSAL),
-                            ops.Path("cpu", "float32", False, "torch", CPU_REFUSAL)]
+    assert ops.report() == [ops.PathRow("cpu", "float16", False, "torch", CPU_REFUSAL),
+                            ops.PathRow("cpu", "float32", False, "torch", CPU_REFUSAL)]
     monkeypatch.setenv("TOMESD_BACKEND", "torch")
     ops.merge(metric, plan)
     assert ops.report()[1].reason == "TOMESD_BACKEND=torch"  # the latest reason

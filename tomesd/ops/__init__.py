@@ -24,7 +24,7 @@ from . import loader
 from .torch_ops import csr
 
 __all__ = ["BACKENDS", "CUDA_DTYPES", "requested_backend", "cuda_refusal", "cuda_refusal_for", "choose_backend",
-           "backend_for", "prepare", "Path", "report", "clear_report", "csr", "plan_csr", "LocalWindow", "build_plan",
+           "backend_for", "prepare", "PathRow", "report", "clear_report", "csr", "plan_csr", "LocalWindow", "build_plan",
            "merge", "unmerge"]
 
 BACKENDS = ("auto", "torch", "cuda")
@@ -73,7 +73,7 @@ def choose_backend(t: Tensor) -> Tuple[str, Dict[str, str]]:
     return _choose_for(t.device.type, t.device.index, t.dtype)
 
 
-class Path(NamedTuple):
+class PathRow(NamedTuple):
     """The path op calls on tensors of one device and dtype took (a row of `report()`).
 
     backend: "cuda" or "torch"; capture: the calls were recorded into a CUDA graph; reason: why the
@@ -94,7 +94,7 @@ def _record(device: torch.device, dtype: torch.dtype, backend: str, refused: Dic
     _PATHS[(str(device), str(dtype).replace("torch.", ""), capture, backend)] = refused.get("cuda", "")
 
 
-def report() -> List[Path]:
+def report() -> List[PathRow]:
     """Which path the op calls of this process took (build_plan, merge, unmerge; a compiled graph's at
     trace time), one row per device, dtype, backend and whether inside a CUDA-graph capture, with why."""
     rows = []
@@ -102,7 +102,7 @@ def report() -> List[Path]:
         if backend == "cuda":
             refusal = (f"kernels {loader.loaded_from() or 'loaded'}; self-check on {device}: "
                        f"{loader.loader.checks.get(device, 'not run')}")
-        rows.append(Path(device, dtype, capture, backend, refusal))
+        rows.append(PathRow(device, dtype, capture, backend, refusal))
     return rows
 
 
