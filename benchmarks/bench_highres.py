@@ -55,6 +55,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import tomesd  # noqa: E402
 from tomesd import bench, matching, ops  # noqa: E402
+from tomesd.tools import cli  # noqa: E402
 
 import tomesd013  # noqa: E402  (the reference algorithm, next to this script)
 
@@ -69,16 +70,30 @@ SETTINGS: Tuple[Tuple[str, Dict[str, Any]], ...] = (  # name → apply_patch key
     ("0.7 prop mlp xattn share", dict(ratio=0.7, prop_attn=True, merge_mlp=True, merge_crossattn=True, share_plan=True)),
 )
 REFERENCE = "tomesd 0.1.3 0.5"
+BASELINES = ("no ToMe", REFERENCE)  # timed at every resolution: the speed-ups' baseline and tomesd 0.1.3
 
 
-def points(windows, prop_windows=()) -> List[Tuple[str, Optional[Dict[str, Any]]]]:
+def points(windows, prop_windows=(), settings=SETTINGS) -> List[Tuple[str, Optional[Dict[str, Any]]]]:
     """(name, apply_patch keywords; None = no ToMe, REFERENCE = tomesd 0.1.3) in timing order; settings
     with prop_attn also get prop_windows."""
-    out: List[Tuple[str, Optional[Dict[str, Any]]]] = [("no ToMe", None), (REFERENCE, None)]
-    for name, params in SETTINGS:
+    out: List[Tuple[str, Optional[Dict[str, Any]]]] = [(name, None) for name in BASELINES]
+    for name, params in settings:
         for window in [*windows, *(prop_windows if params.get("prop_attn") else ())]:
             out.append((f"{name} {'global' if window is None else f'k={window}'}", dict(params, match_window=window)))
     return out
+
+
+def setting_of(point: str) -> str:
+    """The setting (a name of SETTINGS or BASELINES) a point name belongs to."""
+    return point if point in BASELINES else point.rsplit(" ", 1)[0]
+
+
+def memory_names(pts, only: Optional[List[str]]) -> List[str]:
+    """The points whose peak memory is measured: the settings --only names (a baseline only when named
+    too), else no ToMe, tomesd 0.1.3 and the default setting's windows."""
+    if only is not None:
+        return [name for name, _ in pts if setting_of(name) in only]
+    return [name for name, _ in pts if name in BASELINES or name.startswith("default")]
 
 
 class Skip(nn.Module):
@@ -235,11 +250,11 @@ def peak_rss_growth(block_dir: str, side: int, cross: int, name: str, params) ->
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def memory_points(block_dir: str, px: int, side: int, cross: int, pts, say) -> Dict[str, float]:
-    """Peak RSS growth (GiB) of no ToMe, tomesd 0.1.3 and the default setting's windows at px."""
+def memory_points(block_dir: str, px: int, side: int, cross: int, pts, names, say) -> Dict[str, float]:
+    """Peak RSS growth (GiB) at px of the points `names` (see memory_names)."""
     mem = {}
     for name, params in pts:
-        if name in ("no ToMe", REFERENCE) or name.startswith("default"):
+        if name in names:
             mem[name] = peak_rss_growth(block_dir, side, cross, name, params)
             say(f"{px} px: {name}: peak RSS +{mem[name]:.2f} GiB")
     return mem
@@ -276,31 +291,58 @@ def load() -> str:
     return f"load average {os.getloadavg()[0]:.2f}"
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def int_list(noun: str, ok, empty: bool = True):
+    """argparse type: comma-separated integers for which ok(v) holds ('' is none when `empty`); one-line
+    errors "expected ..." and "V is not NOUN"."""
+
+    def parse(text: str) -> List[int]:
+        values = cli.comma_list(int)(text)
+        bad = [v for v in values if not ok(v)]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{bad[0]} is not {noun}")
+        if not values and not empty:
+            raise argparse.ArgumentTypeError(f"expected at least one value, each {noun}")
+        return list(values)
+
+    return parse
+
+
+def pixel_list(empty: bool = True):
+    """argparse type: image sides in px, multiples of 8 (never rounded)."""
+    return int_list("a multiple of 8 px ≥ 8 (8 px per latent token; not rounded)", lambda v: v >= 8 and v % 8 == 0,
+                    empty)
+
+
+window_list = int_list("an odd window k ≥ 1 (k × k cells)", lambda v: v >= 1 and v % 2 == 1)
+
+
+def parse_args(argv=None):
+    p = cli.Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="sd15", choices=("sd15", "sdxl", "tiny"))
-    p.add_argument("--resolutions", default="1024,1536,2048")
-    p.add_argument("--windows", default="3,5", help="local windows k besides global matching")
-    p.add_argument("--prop-windows", default="9", help="more windows for the settings with prop_attn")
-    p.add_argument("--level", help="time the Transformer2DModels at this downsample instead of the "
-                   "highest-resolution level (SDXL: 4 for its /4 level), or at several (2,4: both SDXL levels, "
-                   "every pair of settings composed); the settings merge the timed levels alone")
-    p.add_argument("--only", help="comma-separated setting names of SETTINGS (default: all)")
-    p.add_argument("--top", type=int, default=30, help="composed pairs printed (best first; all in --out)")
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--warmup", default="1024", help="resolutions at which every point gets an untimed call first")
-    p.add_argument("--rest-calls", type=int, default=1)
-    p.add_argument("--check-full", default="1024", help="resolutions at which a whole unpatched step is timed too "
-                   "(checks step = L · block + rest)")
-    p.add_argument("--memory", default="1024,2048", help="resolutions at which peak memory is measured ('' = none)")
+    p.add_argument("--resolutions", type=pixel_list(empty=False), default=[1024, 1536, 2048],
+                   help="image sides in px, multiples of 8 (and of 8 × each timed level's downsample)")
+    p.add_argument("--windows", type=window_list, default=[3, 5], help="local windows k besides global matching "
+                   "(odd, '' = global only)")
+    p.add_argument("--prop-windows", type=window_list, default=[9], help="more windows for the settings with prop_attn")
+    p.add_argument("--level", type=int_list("a downsample factor ≥ 1", lambda v: v >= 1, empty=False),
+                   help="time the Transformer2DModels at this downsample instead of the highest-resolution level "
+                   "(SDXL: 4 for its /4 level), or at several (2,4: both SDXL levels, every pair of settings "
+                   "composed); the settings merge the timed levels alone")
+    p.add_argument("--only", help="comma-separated setting names of SETTINGS (default: all); the memory is measured "
+                   f"for these alone, and for {' / '.join(BASELINES)} when named too")
+    p.add_argument("--top", type=cli.positive, default=30, help="composed pairs printed (best first; all in --out)")
+    p.add_argument("--rounds", type=cli.positive, default=2)
+    p.add_argument("--warmup", type=pixel_list(), default=[1024], help="resolutions at which every point gets an "
+                   "untimed call first")
+    p.add_argument("--rest-calls", type=cli.positive, default=1)
+    p.add_argument("--check-full", type=pixel_list(), default=[1024], help="resolutions at which a whole unpatched "
+                   "step is timed too (checks step = L · block + rest)")
+    p.add_argument("--memory", type=pixel_list(), default=[1024, 2048], help="resolutions at which peak memory is "
+                   "measured ('' = none)")
     p.add_argument("--memory-only", action="store_true", help="only the peak memory at --memory (no timing)")
     p.add_argument("--memory-child", nargs=4, help=argparse.SUPPRESS)
     p.add_argument("--out")
-    return p, p.parse_args()
-
-
-def ints(text: str) -> List[int]:
-    return [int(v) for v in text.split(",") if v.strip()]
+    return p, p.parse_args(argv)
 
 
 def level_rows(pts, times, plans, L: int, layers: int, others: float, rest: float, d: int) -> List[Dict[str, Any]]:
@@ -334,49 +376,55 @@ def composed(levels_rows: Dict[int, List[Dict[str, Any]]], counts: Dict[int, int
     return sorted(out, key=lambda c: -c["step_speedup"])
 
 
-def main() -> None:
-    p, args = parse_args()
+def main(argv=None) -> None:
+    p, args = parse_args(argv)
     if args.memory_child:
         d, side, cross, spec = args.memory_child
         memory_child(d, int(side), int(cross), spec)
         return
-    windows: List[Optional[int]] = [None] + ints(args.windows)
-    global SETTINGS
+    windows: List[Optional[int]] = [None] + args.windows
+    settings, only = SETTINGS, None
     if args.only:
-        keep = args.only.split(",")
-        unknown = set(keep) - {n for n, _ in SETTINGS}
-        if unknown:
-            p.error(f"--only: unknown setting(s) {sorted(unknown)}; known: {[n for n, _ in SETTINGS]}")
-        SETTINGS = tuple(s for s in SETTINGS if s[0] in keep)
+        only = [name.strip() for name in args.only.split(",") if name.strip()]
+        known = [n for n, _ in SETTINGS] + list(BASELINES)
+        unknown = set(only) - set(known)
+        if unknown or not only:
+            p.error(f"--only: unknown setting(s) {sorted(unknown)}; known: {known}")
+        settings = tuple(s for s in SETTINGS if s[0] in only)
+    if args.memory_only and not args.memory:
+        p.error("--memory-only needs --memory resolutions")
     ARCH["name"] = args.arch
     cfg = bench.default_config("cpu", arch=args.arch, isolate=False)
     unet = bench.load_unet(cfg)
     cross = unet.config.cross_attention_dim
     cross = cross[0] if isinstance(cross, (list, tuple)) else cross
     levels: Dict[int, Dict[str, Any]] = {}
-    try:
-        asked = ints(args.level) if args.level else [None]
-    except ValueError:
-        p.error(f"--level {args.level}: expected downsample factors such as 4 or 2,4")
+    asked = args.level or [None]
     if len(set(asked)) < len(asked):
-        p.error(f"--level {args.level}: a level is given twice")
+        p.error(f"--level {','.join(map(str, asked))}: a level is given twice")
     for level in asked:
         modules, downsample = finest_modules(unet, level)
         if not modules:
             p.error(f"--level {level}: {args.arch} has no transformer block at that downsample")
+        for what in ("resolutions", "memory"):
+            odd = [px for px in getattr(args, what) if px % (8 * downsample)]
+            if odd:
+                p.error(f"--{what}: {odd[0]} px is not a multiple of {8 * downsample} (8 px per latent token × the "
+                        f"level's downsample {downsample}); not rounded")
         block = modules[0][0][modules[0][1]]
         block_dir = tempfile.mkdtemp(prefix=f"tomesd_highres_block{downsample}_")
         block.save_pretrained(block_dir)
         levels[downsample] = dict(modules=modules, block=block, dir=block_dir)
-    pts = points(windows, ints(args.prop_windows))
+    pts = points(windows, args.prop_windows, settings)
+    measured = memory_names(pts, only)
     about = {d: dict(modules=len(v["modules"]), channels=v["block"].config.in_channels,
                      layers=len(v["block"].transformer_blocks)) for d, v in levels.items()}
     result: Dict[str, Any] = dict(arch=args.arch, torch=torch.__version__, threads=torch.get_num_threads(),
                                   levels=about, load_before=load(), resolutions={})
     say = lambda text: print(text, file=sys.stderr, flush=True)  # noqa: E731
     if args.memory_only:
-        memory = {f"{px} px /{d}": memory_points(v["dir"], px, px // 8 // d, cross, pts, say)
-                  for px in ints(args.memory) for d, v in levels.items()}
+        memory = {f"{px} px /{d}": memory_points(v["dir"], px, px // 8 // d, cross, pts, measured, say)
+                  for px in args.memory for d, v in levels.items()}
         print("| px, level | " + " | ".join(memory[next(iter(memory))]) + " |")
         for key, mem in memory.items():
             print(f"| {key} | " + " | ".join(f"{v:.2f} GiB" for v in mem.values()) + " |")
@@ -384,16 +432,17 @@ def main() -> None:
             with open(args.out, "w") as fh:
                 json.dump(dict(result, memory_gib=memory), fh, indent=1)
         return
-    for px in ints(args.resolutions):
-        run_resolution(args, px, unet, cfg, cross, levels, pts, result, say)
+    for px in args.resolutions:
+        run_resolution(args, px, unet, cfg, cross, levels, pts, measured, result, say)
         if args.out:
             with open(args.out, "w") as fh:
                 json.dump(dict(result, load_after=load()), fh, indent=1)
 
 
-def run_resolution(args, px: int, unet, cfg, cross: int, levels, pts, result, say) -> None:
-    """Time and report one resolution: rest, every level's blocks, the composed pairs, memory."""
-    warm = px in ints(args.warmup)
+def run_resolution(args, px: int, unet, cfg, cross: int, levels, pts, measured, result, say) -> None:
+    """Time and report one resolution: rest, every level's blocks, the composed pairs, memory (of the
+    points `measured`)."""
+    warm = px in args.warmup
     entry: Dict[str, Any] = dict(levels={})
     rest = step_times(unet, cfg, px, args.rest_calls, warm, skipped=[m for v in levels.values() for m in v["modules"]])
     entry["rest_s"] = statistics.median(rest)
@@ -410,14 +459,14 @@ def run_resolution(args, px: int, unet, cfg, cross: int, levels, pts, result, sa
         others = sum(counts[o] * base[o] for o in levels if o != d)
         rows = level_rows(pts, times, plans, counts[d], len(v["block"].transformer_blocks), others, entry["rest_s"], d)
         entry["levels"][d] = dict(rows=rows, share=counts[d] * base[d] / step0)
-        if px in ints(args.memory):
-            mem = memory_points(v["dir"], px, px // 8 // d, cross, pts, say)
+        if px in args.memory:
+            mem = memory_points(v["dir"], px, px // 8 // d, cross, pts, measured, say)
             for row in rows:
                 if row["setting"] in mem:
                     row["peak_rss_growth_gib"] = mem[row["setting"]]
     if len(levels) > 1:
         entry["composed"] = composed({d: entry["levels"][d]["rows"] for d in levels}, counts, entry["rest_s"])
-    if px in ints(args.check_full):
+    if px in args.check_full:
         entry["full_step_s"] = statistics.median(step_times(unet, cfg, px, 1, warmup=True))
         say(f"{px} px: whole step {entry['full_step_s']:.1f} s against Σ L · block + rest = {step0:.1f} s")
     result["resolutions"][px] = entry

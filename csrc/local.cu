@@ -59,6 +59,10 @@ __global__ void __launch_bounds__(256) best_dst_local_kernel(MatchArgs a, LocalA
           if (d < 0) continue;  // the same for every lane: no divergence around the shuffles
           const T* xd = xb + d * a.C;
           float dot = 0.f;
+          // Channels a lane keeps in flight: 2 in fp32 (unrolled 4 times, sm_80 spilled registers to local
+          // memory; tests/test_cuda_compile.py fails on any spill), 4 in fp16 / bf16.
+          constexpr int kUnroll = sizeof(T) == 4 ? 2 : 4;
+#pragma unroll kUnroll
           for (int c = lane; c < a.C; c += 32) dot = fmaf(to_float(xs[c]), to_float(xd[c]), dot);
           for (int o = 16; o > 0; o /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, o);
           const float v = dot * nb[tok] * nb[d];

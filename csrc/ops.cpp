@@ -1,4 +1,4 @@
-// CUDA implementations of the tomesd ops. The schemas are defined once, in Python (tomesd/library.py),
+// CUDA implementations of the tomesd ops. The schemas are defined once, in Python (tomesd/ops/torch_ops.py),
 // so they exist (with CPU and fake impls) on machines without this extension; this file only adds
 // the CUDA kernels with TORCH_LIBRARY_IMPL. Every buffer comes from PyTorch's caching allocator and
 // every kernel runs on the current stream, so the ops can be captured in a CUDA graph.
@@ -7,7 +7,7 @@
 // that would need a host synchronization per call (and break CUDA-graph capture). The kernels bound
 // every access instead, so malformed indices give unspecified outputs but never touch memory outside
 // their buffers. TOMESD_CHECK_INDICES=1 (a debug switch, read per call) validates them and raises the
-// ValueError of the CPU impls (tomesd/library.py check_partition / check_plan).
+// ValueError of the CPU impls (tomesd/ops/torch_ops.py check_partition / check_window / check_plan).
 #include <Python.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/cat.h>
@@ -21,7 +21,9 @@
 #include <cstdlib>
 #include <cstring>
 #include <tuple>
+#include <vector>
 
+#include "rules.h"
 #include "tomesd.h"
 
 namespace tomesd {
@@ -140,12 +142,25 @@ std::tuple<Tensor, Tensor> best_dst_cuda(const Tensor& metric_in, const Tensor& 
   return {score, dst_pos.to(at::kLong)};
 }
 
-// The window's geometry, checked against the metric (host integers only: no synchronization).
-LocalArgs local_args(const MatchArgs& a, int64_t h, int64_t w, int64_t sx, int64_t sy, int64_t k) {
+// TOMESD_CHECK_INDICES=1: dst_idx holds one token per sy x sx cell of the grid, as local matching
+// takes it (one host copy of dst_idx; the CPU ops' check_window).
+void check_cells(const Tensor& dst_idx, int64_t h, int64_t w, int64_t sx, int64_t sy) {
+  const Tensor host = dst_idx.cpu().contiguous();
+  std::vector<unsigned char> seen(static_cast<size_t>(std::max<int64_t>(0, (h / sy) * (w / sx))));
+  TORCH_CHECK_VALUE(one_dst_per_cell(host.data_ptr<int64_t>(), host.numel(), h, w, sx, sy, seen.data()),
+                    "tomesd: local matching needs one dst token per ", sy, " x ", sx, " cell of the ", h, " x ", w,
+                    " grid");
+}
+
+// The window's geometry, checked against the metric (host integers only: no synchronization, unless
+// TOMESD_CHECK_INDICES=1 asks for the one-dst-per-cell check).
+LocalArgs local_args(const MatchArgs& a, const Tensor& dst_idx, int64_t h, int64_t w, int64_t sx, int64_t sy,
+                     int64_t k) {
   TORCH_CHECK(h >= 1 && w >= 1 && sx >= 1 && sy >= 1 && h * w == a.N, "tomesd: grid ", h, " x ", w,
               " with cells ", sy, " x ", sx, " does not fit N = ", a.N, " tokens");
   TORCH_CHECK(k >= 1 && k % 2 == 1, "tomesd: match_window must be an odd int >= 1, got ", k);
   TORCH_CHECK(a.D == 0 || (h >= sy && w >= sx), "tomesd: a ", h, " x ", w, " grid has no ", sy, " x ", sx, " cell");
+  if (check_indices()) check_cells(dst_idx, h, w, sx, sy);
   return LocalArgs{static_cast<int>(h), static_cast<int>(w), static_cast<int>(sx), static_cast<int>(sy),
                    static_cast<int>(std::min<int64_t>(k, int64_t{1} << 30))};
 }
@@ -175,7 +190,7 @@ std::tuple<Tensor, Tensor> best_dst_local_cuda(const Tensor& metric_in, const Te
   const c10::cuda::CUDAGuard guard(metric_in.device());
   const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
   const MatchArgs a = match_args(metric, dst_idx, src_idx);
-  const LocalArgs g = local_args(a, h, w, sx, sy, window);
+  const LocalArgs g = local_args(a, dst_idx, h, w, sx, sy, window);
   if (a.B == 0 || a.S == 0) {
     return {at::empty({a.B, a.S}, metric.options().dtype(at::kFloat)),
             at::empty({a.B, a.S}, metric.options().dtype(at::kLong))};
@@ -225,7 +240,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> build_plan_with(const Tensor& metric_
   const Tensor metric = metric_in.contiguous(), dst_idx = dst_idx_in.contiguous(), src_idx = src_idx_in.contiguous();
   const MatchArgs a = match_args(metric, dst_idx, src_idx);
   LocalArgs g{};
-  if (window != nullptr) g = local_args(a, window[0], window[1], window[2], window[3], window[4]);
+  if (window != nullptr) g = local_args(a, dst_idx, window[0], window[1], window[2], window[3], window[4]);
   TORCH_CHECK(0 <= r && r <= a.S, "tomesd: r = ", r, " must be in [0, ", a.S, "] (the number of src tokens)");
   TORCH_CHECK(r == 0 || a.D > 0, "tomesd: dst_idx is empty but r = ", r, " src tokens must merge");
   const int B = a.B, N = a.N, M = N - static_cast<int>(r);

@@ -89,6 +89,25 @@ inline int pack_width(int C, int elem_bytes, uintptr_t p0, uintptr_t p1) {
   return w;
 }
 
+// Whether dst[0..D) holds exactly one token of each sy x sx cell of the top-left (h / sy * sy) x
+// (w / sx * sx) region of an h x w grid, as local matching takes it (the CPU ops' rule:
+// tomesd.ops.torch_ops.check_window). Host only; seen: (h / sy) * (w / sx) bytes of scratch.
+inline bool one_dst_per_cell(const int64_t* dst, int64_t D, int64_t h, int64_t w, int64_t sx, int64_t sy,
+                             unsigned char* seen) {
+  if (h < 1 || w < 1 || sx < 1 || sy < 1) return false;
+  const int64_t hsy = h / sy, wsx = w / sx;
+  if (D != hsy * wsx) return false;
+  for (int64_t c = 0; c < D; ++c) seen[c] = 0;
+  for (int64_t i = 0; i < D; ++i) {
+    const int64_t t = dst[i];
+    if (t < 0 || t >= h * w || t / w >= hsy * sy || t % w >= wsx * sx) return false;
+    const int64_t cell = (t / w / sy) * wsx + t % w / sx;
+    if (seen[cell]) return false;
+    seen[cell] = 1;
+  }
+  return true;
+}
+
 // Whether the tensor-core matching kernel has a body on this device: fp16/bf16, an sm_80+ device,
 // and the kernel's code generated from compute_80+ PTX. A build with only older PTX (JIT-compiled
 // by the driver for a newer GPU) or only older SASS has the trap stub instead.

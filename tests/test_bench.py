@@ -138,6 +138,9 @@ def test_other_errors_stop_the_run(tmp_path):
     (["--arch", "sd3", "--resolutions", "72"], "multiples of 16"),
     (["--ratios", "0.9"], "ratios must be in (0, 0.75], got (0.9,)"),
     (["--ratios", "a"], "comma-separated numbers"),
+    (["--ratios", "0.9", "--variant", "sx=4,sy=4", "--variant", "prop_attn=true"],
+     "ratios must be in (0, 0.75] with 2 x 2 cells (setting prop_attn=True), got (0.9,)"),
+    (["--ratios", "0.95", "--variant", "sx=4,sy=4"], "ratios must be in (0, 0.9375] with 4 x 4 cells (setting sx=4 sy=4)"),
     (["--backend", "cuda", "--device", "cpu"], "needs a cuda device"),
     (["--arch", "sd4"], "invalid choice"),
     (["--arch", "sd15", "--layers", "2"], "layers must be"),
@@ -164,6 +167,21 @@ def test_bad_arguments_are_argparse_errors(argv, message, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_ratios_are_checked_against_each_settings_cells(monkeypatch):
+    """Issue 27 item 8: the README's high-resolution preset (ratio 0.9 with 4 × 4 cells) was refused
+    against 2 × 2 cells; each setting's own sx, sy bound the ratios (a --set axis too)."""
+    started = []
+    monkeypatch.setattr(measure, "run", lambda cfg, **kwargs: started.append(cfg) or sys.exit(0))
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--arch", "tiny", "--resolutions", "64", "--ratios", "0.9", "--variant", "sx=4,sy=4,prop_attn=true",
+                    "--steps", "1", "--warmup", "0", "--no-isolate", "--no-progress"])
+    assert exit_info.value.code == 0 and started[0].variants == ({"sx": 4, "sy": 4, "prop_attn": True},)
+    cfg = bench.default_config("cpu", arch="tiny", ratios=(0.5, 0.9), grid={"sx": (4,), "sy": (4, 8)})
+    assert [p["sy"] for p in bench.settings(cfg)] == [4, 8]
+    with pytest.raises(ValueError, match=r"ratios must be in \(0, 0.75\] with 2 x 2 cells \(setting mode=kv\)"):
+        bench.default_config("cpu", arch="tiny", ratios=(0.9,), variants=({"sx": 4, "sy": 4}, {"mode": "kv"}))
 
 
 def test_a_ratio_out_of_range_is_said_once_and_no_setting_is_nameless(capsys):

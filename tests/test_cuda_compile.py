@@ -1,5 +1,6 @@
-"""Every csrc source compiles with nvcc for sm_80 and sm_90 against torch's headers (no GPU needed),
-and the tensor-core kernel traps (never silently does nothing) where it is compiled for an older arch.
+"""Every csrc source compiles with nvcc for sm_80 and sm_90 against torch's headers (no GPU needed)
+without spilling registers to local memory (ptxas -warn-spills; a spill is an error), and the
+tensor-core kernel traps (never silently does nothing) where it is compiled for an older arch.
 
 Flags mirror the JIT build's: tomesd/ops/build_flags.py, and torch.utils.cpp_extension's include
 paths, the -D__CUDA_NO_HALF* defines, its C++ standard, the C++11 ABI flag. torch's CPU wheels lack
@@ -23,6 +24,9 @@ from torch.utils import cpp_extension
 from tomesd.ops import build_flags, loader
 
 ARCHS = ("80", "90")
+# ptxas reports every register spill (a warning, which -Werror all-warnings makes an error); the test
+# also looks for the word in the output, should a toolkit print it as a plain warning.
+SPILLS_ARE_ERRORS = ["-Xptxas", "-warn-spills"]
 
 
 def _nvcc():
@@ -49,7 +53,7 @@ def _flags() -> list:
 def _compile(nvcc: str, source: Path, out_dir: Path) -> subprocess.CompletedProcess:
     cmd = [nvcc, "-c", str(source), "-o", str(out_dir / (source.name + ".o"))] + _flags()
     if source.suffix == ".cu":
-        cmd += list(cpp_extension.COMMON_NVCC_FLAGS) + build_flags.NVCC_FLAGS
+        cmd += list(cpp_extension.COMMON_NVCC_FLAGS) + build_flags.NVCC_FLAGS + SPILLS_ARE_ERRORS
         for arch in ARCHS:
             cmd += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=900)
@@ -65,6 +69,8 @@ def test_csrc_compiles_for_sm80_sm90(tmp_path):
         results = list(pool.map(lambda s: (s, _compile(nvcc, s, tmp_path)), sources))
     failures = [f"{s.name}:\n{r.stderr[-4000:]}" for s, r in results if r.returncode != 0]
     assert not failures, "nvcc failed:\n" + "\n".join(failures)
+    spills = [f"{s.name}: {line}" for s, r in results for line in (r.stdout + r.stderr).splitlines() if "spill" in line]
+    assert not spills, "registers spilled to local memory:\n" + "\n".join(spills)
 
 
 def _wmma_entries(ptx: str) -> dict:

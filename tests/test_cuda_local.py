@@ -66,6 +66,23 @@ def test_local_kernel_stays_in_bounds_on_malformed_indices(kind, monkeypatch):
     assert torch.equal(OPS.build_plan_local(healthy, hdst, hsrc, 8, 8, 2, 2, 3, hr)[0].cpu(), want)
 
 
+def test_local_ops_check_one_dst_per_cell_under_check_indices(monkeypatch):
+    """TOMESD_CHECK_INDICES=1: the CUDA local ops refuse a dst_idx that is not one token per cell with
+    the CPU ops' ValueError (a valid partition otherwise: distinct tokens in range)."""
+    metric, dst, src, r = _case(2, 16, 12, 32, 2, 2, torch.float16, seed=39)
+    two_in_one = torch.cat([dst[:1], src[:1]])  # the first cell's dst and another token of that cell
+    rest = torch.cat([src[1:], dst[1:]])
+    bad_dst = torch.cat([two_in_one, dst[2:]])
+    bad_src = rest[~torch.isin(rest, bad_dst)]
+    monkeypatch.setenv("TOMESD_CHECK_INDICES", "1")
+    for op, args in ((OPS.best_dst_local, (16, 12, 2, 2, 3)), (OPS.build_plan_local, (16, 12, 2, 2, 3, r))):
+        with pytest.raises(ValueError, match="local matching needs one dst token per 2 x 2 cell of the 16 x 12 grid"):
+            op(metric.cpu(), bad_dst.cpu(), bad_src.cpu(), *args)
+        with pytest.raises(ValueError, match="local matching needs one dst token per 2 x 2 cell of the 16 x 12 grid"):
+            op(metric, bad_dst, bad_src, *args)
+        op(metric, dst, src, *args)  # a valid partition passes
+
+
 def test_patched_unet_with_local_matching_on_cuda(monkeypatch, request):
     """fp16 UNet, match_window=3: compiled equals eager, and the plans are the local kernel's."""
     torch._dynamo.reset()

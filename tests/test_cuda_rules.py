@@ -4,7 +4,8 @@ the load-time self-check's cases (tomesd.ops.selfcheck) against the same rules: 
 real workloads take (several dst tiles per block, unvectorized loads, pack width 1, block-scan chunks).
 
 rules.h is the code the kernels call (`better`, `orderable`, `select_key`, `split_count`,
-`tensor_cores_usable`); a small C harness loads it with ctypes. `fold_row` replays the matching
+`tensor_cores_usable`, and `one_dst_per_cell`, the local ops' check under TOMESD_CHECK_INDICES=1); a
+small C harness loads it with ctypes. `fold_row` replays the matching
 kernels' reduction order on the host: each lane folds its columns of every dst tile of its slice,
 the lanes of a row combine by xor shuffles, then combine_splits folds the slices in order.
 Skipped only where no C++ compiler is installed.
@@ -24,6 +25,7 @@ import torch
 
 from tomesd import matching
 from tomesd.ops import loader, selfcheck
+from tomesd.ops.torch_ops import check_window
 
 HARNESS = r"""
 #include "rules.h"
@@ -47,6 +49,10 @@ int geometry_c(int i) {
 int tiles_per_split_c(int dtiles, int splits) { return tiles_per_split(dtiles, splits); }
 int vector_loads_c(int C, uint64_t address) { return vector_loads(C, address); }
 int pack_width_c(int C, int elem_bytes, uint64_t p0, uint64_t p1) { return pack_width(C, elem_bytes, p0, p1); }
+int one_dst_per_cell_c(const int64_t* dst, int64_t D, int64_t h, int64_t w, int64_t sx, int64_t sy) {
+  std::vector<unsigned char> seen(static_cast<size_t>((h / sy) * (w / sx) > 0 ? (h / sy) * (w / sx) : 0));
+  return one_dst_per_cell(dst, D, h, w, sx, sy, seen.data());
+}
 
 // One src row's (max, argmax) over scores v[0..D) as the kernels reduce it: `tile` dst per tile,
 // `lanes` lanes per row each owning `tile / lanes` consecutive columns of a tile, `splits` slices
@@ -115,6 +121,7 @@ def rules(tmp_path_factory):
         ("tensor_cores_usable_c", i32, [i32, i32, i32, i32]), ("geometry_c", i32, [i32]),
         ("tiles_per_split_c", i32, [i32, i32]), ("vector_loads_c", i32, [i32, u64]),
         ("pack_width_c", i32, [i32, i32, u64, u64]),
+        ("one_dst_per_cell_c", i32, [ctypes.POINTER(i64), i64, i64, i64, i64, i64]),
         ("fold_row", None, [ctypes.POINTER(f), i32, i32, i32, i32, ctypes.POINTER(f), ctypes.POINTER(i32)]),
     ):
         getattr(dll, name).restype = res
@@ -299,3 +306,34 @@ def test_no_kernel_puts_the_batch_on_grid_y_or_z():
         assert "blockIdx.z" not in text and "gridDim.z" not in text, source.name
         for grid in re.findall(r"dim3 grid\(([^;]*)\);", text):
             assert grid.count(",") <= 1 and "a.B" in grid.split(",")[0], (source.name, grid)
+
+
+def _cells_ok_on_the_cpu(dst, h, w, sx, sy) -> bool:
+    try:
+        check_window(h * w, dst, h, w, sx, sy, 3)
+    except ValueError:
+        return False
+    return True
+
+
+def test_one_dst_per_cell_is_the_cpu_ops_rule(rules):
+    """The CUDA local ops' TOMESD_CHECK_INDICES=1 check (csrc/ops.cpp check_cells) refuses exactly the
+    dst_idx the CPU ops refuse: two dst in a cell, an empty cell, a dst in a remainder row or column."""
+    cases = []
+    for h, w, sx, sy in [(8, 8, 2, 2), (9, 7, 2, 3), (13, 21, 4, 4), (5, 40, 2, 2), (3, 3, 4, 4)]:
+        dst, _ = matching.partition(h, w, sx, sy, torch.tensor(h * w), "cpu")
+        cases.append((dst, h, w, sx, sy))
+        if len(dst) >= 2:
+            cases.append((torch.cat([dst[:1], dst[:1] + 1, dst[2:]]), h, w, sx, sy))  # two in the first cell
+            cases.append((dst[1:], h, w, sx, sy))  # the first cell has none
+            cases.append((torch.cat([dst[:-1], torch.tensor([h * w - 1])]), h, w, sx, sy))
+    cases.append((torch.tensor([8 * 8 - 1] * 16), 8, 8, 2, 2))
+    verdicts = []
+    for dst, h, w, sx, sy in cases:
+        arr = (ctypes.c_int64 * max(1, len(dst)))(*dst.tolist())
+        got = bool(rules.one_dst_per_cell_c(arr, len(dst), h, w, sx, sy))
+        assert got == _cells_ok_on_the_cpu(dst, h, w, sx, sy), (dst.tolist(), h, w, sx, sy)
+        verdicts.append(got)
+    assert True in verdicts and False in verdicts
+    ops_cpp = (loader.csrc_dir() / "ops.cpp").read_text()
+    assert "if (check_indices()) check_cells(dst_idx" in ops_cpp

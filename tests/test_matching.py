@@ -119,3 +119,59 @@ def test_fp16_merge_of_a_flat_region_does_not_overflow():
     ramp = torch.linspace(-1, 1, n, dtype=torch.float64).to(torch.float16)[None, :, None].expand(1, n, 8)
     torch.testing.assert_close(merge(ramp, plan).float(), ramp.double().mean(1, keepdim=True).float(),
                                rtol=0, atol=1e-3)
+
+
+# ---- Exact ties on duplicated tokens (tomesd.ties) ----
+
+def _duplicated(B, h, w, C, distinct, seed):
+    """Tokens drawn from `distinct` random vectors: every token has bitwise-identical twins."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randn(B, distinct, C, generator=g)
+    pick = torch.randint(0, distinct, (B, h * w), generator=g)
+    return rows.gather(1, pick[..., None].expand(B, h * w, C))
+
+
+def _exact(metric, dst, src, win):
+    """(score fp64, dst position) by brute force, one summation order for every pair (identical pairs tie
+    exactly), candidates outside the window masked, the lowest position among equal scores."""
+    m = metric.double()
+    m = m / m.norm(dim=-1, keepdim=True)
+    scores = (m[:, src, None, :] * m[:, None, dst, :]).sum(-1)
+    if win is not None:
+        hsy, wsx = win.cells
+        cy = lambda t: (t // win.w // win.sy).clamp_max(hsy - 1)  # noqa: E731
+        cx = lambda t: (t % win.w // win.sx).clamp_max(wsx - 1)  # noqa: E731
+        near = ((cy(src)[:, None] - cy(dst)[None]).abs() <= win.k // 2) & ((cx(src)[:, None] - cx(dst)[None]).abs() <= win.k // 2)
+        scores = scores.masked_fill(~near, float("-inf"))
+    return scores.max(dim=-1)
+
+
+@pytest.mark.parametrize("window", [None, 3, 5])
+def test_duplicated_tokens_tie_exactly(window):
+    """Issue 27 item 18: a batched matmul rounds identical columns differently, so the PyTorch path broke
+    its own lowest-position rule on duplicated tokens (the local path here: 61 of 6,912 rows). Now every
+    dst, and the plan, equal an exact reference's: identical pairs tie bit for bit, the lowest position
+    wins, and equal scores at the r-th place merge the lower src positions."""
+    h, w = 48, 40
+    metric = _duplicated(2, h, w, 33, 12, seed=window or 0)
+    dst, src = matching.partition(h, w, 2, 2, torch.tensor(11), "cpu")
+    win = None if window is None else matching.LocalWindow(h, w, 2, 2, window)
+    score, pos = matching.best_dst(metric, dst, src) if win is None else matching.best_dst_local(metric, dst, src, win)
+    want_score, want_pos = _exact(metric, dst, src, win)
+    assert torch.equal(pos, want_pos)
+    torch.testing.assert_close(score.double(), want_score, rtol=0, atol=1e-6)
+    pair = metric[:, src].sum(-1) * 7 + metric[:, dst].sum(-1).gather(1, pos)  # alike pairs alike here
+    for b in range(2):
+        for value in pair[b].unique():
+            assert score[b][pair[b] == value].unique().numel() == 1  # one score per identical pair, bit for bit
+    for r in (len(src) // 3, len(src) * 2 // 3):
+        plan = matching.build_plan(metric, dst, src, r, win)
+        assert torch.equal(plan.slot, matching.plan_from_matches(want_score.float(), want_pos, dst, src, r, h * w).slot)
+
+
+def test_equal_scores_at_the_rth_place_merge_the_lower_src_positions():
+    score = torch.tensor([[0.5, 0.9, 0.5, 0.5, float("nan"), 0.0, -0.0, 0.5]])
+    src, dst = torch.arange(1, 9), torch.tensor([0])
+    for r, merged in ((2, [1, 4]), (4, [0, 1, 2, 4]), (7, [0, 1, 2, 3, 4, 5, 7])):
+        plan = matching.plan_from_matches(score, torch.zeros_like(score, dtype=torch.int64), dst, src, r, 9)
+        assert (plan.slot[0, 1:] == plan.slot[0, 0]).nonzero().flatten().tolist() == merged, r

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.library import opcheck
 
+from loader_fakes import broken, fake_loader
 from tomesd import info, matching, ops
 from tomesd.ops import loader, selfcheck
 
@@ -161,10 +162,6 @@ def test_ops_refuse_malformed_plans():
 
 # ---- The self-check the loaded kernels run before first use on a device (tomesd/ops/selfcheck.py) ----
 
-def _broken(**fns):
-    return selfcheck.torch_kernels()._replace(**fns)
-
-
 def _sum_merge(x, slot, offsets, members, mean):
     return OPS.merge(x, slot, offsets, members, False)
 
@@ -240,28 +237,12 @@ def test_self_check_needs_no_default_device(monkeypatch):
     (dict(merge=_raising_merge), "RuntimeError: CUDA error: an illegal memory access was encountered ("),
 ])
 def test_self_check_refuses_wrong_kernels(fns, message):
-    reason = selfcheck.self_check(_broken(**fns), "cpu")
+    reason = selfcheck.self_check(broken(**fns), "cpu")
     assert message in reason and "metric [" in reason and "\n" not in reason
 
 
-def _fake_loader(monkeypatch, tmp_path, kernels, capturing=lambda device: False, checked=None):
-    """The process's loader replaced by one whose JIT build only writes the library file and whose
-    self-check runs the given kernels on the CPU (the CPU impls stand in for the CUDA kernels)."""
-    def check_device(device):
-        if checked is not None:
-            checked.append(device)
-        return torch.device("cpu")
-
-    fake = loader.Loader(
-        jit_build=lambda build_dir: (build_dir / loader.JIT_LIBRARY).write_bytes(b""),
-        cache_dir=lambda: tmp_path, prebuilt_available=lambda: False, build_refusal=lambda: "",
-        check_device=check_device, capturing=capturing, kernels=kernels)
-    monkeypatch.setattr(loader, "loader", fake)
-    return fake
-
-
 def test_first_load_announces_the_build_and_passes_the_self_check(monkeypatch, tmp_path, caplog):
-    _fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels)
+    fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels)
     with caplog.at_level("WARNING", logger="tomesd"), warnings.catch_warnings():
         warnings.simplefilter("error")
         assert loader.load_error("cuda:0") == "" and loader.load_error("cuda:0") == ""
@@ -276,7 +257,7 @@ def test_first_load_announces_the_build_and_passes_the_self_check(monkeypatch, t
 
 
 def test_self_check_failure_refuses_the_backend_with_its_reason(monkeypatch, tmp_path, capsys):
-    _fake_loader(monkeypatch, tmp_path, lambda: _broken(merge=_sum_merge))
+    fake_loader(monkeypatch, tmp_path, lambda: broken(merge=_sum_merge))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         first, second = loader.load_error("cuda:0"), loader.load_error("cuda:0")
@@ -291,9 +272,9 @@ def test_self_check_failure_refuses_the_backend_with_its_reason(monkeypatch, tmp
 def test_self_check_runs_once_per_device_on_that_device(monkeypatch, tmp_path):
     """A model on cuda:1 is checked on cuda:1 (not the current device); a failure there refuses
     that device only."""
-    kernels = iter([_broken(merge=_sum_merge), selfcheck.torch_kernels()])
+    kernels = iter([broken(merge=_sum_merge), selfcheck.torch_kernels()])
     checked = []
-    _fake_loader(monkeypatch, tmp_path, lambda: next(kernels), checked=checked)
+    fake_loader(monkeypatch, tmp_path, lambda: next(kernels), checked=checked)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         assert "failed: merge differs" in ops.cuda_refusal_for("cuda:1", torch.float16)
@@ -301,18 +282,6 @@ def test_self_check_runs_once_per_device_on_that_device(monkeypatch, tmp_path):
     assert checked == [torch.device("cuda", 1), torch.device("cuda", 0)]  # once each
     status = loader.self_check_status()
     assert status.startswith("cuda:1: failed: merge differs") and "cuda:0: passed" in status
-
-
-def test_self_check_is_deferred_inside_a_cuda_graph_capture(monkeypatch, tmp_path):
-    """The check synchronizes, which a capture forbids: a first call inside one gets the PyTorch path,
-    and the check runs on the next call outside it (nothing is marked as tried meanwhile)."""
-    capture = {"on": True}
-    fake = _fake_loader(monkeypatch, tmp_path, selfcheck.torch_kernels, capturing=lambda device: capture["on"])
-    assert "deferred" in ops.cuda_refusal_for("cuda:0", torch.float16)
-    assert not fake.checks and loader.self_check_status().startswith("not run")
-    capture["on"] = False
-    assert ops.cuda_refusal_for("cuda:0", torch.float16) == ""
-    assert loader.self_check_status().startswith("passed")
 
 
 def test_csrc_is_found_and_info_runs(capsys):

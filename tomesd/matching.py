@@ -9,16 +9,22 @@ Nothing here imports diffusers; the CUDA ops in csrc/ implement the same contrac
 """
 from __future__ import annotations
 
+import threading
+import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, NamedTuple, Optional, Tuple
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
+from . import ties
 from .keys import cell_keys
 
 # Element budget of one [B, rows, D] fp32 score tile: 2**24 elements = 64 MiB.
 SCORE_TILE_ELEMS = 1 << 24
+# Local matching's neighbourhoods kept (one per window and device, least recently used dropped first).
+NEIGHBOURHOOD_CACHE_SIZE = 8
 
 
 @dataclass(frozen=True)
@@ -81,21 +87,29 @@ def best_dst(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, tile_elems: int =
     metric: [B, N, C]; returns (score [B, S] fp32, dst position [B, S] int64 indexing dst_idx).
     Scores are computed in fp32 tile by tile over src rows, so the [S, D] matrix is never held
     whole when it exceeds `tile_elems`. Zero-norm tokens score 0 against everything.
+
+    Ties (tomesd.ties): the first NaN, else the lowest dst position among equal scores, and among
+    bitwise-identical dst the lowest position whatever the matmul's rounding; bitwise-identical src get
+    the same dst, identical (src, dst) pairs the same score, a src identical to its dst exactly 1.
     """
     m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    norm = m.norm(dim=-1, keepdim=True)
+    classes = ties.token_classes(m, norm[..., 0])
+    m = m / norm.clamp_min(1e-12)
     a = m[:, src_idx]
     bt = m[:, dst_idx].transpose(1, 2)
     B, S, _ = a.shape
     rows = max(1, tile_elems // max(1, B * bt.shape[-1]))
-    if rows >= S:
-        return (a @ bt).max(dim=-1)
     vals, idxs = [], []
     for start in range(0, S, rows):
         v, i = (a[:, start : start + rows] @ bt).max(dim=-1)
         vals.append(v)
         idxs.append(i)
-    return torch.cat(vals, dim=1), torch.cat(idxs, dim=1)
+    score, pos = (vals[0], idxs[0]) if len(vals) == 1 else (torch.cat(vals, dim=1), torch.cat(idxs, dim=1))
+    pos = ties.lowest_alike(classes[:, dst_idx]).gather(1, pos)  # an identical dst at a lower position
+    twin = ties.lowest_alike(classes[:, src_idx])  # the first src identical to each
+    pos = pos.gather(1, twin)
+    return ties.settle(score.gather(1, twin), pos, classes, norm[..., 0], dst_idx, src_idx), pos
 
 
 @dataclass(frozen=True)
@@ -134,23 +148,77 @@ class Neighbourhood(NamedTuple):
     near: Tensor
 
 
-_NEIGHBOURHOODS: Dict[tuple, Neighbourhood] = {}
+def capturing(device) -> bool:
+    """Whether the current stream of `device` is capturing a CUDA graph: a tensor made then holds its
+    values only once the graph replays."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+class NeighbourhoodCache:
+    """The Neighbourhoods of the last `size` (window, device) pairs used, least recently used dropped
+    first (thread-safe). Its users `hold` it (weakly: a patched model's plan provider) and `release` it;
+    the last release empties it. Never read or filled while tracing or inside a CUDA-graph capture
+    (`capturing`, the seam tests replace): a capture builds its own, which lives in the graph's memory,
+    and no cached tensor holds values written only at replay or is read by a graph after the cache
+    dropped it."""
+
+    def __init__(self, size: int = NEIGHBOURHOOD_CACHE_SIZE, capturing=capturing):
+        self.size = size
+        self.capturing = capturing
+        self._entries: "OrderedDict[tuple, Neighbourhood]" = OrderedDict()
+        self._holders: "weakref.WeakSet" = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def get(self, win: LocalWindow, device) -> Neighbourhood:
+        """The Neighbourhood of `win` on `device`, built on first use (outside inference mode, so a cached
+        one serves calls that track gradients too)."""
+        device = torch.device(device)
+        if torch.compiler.is_compiling() or self.capturing(device):
+            return _neighbourhood(win, device)
+        key = (win, str(device))
+        with self._lock:
+            found = self._entries.get(key)
+            if found is not None:
+                self._entries.move_to_end(key)
+                return found
+        with torch.inference_mode(False):
+            made = _neighbourhood(win, device)
+        if all(type(t) is Tensor for t in made):  # no fake tensors
+            with self._lock:
+                self._entries[key] = made
+                self._entries.move_to_end(key)
+                while len(self._entries) > self.size:
+                    self._entries.popitem(last=False)
+        return made
+
+    def keys(self) -> Tuple[tuple, ...]:
+        """(window, device) of the kept neighbourhoods, least recently used first."""
+        with self._lock:
+            return tuple(self._entries)
+
+    def hold(self, owner) -> None:
+        """`owner` (weakly referenced) uses the cache."""
+        with self._lock:
+            self._holders.add(owner)
+
+    def release(self, owner) -> None:
+        """`owner` no longer uses the cache; when no holder is left, it empties."""
+        with self._lock:
+            self._holders.discard(owner)
+            if not len(self._holders):
+                self._entries.clear()
+
+
+NEIGHBOURHOODS = NeighbourhoodCache()  # the process's cache
 
 
 def neighbourhood(win: LocalWindow, device) -> Neighbourhood:
-    """The Neighbourhood of `win` on `device`, built once per grid shape (not cached while tracing; made
-    outside inference mode, so a cached one serves calls that track gradients too)."""
-    if torch.compiler.is_compiling():
-        return _neighbourhood(win, torch.device(device))
-    key = (win, str(torch.device(device)))
-    found = _NEIGHBOURHOODS.get(key)
-    if found is not None:
-        return found
-    with torch.inference_mode(False):
-        made = _neighbourhood(win, torch.device(device))
-    if all(type(t) is Tensor for t in made):  # no fake tensors
-        _NEIGHBOURHOODS[key] = made
-    return made
+    """The Neighbourhood of `win` on `device`, from the process's cache (NEIGHBOURHOODS)."""
+    return NEIGHBOURHOODS.get(win, device)
 
 
 def _neighbourhood(win: LocalWindow, device) -> Neighbourhood:
@@ -181,9 +249,11 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
 
     metric: [B, N, C], N = h·w; dst_idx: one token per cell of the top-left (h//sy·sy) × (w//sx·sx)
     region (as `partition` gives). Returns (score [B, S] fp32, dst position [B, S] int64), ties broken
-    as best_dst (the lowest dst position; NaN first). O(N·k²·C) work; cells are scored in chunks of
-    [B, cells, P, K] so that the gathered dst rows [B, cells, K, C] stay within `tile_elems`: nothing
-    of size N × N is allocated.
+    as best_dst (the lowest dst position; NaN first; among bitwise-identical candidates the lowest
+    position; identical src of one cell alike; identical (src, dst) pairs one score; a src identical to
+    its dst exactly 1).
+    O(N·k²·C) work; cells are scored in chunks of [B, cells, P, K] so that the gathered dst rows
+    [B, cells, K, C] stay within `tile_elems`: nothing of size N × N is allocated.
     """
     B, N, C = metric.shape
     if min(win.cells) < 1:
@@ -192,7 +262,10 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
     D, P = nb.members.shape
     K = nb.near.shape[1]
     m = metric.float()
-    inv = torch.cat([1 / m.norm(dim=-1).clamp_min(1e-12), m.new_zeros(B, 1)], dim=1)  # [B, N + 1], 0 for padding
+    norm = m.norm(dim=-1)
+    classes = ties.token_classes(m, norm)
+    padded = torch.cat([classes, classes.new_full((B, 1), -1)], dim=1)  # [B, N + 1], class -1 for padding
+    inv = torch.cat([1 / norm.clamp_min(1e-12), m.new_zeros(B, 1)], dim=1)  # [B, N + 1], 0 for padding
     cells = nb.cell_of[dst_idx]
     cell_pos = torch.full((D + 1,), D, dtype=torch.int64, device=metric.device)  # index D: outside the grid
     cell_pos[cells] = torch.arange(D, device=metric.device)  # dst position of each cell
@@ -202,7 +275,7 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
     cand_tok = cell_tok[nb.near]  # its token, N outside the grid
     score = m.new_empty(B, N + 1)
     pos = torch.empty(B, N + 1, dtype=torch.int64, device=metric.device)
-    chunk = max(1, tile_elems // max(1, B * ((K + P) * C + P * K)))
+    chunk = max(1, tile_elems // max(1, B * ((K + P) * C + 2 * P * K)))
     for c0 in range(0, D, chunk):
         c1 = min(D, c0 + chunk)
         tok, cand = nb.members[c0:c1], cand_tok[c0:c1]  # [cells, P], [cells, K]; N: padding
@@ -211,21 +284,26 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
         s = s.masked_fill(cand_pos[c0:c1, None, :] == D, float("-inf"))
         best = s.max(dim=-1, keepdim=True).values
         hit = (s == best) | (s.isnan() & best.isnan())
-        first = torch.where(hit, cand_pos[c0:c1, None, :], D).amin(dim=-1)
+        positions = cand_pos[c0:c1].expand(B, -1, -1)
+        lowest = ties.min_alike(padded[:, cand], positions, D + 1)  # [B, cells, K]: lowest identical candidate
+        first = torch.where(hit, lowest[:, :, None, :], D).amin(dim=-1)
+        twin = ties.lowest_alike(padded[:, tok])  # [B, cells, P]: the first identical token of the cell
         flat = tok.flatten()
-        score[:, flat] = best.flatten(1)
-        pos[:, flat] = first.flatten(1)
-    return score[:, src_idx], pos[:, src_idx]
+        score[:, flat] = best[..., 0].gather(2, twin).flatten(1)
+        pos[:, flat] = first.gather(2, twin).flatten(1)
+    pos = pos[:, src_idx]
+    return ties.settle(score[:, src_idx], pos, classes, norm, dst_idx, src_idx), pos
 
 
 def plan_from_matches(score: Tensor, dst_pos: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int, n: int) -> MergePlan:
     """Merge the r src tokens with the highest score into their best dst; build the slot map.
 
-    score, dst_pos: [B, S] from best_dst; 0 < r ≤ S.
+    score, dst_pos: [B, S] from best_dst; 0 < r ≤ S. Equal scores at the r-th place: the lower src
+    positions merge (every NaN first), as in the CUDA plan kernel.
     """
     B = score.shape[0]
     device = score.device
-    merged_pos = score.topk(r, dim=-1, sorted=False).indices  # src rows that merge [B, r]
+    merged_pos = ties.select_keys(score).topk(r, dim=-1, sorted=False).indices  # src rows that merge [B, r]
     src_tok = src_idx[merged_pos]  # token index of each merging src
     dst_tok = dst_idx[dst_pos.gather(1, merged_pos)]  # token index of its dst
     merged = torch.zeros(B, n, dtype=torch.bool, device=device).scatter_(1, src_tok, True)

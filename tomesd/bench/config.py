@@ -24,7 +24,8 @@ class BenchConfig:
     """One benchmark run. `arch` (a name in tomesd.tools.archs.ARCHS) or `model` ("reference", a local
     diffusers model directory, a UNet directory, or a hub id; see tomesd.tools.models) gives the UNet;
     resolutions are image sides in px (multiples of 8; the latent is resolution/8 for every UNet);
-    ratios are the ToMe ratios compared with the baseline at each resolution.
+    ratios are the ToMe ratios compared with the baseline at each resolution, each in (0, 1 − 1/(sx·sy)]
+    for every setting's own cells (2 × 2 unless the setting sets sx, sy).
     batch: images per step (the UNet sees 2 × batch for classifier-free guidance).
     isolate: None → on for a CPU (see tomesd.bench), off for a GPU (and with interleave).
     grid: apply_patch keyword → values, one axis each (their product); variants: settings (dicts of
@@ -76,8 +77,7 @@ class BenchConfig:
         if not self.resolutions or any(r < 64 or r % step for r in self.resolutions):
             problems.append(f"resolutions must be multiples of {step}, at least 64, got {self.resolutions}"
                             + (f" (the {self.arch} transformer's VAE factor 8 × patch size 2)" if step == 16 else ""))
-        if not self.ratios or any(not self._ratio_in_range(r) for r in self.ratios):
-            problems.append(f"ratios must be in (0, {max_ratio(2, 2):g}], got {self.ratios}")
+        problems += self._ratio_problems()
         for name, choices in (("dtype", tuple(DTYPES)), ("attention", ATTENTION), ("backend", BACKENDS)):
             if getattr(self, name) not in choices:
                 problems.append(f"{name} must be one of {choices}, got {getattr(self, name)!r}")
@@ -93,14 +93,30 @@ class BenchConfig:
         if problems:
             raise ValueError("; ".join(problems))
 
+    def _ratio_problems(self) -> List[str]:
+        """--ratios against the cells of every setting (ratio ≤ 1 − 1/(sx·sy), 2 × 2 unless the setting
+        says otherwise): one line per setting that refuses some of them, the default setting unnamed."""
+        if not self.ratios:
+            return [f"ratios must be in (0, {max_ratio(2, 2):g}], got {self.ratios}"]
+        problems = []
+        for params in settings(self):
+            if all(self._ratio_in_range(r, params) for r in self.ratios):
+                continue
+            cells = _cells(params)
+            bound = f"(0, {max_ratio(*cells):g}]"
+            if params:
+                bound += f" with {cells[1]} x {cells[0]} cells (setting {cli.setting_label(params)})"
+            problems.append(f"ratios must be in {bound}, got {self.ratios}")
+        return problems
+
     @staticmethod
-    def _ratio_in_range(ratio: float) -> bool:
-        return 0 < ratio <= max_ratio(2, 2)
+    def _ratio_in_range(ratio: float, params: Dict[str, Any]) -> bool:
+        return 0 < ratio <= max_ratio(*_cells(params))
 
     def _setting_problems(self) -> List[str]:
         """Unknown keywords, empty axes, keys given twice, and values apply_patch would refuse (checked
-        by ToMeConfig, without a model, at every ratio in range: a ratio out of range is reported once,
-        by __post_init__)."""
+        by ToMeConfig, without a model, at every ratio in the setting's range: a ratio out of range is
+        reported once, by _ratio_problems)."""
         known = cli.patch_keywords(NOT_SETTINGS)
         keys = set(self.grid).union(*self.variants)
         unknown = sorted(keys - set(known))
@@ -114,7 +130,7 @@ class BenchConfig:
             return problems
         for params in settings(self):
             try:
-                for ratio in filter(self._ratio_in_range, self.ratios):
+                for ratio in (r for r in self.ratios if self._ratio_in_range(r, params)):
                     modes.check(ToMeConfig(ratio=ratio, **{"seed": self.seed, **params}))
             except (ValueError, TypeError) as error:
                 return [f"setting {cli.setting_label(params) or cli.DEFAULTS_LABEL}: {error}"]
@@ -139,6 +155,13 @@ class BenchConfig:
     def flux(self) -> bool:
         """A Flux transformer: unguided, timesteps in [0, 1]."""
         return self.arch in TRANSFORMER_ARCHS and TRANSFORMER_ARCHS[self.arch].family == "flux"
+
+
+def _cells(params: Dict[str, Any]) -> Tuple[int, int]:
+    """(sx, sy) of a setting: its own when they are positive ints (else ToMeConfig reports them), else 2 × 2."""
+    sx, sy = params.get("sx", 2), params.get("sy", 2)
+    ok = all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (sx, sy))
+    return (sx, sy) if ok else (2, 2)
 
 
 def default_config(device: Optional[str] = None, **overrides) -> BenchConfig:

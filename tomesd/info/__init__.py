@@ -2,6 +2,10 @@
 
   python -m tomesd.info            # loads (JIT-builds if needed) the CUDA kernels when a GPU is present
   python -m tomesd.info --no-build # reports without loading or building anything
+
+Its last rows ("path DEVICE DTYPE") are tomesd.ops.report(): the path op calls took, with why. In a
+fresh process those are its probes (every CUDA device in fp16, bf16 and fp32; none with --no-build); in
+your own process, `tomesd.info.report()` (or `tomesd.ops.report()`) lists your calls' too.
 """
 from __future__ import annotations
 
@@ -23,6 +27,26 @@ def _version(name: str) -> str:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return "not installed"
+
+
+def cuda_devices() -> List[str]:
+    """"cuda:0", "cuda:1", ... for every visible CUDA device."""
+    return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+
+
+def paths(build: bool) -> List[Tuple[str, str]]:
+    """Rows of tomesd.ops.report(), after probing every dtype of every CUDA device when `build`."""
+    rows = []
+    for device in cuda_devices() if build else []:
+        for dtype in ops.CUDA_DTYPES:
+            try:
+                ops.backend_for(device, dtype)
+            except RuntimeError as exc:  # TOMESD_BACKEND=cuda where the kernels cannot run
+                rows.append((f"path {device} {str(dtype).replace('torch.', '')}", f"none ({exc})"))
+    for path in ops.report():
+        where = f"path {path.device} {path.dtype}" + (" (in a CUDA-graph capture)" if path.capture else "")
+        rows.append((where, f"{path.backend} ({path.reason})" if path.reason else path.backend))
+    return rows
 
 
 def report(build: bool = True) -> List[Tuple[str, str]]:
@@ -56,7 +80,7 @@ def report(build: bool = True) -> List[Tuple[str, str]]:
     rows.append(("kernel self-check", loader.self_check_status()))
     rows.append((f"backend for {probe.device.type} fp16", backend))
     rows.extend((f"refused: {name}", reason) for name, reason in refused.items())
-    return rows
+    return rows + paths(build)
 
 
 def main(argv=None) -> None:

@@ -3,7 +3,9 @@
 Backends: "cuda" (the kernels in csrc/, loaded by tomesd.ops.loader) and "torch" (tomesd.matching,
 runs everywhere). `TOMESD_BACKEND=torch|cuda|auto` forces a choice; "cuda" raises if the kernels
 cannot serve a tensor. `choose_backend(t)` returns the backend and, for each refused one, why
-(printed by `python -m tomesd.info`).
+(printed by `python -m tomesd.info`). `report()` lists the path the op calls of this process took,
+per device and dtype (and inside CUDA-graph captures apart), with why; `prepare(device)` loads and
+self-checks the kernels ahead of a CUDA-graph capture.
 
 The torch.library ops these functions call on CUDA (`torch.ops.tomesd.*`: schemas, CPU and fake
 impls, autograd) are defined in tomesd.ops.torch_ops, imported here so that they exist once tomesd.ops does.
@@ -11,7 +13,7 @@ impls, autograd) are defined in tomesd.ops.torch_ops, imported here so that they
 from __future__ import annotations
 
 import os
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -22,7 +24,8 @@ from . import loader
 from .torch_ops import csr
 
 __all__ = ["BACKENDS", "CUDA_DTYPES", "requested_backend", "cuda_refusal", "cuda_refusal_for", "choose_backend",
-           "csr", "plan_csr", "LocalWindow", "build_plan", "merge", "unmerge"]
+           "backend_for", "prepare", "PathRow", "report", "clear_report", "csr", "plan_csr", "LocalWindow", "build_plan",
+           "merge", "unmerge"]
 
 BACKENDS = ("auto", "torch", "cuda")
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -70,11 +73,70 @@ def choose_backend(t: Tensor) -> Tuple[str, Dict[str, str]]:
     return _choose_for(t.device.type, t.device.index, t.dtype)
 
 
+class PathRow(NamedTuple):
+    """The path op calls on tensors of one device and dtype took (a row of `report()`).
+
+    backend: "cuda" or "torch"; capture: the calls were recorded into a CUDA graph; reason: why the
+    CUDA kernels were refused (backend "torch"), else where they come from and their self-check."""
+
+    device: str
+    dtype: str
+    capture: bool
+    backend: str
+    reason: str
+
+
+_PATHS: Dict[Tuple[str, str, bool, str], str] = {}  # (device, dtype, capture, backend) → why the kernels were refused
+
+
+def _record(device: torch.device, dtype: torch.dtype, backend: str, refused: Dict[str, str]) -> None:
+    capture = device.type == "cuda" and loader.loader.capturing(device)
+    _PATHS[(str(device), str(dtype).replace("torch.", ""), capture, backend)] = refused.get("cuda", "")
+
+
+def report() -> List[PathRow]:
+    """Which path the op calls of this process took (build_plan, merge, unmerge; a compiled graph's at
+    trace time), one row per device, dtype, backend and whether inside a CUDA-graph capture, with why."""
+    rows = []
+    for (device, dtype, capture, backend), refusal in sorted(_PATHS.items()):
+        if backend == "cuda":
+            refusal = (f"kernels {loader.loaded_from() or 'loaded'}; self-check on {device}: "
+                       f"{loader.loader.checks.get(device, 'not run')}")
+        rows.append(PathRow(device, dtype, capture, backend, refusal))
+    return rows
+
+
+def clear_report() -> None:
+    """Forget the paths recorded so far (report() then lists only later calls)."""
+    _PATHS.clear()
+
+
 @torch.compiler.assume_constant_result
 def _backend_for(device_type: str, index: Optional[int], dtype: torch.dtype) -> str:
     # Device and dtype are static under torch.compile: the choice is made once at trace time
     # (loading the extension if needed) and baked into the graph, without a graph break.
-    return _choose_for(device_type, index, dtype)[0]
+    backend, refused = _choose_for(device_type, index, dtype)
+    _record(torch.device(device_type, index), dtype, backend, refused)
+    return backend
+
+
+def backend_for(device, dtype: torch.dtype) -> str:
+    """The backend an op call on a tensor of this device and dtype takes now, recorded in report() as a
+    call would be (tomesd.info probes every device and dtype with it)."""
+    device = torch.device(device)
+    return _backend_for(device.type, device.index, dtype)
+
+
+def prepare(device=None) -> str:
+    """Load the CUDA kernels and self-check them on `device` (default: the current CUDA device) now.
+
+    Call it before capturing a CUDA graph of a patched model whose first op calls would come inside
+    the capture: a capture cannot load or check them (the check synchronizes), so it would record the
+    PyTorch path (said by one RuntimeWarning and by report()). Returns why the kernels cannot serve
+    that device ("" when they can)."""
+    if requested_backend() == "torch":
+        return "TOMESD_BACKEND=torch"
+    return cuda_refusal_for("cuda" if device is None else device, torch.float16)
 
 
 def _use_cuda(t: Tensor) -> bool:

@@ -9,9 +9,11 @@ yet is announced (logger "tomesd", once) with the time it took. csrc/ is found i
 Before first use on a device, the loaded kernels pass tomesd.ops.selfcheck there (on the tensor's device,
 not the current one). A failed load refuses the CUDA backend for the process, a failed check for
 that device; either warns once (RuntimeWarning) and is kept for `load_error()`,
-`python -m tomesd.info` and ops.cuda_refusal; the PyTorch path runs instead. A first call inside a
-CUDA-graph capture defers the check (it synchronizes): that call gets the PyTorch path and nothing
-is marked as tried. `import tomesd` never triggers a build.
+`python -m tomesd.info` and ops.cuda_refusal; the PyTorch path runs instead. Inside a CUDA-graph
+capture nothing is loaded, built or checked (the check synchronizes, which a capture forbids): a device
+not checked before the capture gets the PyTorch path, which the capture records, with one
+RuntimeWarning per device naming tomesd.ops.prepare (load and check before capturing); the next call
+outside a capture loads and checks. `import tomesd` never triggers a build.
 
 Seams for tests: `Loader` takes each step it runs as an argument (the build, the cache directory,
 the device the check runs on, the capture test, the kernels); `loader` is the process's instance
@@ -32,6 +34,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from ..matching import capturing  # whether a device's current stream captures a CUDA graph (a check may not sync there)
 from . import build_flags, torch_ops  # noqa: F401  (torch_ops: the ops must be defined before the extension registers impls)
 from .selfcheck import SELF_CHECK_CASES, Kernels, self_check, torch_kernels
 
@@ -107,14 +110,6 @@ def check_device(device: torch.device) -> torch.device:
     return device
 
 
-def capturing(device: torch.device) -> bool:
-    """Whether the current stream of `device` is capturing a CUDA graph (where a check may not sync)."""
-    if device.type != "cuda":
-        return False
-    with torch.cuda.device(device):
-        return torch.cuda.is_current_stream_capturing()
-
-
 def _normalized(device) -> Optional[torch.device]:
     """torch.device("cuda", index) for a CUDA device (index None: the current one); None when there is none."""
     if device is None:
@@ -142,11 +137,17 @@ class Loader:
     error: str = ""
     how: str = ""
     checks: Dict[str, str] = field(default_factory=dict)  # device → "passed (...)" or "failed: <reason>"
+    captured: Dict[str, str] = field(default_factory=dict)  # device → why a capture there recorded the PyTorch path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def load_error(self, device=None) -> str:
         """Loads the extension on first use and self-checks it on `device` (default: the current CUDA
-        device, if any); why the kernels cannot serve that device ("" if they can)."""
+        device, if any); why the kernels cannot serve that device ("" if they can). Inside a CUDA-graph
+        capture on a device not checked yet: nothing is loaded or checked, and the reason says so."""
+        device = _normalized(device)
+        if (device is not None and device.type == "cuda" and not self.error and str(device) not in self.checks
+                and self.capturing(device)):
+            return self._inside_capture(device)
         if not self.tried:
             with self._lock:
                 if not self.tried:
@@ -158,18 +159,25 @@ class Loader:
                     self.tried = True
         if self.error:
             return self.error
-        device = _normalized(device)
         if device is None or device.type != "cuda":
             return ""
         key = str(device)
         if key not in self.checks:
-            if self.capturing(device):
-                return "self-check deferred: the first call came inside a CUDA-graph capture"
             with self._lock:
                 if key not in self.checks:
                     self.checks[key] = self._check(device)
         status = self.checks[key]
         return "" if status.startswith("passed") else f"self-check against the PyTorch path on {key} {status}"
+
+    def _inside_capture(self, device: torch.device) -> str:
+        key = str(device)
+        reason = (f"the CUDA kernels were not loaded and self-checked on {key} before this CUDA-graph capture (a "
+                  f"check synchronizes, which a capture forbids): the capture records the PyTorch path; call "
+                  f"tomesd.ops.prepare({key!r}) before capturing to record the kernels")
+        if key not in self.captured:
+            self.captured[key] = reason
+            warnings.warn(f"tomesd: {reason}", RuntimeWarning, stacklevel=5)
+        return reason
 
     def _load_library(self) -> str:
         if self.prebuilt_available():
@@ -210,6 +218,7 @@ class Loader:
         with self._lock:
             self.tried, self.error, self.how = False, "", ""
             self.checks.clear()
+            self.captured.clear()
 
 
 def _warn(error: str) -> None:

@@ -3,11 +3,18 @@ PyTorch path (tomesd.matching on the CPU, so no TF32 or other device setting blu
 
 The cases are chosen to reach the code paths real workloads take (tests/test_cuda_rules.py computes
 each property from csrc's constants and rules, and fails if the list stops covering one): several dst
-tiles per block in both matching kernels, r = S, unaligned (unvectorized) loads, pack width 1 in
-merge / unmerge, non-contiguous and offset inputs, merge with mean=False, block-scan chunks > 1 in
-the plan kernel, grids that the cells do not divide, every dtype, an empty batch. Local matching
-(best_dst_local, build_plan_local) is checked on every case with a 3 × 3 window. The CPU side stays
-cheap (about 0.1 s on one thread): the largest case scores 2 × 3,072 × 1,024 pairs.
+tiles per block in both matching kernels, r = S, unaligned (unvectorized) loads, fp16 / bf16 rows with
+C % 8 != 0 (an unvectorized tail), pack width 1 in merge / unmerge, non-contiguous and offset inputs,
+merge with mean=False, block-scan chunks > 1 in the plan kernel, grids that the cells do not divide,
+2 × 2, 3 × 2 and 4 × 4 cells, every dtype, an empty batch, and exact ties: cases whose tokens are drawn
+from a few vectors, so bitwise-identical dst tie (the lowest position must win) and equal scores fall
+on the r-th place (the lower src positions must merge). Local matching (best_dst_local,
+build_plan_local) is checked on every case with k × k windows for k = 3, 5 and 9. The CPU side stays
+cheap: the largest case scores 2 × 3,072 × 1,024 pairs.
+
+Scores must agree within score_tol(C), derived from the arithmetic: both sides take
+the same fp32 values (fp16 / bf16 convert exactly) and accumulate in fp32, so a kernel that rounds
+its sums to fp16 or bf16 is refused.
 
 `self_check(kernels, device)` runs them; tomesd.ops.loader calls it on the device of the first CUDA
 tensor that asks for the kernels. Tests pass the registered ops on "cpu" (the CPU impls stand in for
@@ -51,6 +58,7 @@ class Case(NamedTuple):
     layout of metric, x and y on the device: "dense"; "offset" (storage offset of one element:
     contiguous but unaligned, so no vector loads or packs); "strided" (channels-first storage,
     non-contiguous).
+    ties: every token is one of TIE_VECTORS random vectors (bitwise-identical tokens everywhere).
     """
 
     B: int
@@ -62,28 +70,52 @@ class Case(NamedTuple):
     dtype: str
     r: str = "half"
     layout: str = "dense"
+    ties: bool = False
 
 
-# Grids that sx, sy do not divide; C not a multiple of 8 (unvectorized loads); several dst tiles with
-# B = 1 (dst slices combined); 3 x 2 cells; every dtype; then the two cases that reach the paths of
-# real workloads (N = 4,096 bf16 with r = S, unaligned; fp32 with 2+ dst tiles per block, odd C,
-# non-contiguous, M > 1,024); and B = 0.
+# Grids that sx, sy do not divide; fp16 / bf16 with C % 8 != 0 (an unvectorized tail), first, so that
+# a kernel accumulating in half precision fails on a small case; C not a multiple of 8 (unvectorized
+# loads); several dst tiles with B = 1 (dst slices combined); 3 x 2 and 4 x 4 cells; exact ties; every
+# dtype; then the two cases that reach the paths of real workloads (N = 4,096 bf16 with r = S,
+# unaligned; fp32 with 2+ dst tiles per block, odd C, non-contiguous, M > 1,024); and B = 0.
 SELF_CHECK_CASES: Tuple[Case, ...] = (
+    Case(2, 13, 21, 36, 2, 2, "float16"),
+    Case(2, 16, 12, 20, 2, 2, "bfloat16"),
     Case(2, 13, 21, 40, 2, 2, "float16"),
     Case(2, 13, 21, 40, 2, 2, "float32"),
     Case(1, 30, 26, 64, 2, 2, "float16"),
     Case(1, 30, 26, 64, 2, 2, "float32"),
     Case(3, 9, 7, 24, 3, 2, "float32"),
+    Case(2, 30, 26, 40, 4, 4, "float16"),
+    Case(1, 21, 19, 33, 4, 4, "float32"),
+    Case(2, 24, 20, 40, 2, 2, "float16", ties=True),
+    Case(2, 22, 18, 24, 2, 2, "float32", ties=True),
     Case(2, 16, 12, 32, 2, 2, "bfloat16"),
     Case(2, 64, 64, 40, 2, 2, "bfloat16", r="all", layout="offset"),
     Case(2, 48, 48, 33, 2, 2, "float32", layout="strided"),
     Case(0, 8, 8, 16, 2, 2, "float16"),
 )
-# Local matching is checked on every case with this window (smaller than each case's grid of cells).
-LOCAL_WINDOW = 3
-# Largest |score difference| allowed against the fp32 reference, and the merge error floor.
-SCORE_TOL = {"float16": 2e-3, "bfloat16": 2e-3, "float32": 1e-5}
+# Local matching is checked on every case with these windows (README recommends 3 to 17).
+LOCAL_WINDOWS = (3, 5, 9)
+TIE_VECTORS = 6  # distinct vectors of a `ties` case
+# The merge error floor per dtype (merge is checked against the PyTorch path's own error in fp64).
 MERGE_FLOOR = {"float16": 1e-3, "bfloat16": 8e-3, "float32": 1e-6}
+U32 = 2.0 ** -24  # fp32 unit roundoff
+
+
+def score_tol(C: int) -> float:
+    """Largest |score difference| allowed between a kernel and the PyTorch path for C channels.
+
+    Both compute c = a·b / (‖a‖‖b‖) from the same fp32 values, in fp32; u = 2**-24, first order:
+    - the PyTorch path normalizes each row (‖a‖: a sum of C squares, a sqrt, a division: each element
+      within (C/2 + 2)u) and sums C products in any order (within Cu, as |â·b̂| terms sum to ≤ 1):
+      (2C + 4)u;
+    - a kernel sums the C raw products (within Cu; 2Cu for tensor cores, whose fp32 accumulators
+      may truncate), times two inverse norms (each within (C/2 + 3)u) and two roundings: (3C + 8)u;
+    so they differ by at most (5C + 12)u, doubled for margin: 2(5C + 12)u (C = 40:
+    2.5e-5). Accumulating in fp16 (u = 2**-11) or bf16 (2**-8) errs by ~1e-4 and more on these cases.
+    """
+    return 2 * (5 * C + 12) * U32
 
 
 def case_r(case: Case, num_src: int) -> int:
@@ -147,6 +179,9 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
     N = h * w
     r = case_r(case, len(src))
     metric = torch.randn(B, N, C, generator=g, device=CPU).to(dtype)
+    if case.ties:  # tokens drawn from a few vectors: identical tokens everywhere
+        pick = torch.randint(0, TIE_VECTORS, (B, N), generator=g, device=CPU)
+        metric = metric[:, :TIE_VECTORS].gather(1, pick[..., None].expand(B, N, C))
     x = (torch.randn(B, N, C, generator=g, device=CPU) * 4).to(dtype)
     y = torch.randn(B, N - r, C, generator=g, device=CPU).to(dtype)
     dev = [placed(metric, case.layout, device), dst.to(device), src.to(device)]
@@ -159,13 +194,14 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
         want = torch.ops.tomesd.build_plan(metric, dst, src, r)  # the CPU impl
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in want]:
             return f"build_plan on an empty batch gives shapes {[tuple(t.shape) for t in got]}"
-        got = host(k.build_plan_local(*dev, h, w, case.sx, case.sy, LOCAL_WINDOW, r))
+        got = host(k.build_plan_local(*dev, h, w, case.sx, case.sy, LOCAL_WINDOWS[0], r))
         if [tuple(t.shape) for t in got] != [tuple(t.shape) for t in want]:
             return f"build_plan_local on an empty batch gives shapes {[tuple(t.shape) for t in got]}"
         return ""
 
+    tol = score_tol(C)
     score, pos = host(k.best_dst(*dev))
-    reason = check_matches(metric, dst, src, score, pos, SCORE_TOL[case.dtype], matching.best_dst(metric, dst, src))
+    reason = check_matches(metric, dst, src, score, pos, tol, matching.best_dst(metric, dst, src))
     if reason:
         return reason
     slot, counts, offsets, members = host(k.build_plan(*dev, r))
@@ -173,16 +209,18 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
     if reason:
         return reason
 
-    geometry = (h, w, case.sx, case.sy, LOCAL_WINDOW)
-    local_score, local_pos = host(k.best_dst_local(*dev, *geometry))
-    want = matching.best_dst_local(metric, dst, src, matching.LocalWindow(*geometry))
-    reason = check_matches(metric, dst, src, local_score, local_pos, SCORE_TOL[case.dtype], want, "best_dst_local")
-    if reason:
-        return reason
-    local_plan = host(k.build_plan_local(*dev, *geometry, r))
-    reason = _check_plan(*local_plan, local_score, local_pos, dst, src, r, "build_plan_local")
-    if reason:
-        return reason
+    for window in LOCAL_WINDOWS:
+        geometry = (h, w, case.sx, case.sy, window)
+        local_score, local_pos = host(k.best_dst_local(*dev, *geometry))
+        want = matching.best_dst_local(metric, dst, src, matching.LocalWindow(*geometry))
+        what = f"best_dst_local (k = {window})"
+        reason = check_matches(metric, dst, src, local_score, local_pos, tol, want, what)
+        if reason:
+            return reason
+        local_plan = host(k.build_plan_local(*dev, *geometry, r))
+        reason = _check_plan(*local_plan, local_score, local_pos, dst, src, r, f"build_plan_local (k = {window})")
+        if reason:
+            return reason
 
     plan = matching.MergePlan(slot=slot, counts=counts.int(), num_out=N - r)
     on_dev = [t.to(device) for t in (slot, offsets, members)]
@@ -205,12 +243,13 @@ def _check_case(k: Kernels, device: torch.device, case: Case) -> str:
 def _check_plan(slot: Tensor, counts: Tensor, offsets: Tensor, members: Tensor, score: Tensor, pos: Tensor,
                 dst: Tensor, src: Tensor, r: int, what: str) -> str:
     """A plan op's outputs (on the CPU) against the PyTorch plan of the kernels' own matches (score, pos):
-    the same slot map (except on an exact score tie at the r-th place), counts that count it, and its CSR."""
+    the same slot map (equal scores at the r-th place included: the lower src positions merge), counts
+    that count it, and its CSR."""
     B, N = slot.shape[0], src.numel() + dst.numel()
     ref = matching.plan_from_matches(score, pos, dst, src, r, N)
     if slot.shape != ref.slot.shape or counts.shape != ref.counts.shape:
         return f"{what} gives shapes {tuple(slot.shape)}, {tuple(counts.shape)}"
-    if not torch.equal(slot, ref.slot) and not _tie_at_rank(score, r):
+    if not torch.equal(slot, ref.slot):
         return f"{what}'s slot map differs from the PyTorch path for {int((slot != ref.slot).sum())} token(s)"
     if bool((slot < 0).any() or (slot >= N - r).any()):
         return f"{what} wrote a slot outside [0, N - r)"
@@ -227,7 +266,7 @@ def _check_plan(slot: Tensor, counts: Tensor, offsets: Tensor, members: Tensor, 
 def check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: Tensor, tol: float,
                   reference: Tuple[Tensor, Tensor], what: str = "best_dst") -> str:
     """A matching op's (score, pos) against the PyTorch path's (reference): scores within tol, another
-    dst only on a near-tie."""
+    dst only on a near-tie, never another of bitwise-identical dst (an exact tie: the lowest position)."""
     ref_score, ref_pos = reference
     if score.shape != ref_score.shape or pos.shape != ref_pos.shape:
         return f"{what} gives shapes {tuple(score.shape)}, {tuple(pos.shape)}, expected {tuple(ref_score.shape)}"
@@ -240,6 +279,10 @@ def check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: 
     if not bool(((pos >= 0) & (pos < len(dst))).all()):
         return f"{what} wrote a dst position outside dst_idx"
     b, s = differ.nonzero(as_tuple=True)
+    twins = (metric[b, dst[pos[b, s]]] == metric[b, dst[ref_pos[b, s]]]).all(-1)
+    if bool(twins.any()):
+        return (f"{what} broke the lowest-position rule on {int(twins.sum())} exact tie(s) (bitwise-identical "
+                f"dst)")
     a = metric[b, src[s]].double()
 
     def cosine(p):  # exact cosine of each differing src with dst position p, in fp64
@@ -250,11 +293,3 @@ def check_matches(metric: Tensor, dst: Tensor, src: Tensor, score: Tensor, pos: 
     if loss > 2 * tol:
         return f"{what} picked a dst {loss:.3g} worse than the best for {int(differ.sum())} src token(s)"
     return ""
-
-
-def _tie_at_rank(score: Tensor, r: int) -> bool:
-    """Whether some row's r-th and (r+1)-th best scores are equal (torch.topk may then pick either)."""
-    if r >= score.shape[1]:
-        return False
-    top = torch.sort(score, dim=1, descending=True).values
-    return bool((top[:, r - 1] == top[:, r]).any() | (top[:, r - 1].isnan() & top[:, r].isnan()).any())

@@ -19,8 +19,9 @@ M = N − r; 0 ≤ r ≤ S; dst_idx and src_idx are distinct token indices in [0
 are each other's adjoint up to the counts: d merge(x)/dx = unmerge(g / counts),
 d unmerge(y)/dy = merge(g, mean=False).
 
-Invalid indices (out of range, duplicated, a token both dst and src; a slot outside [0, M), offsets
-that are not a CSR of N tokens): the CPU impls always raise ValueError. The CUDA kernels never read or
+Invalid indices (out of range, duplicated, a token both dst and src; for local matching, not one dst
+per cell; a slot outside [0, M), offsets that are not a CSR of N tokens): the CPU impls always raise
+ValueError. The CUDA kernels never read or
 write outside their buffers whatever the indices (every index is bounds-guarded on the device), but
 give unspecified outputs for invalid ones; with TOMESD_CHECK_INDICES=1 (a debug switch) the CUDA ops
 raise the same ValueError, at the cost of a host synchronization per call (so not inside a

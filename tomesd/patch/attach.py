@@ -133,6 +133,8 @@ def detach(root: nn.Module) -> None:
     state.handles.clear()
     for module in state.host.blocks:
         release(module, state)
+    if state.plans is not None:
+        state.plans.release()
     delattr(root, STATE_ATTR)
 
 

@@ -107,11 +107,24 @@ class PlanProvider:
         self.anchors = anchors
         self.kept = _Kept()
         self.source = RunSource()
+        self._hold()
 
     def watch(self, pipeline: Any) -> None:
         """Tell runs apart by `pipeline`'s scheduler (apply_patch given a pipeline)."""
         if hasattr(pipeline, "scheduler"):
             self.source = RunSource(pipeline)
+
+    def __setstate__(self, values):  # a copy of a patched model holds the neighbourhood cache too
+        self.__dict__.update(values)
+        self._hold()
+
+    def _hold(self) -> None:
+        if self.config.match_window is not None:
+            matching.NEIGHBOURHOODS.hold(self)
+
+    def release(self) -> None:
+        """The patch is removed: local matching's neighbourhood cache empties when nothing else holds it."""
+        matching.NEIGHBOURHOODS.release(self)
 
     def build(self, request: MergeRequest) -> MergePlan:
         """A new plan from the request's own metric: partition of its grid, then the matching."""
