@@ -65,10 +65,12 @@ def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -
     off = dst_offsets(h, w, sx, sy, key, device)
     rows = torch.arange(hsy, device=device)[:, None] * sy + off // sx
     cols = torch.arange(wsx, device=device)[None, :] * sx + off % sx
-    is_dst = torch.zeros(h * w, dtype=torch.int8, device=device)
+    is_dst = torch.zeros(h * w, dtype=torch.int64, device=device)
     is_dst[(rows * w + cols).flatten()] = 1
-    order = torch.argsort(is_dst, stable=True)  # src in raster order, then dst in raster order
     num_src = h * w - hsy * wsx
+    # src in raster order, then dst in raster order (a stable sort of is_dst, with no sort: ONNX has none)
+    pos = torch.where(is_dst == 1, num_src + is_dst.cumsum(0) - 1, (1 - is_dst).cumsum(0) - 1)
+    order = torch.empty_like(pos).scatter_(0, pos, torch.arange(h * w, device=device))
     return order[num_src:], order[:num_src]
 
 
