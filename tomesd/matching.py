@@ -15,7 +15,7 @@ from typing import Dict, NamedTuple, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .keys import cell_keys
+from .keys import cell_choices
 
 # Element budget of one [B, rows, D] fp32 score tile: 2**24 elements = 64 MiB.
 SCORE_TILE_ELEMS = 1 << 24
@@ -46,13 +46,13 @@ class MergePlan:
 def dst_offsets(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tensor:
     """Position of the dst token inside each sy × sx cell: [h//sy, w//sx] int64 in [0, sy·sx).
 
-    key: int64 scalar tensor in [0, 2**32) (a pure function of seed, block and timestep), or None
-    for the deterministic choice (every cell's first token).
+    key: int64 scalar tensor in [0, 2**32) (a pure function of seed, block and timestep; or its [2]
+    limbs, keys.step_key(limbs=True)), or None for the deterministic choice (every cell's first token).
     """
     hsy, wsx = h // sy, w // sx
     if key is None:
         return torch.zeros(hsy, wsx, dtype=torch.int64, device=device)
-    return (cell_keys(key, hsy * wsx, device) % (sx * sy)).view(hsy, wsx)
+    return cell_choices(key, hsy * wsx, sx * sy, device).view(hsy, wsx)
 
 
 def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tuple[Tensor, Tensor]:

@@ -52,7 +52,7 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
         frames.append(None)
         return
     timestep, _ = get_arg(args, kwargs, host.timestep_names, state.timestep_pos)
-    key = keys.step_key(state.base_key, timestep, sample.device) if state.config.use_rand else None
+    key = keys.step_key(state.base_key, timestep, sample.device, limbs=exported) if state.config.use_rand else None
     H, W = size[:2]
     p = host.patch_size
     records = {} if torch.is_grad_enabled() and not exported else None  # an exported program has no recompute
