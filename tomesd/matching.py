@@ -70,7 +70,7 @@ def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -
     num_src = h * w - hsy * wsx
     # src in raster order, then dst in raster order (a stable sort of is_dst, with no sort: ONNX has none)
     pos = torch.where(is_dst == 1, num_src + is_dst.cumsum(0) - 1, (1 - is_dst).cumsum(0) - 1)
-    order = torch.empty_like(pos).scatter_(0, pos, torch.arange(h * w, device=device))
+    order = torch.zeros_like(pos).scatter_(0, pos, torch.arange(h * w, device=device))
     return order[num_src:], order[:num_src]
 
 
