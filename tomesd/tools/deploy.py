@@ -22,7 +22,7 @@ import torch
 
 from .. import export as tome_export
 from . import timing
-from .cli import available
+from . import cli
 
 FORMATS = ("torch", "aoti", "onnx", "openvino")
 NEEDS = {"torch": (), "aoti": (), "onnx": ("onnx", "onnxscript", "onnxruntime"),
@@ -32,7 +32,7 @@ Runner = Callable[..., torch.Tensor]
 
 def missing(fmt: str) -> str:
     """One line naming the packages format `fmt` needs that are not installed ("" if none)."""
-    absent = [name for name in NEEDS[fmt] if not available(name)]
+    absent = [name for name in NEEDS[fmt] if not cli.available(name)]
     if not absent:
         return ""
     return f"the {fmt} format needs {', '.join(absent)}: pip install -e \".[export]\""
