@@ -97,10 +97,11 @@ def _float32_limbs(t: Tensor) -> Tensor:
 
 
 def _pow2(k: Tensor) -> Tensor:
-    """2**k for integer-valued float k with |k| < 256, exactly: a product of the powers 2**(2**i)."""
+    """2**k for integer-valued float k with |k| < 128, exactly: a product of the powers 2**(2**i) (each below
+    float32's overflow, as an exported graph may store them)."""
     mag = k.abs()
     out = torch.ones_like(k)
-    for i in range(8):
+    for i in range(7):
         bit = torch.floor(mag / 2 ** i) % 2
         out = torch.where(bit == 1, out * 2.0 ** (2 ** i), out)
     return torch.where(k < 0, 1 / out, out)
