@@ -112,9 +112,9 @@ def test_example_missing_package_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.slow
 def test_example_runs(capsys):
-    assert _example().main(["--format", "onnx", "--arch", "tiny", "--size", "64", "--rounds", "1", "--calls", "1",
+    assert _example().main(["--format", "torch", "--arch", "tiny", "--size", "64", "--rounds", "2", "--calls", "1",
                             "--warmup", "0", "--threads", "1"]) == 0
     out = capsys.readouterr().out
-    assert "max relative error" in out and "speed-up" in out
+    assert "max relative error" in out and "speed-up" in out and "noise band" in out
     error = float(out.split("eager patched: ")[1].split()[0])
-    assert error <= 1e-4
+    assert error <= 1e-5
