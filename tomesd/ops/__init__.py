@@ -7,8 +7,8 @@ cannot serve a tensor. `choose_backend(t)` returns the backend and, for each ref
 
 Which ops a traced or exported graph holds (`graph_ops`, a context manager, per thread): "auto" (the
 default) calls torch.ops.tomesd where the CUDA kernels serve the tensor and the PyTorch path elsewhere,
-as eager calls do; "aten" always the PyTorch path, so the graph holds ATen ops only (ONNX, OpenVINO,
-TensorRT: targets without the tomesd ops); "tomesd" always torch.ops.tomesd (opaque in the graph, their
+as eager calls do; "aten" always the PyTorch path, so the graph holds ATen ops only (ONNX, OpenVINO:
+targets without the tomesd ops); "tomesd" always torch.ops.tomesd (opaque in the graph, their
 fake impls give the shapes; on the CPU their CPU impls run the same PyTorch algorithm).
 
 The torch.library ops these functions call on CUDA (`torch.ops.tomesd.*`: schemas, CPU and fake
@@ -30,7 +30,7 @@ from . import loader
 from .torch_ops import csr
 
 __all__ = ["BACKENDS", "CUDA_DTYPES", "GRAPH_OPS", "requested_backend", "cuda_refusal", "cuda_refusal_for",
-           "choose_backend", "graph_ops", "graph_ops_kind", "csr", "plan_csr", "LocalWindow", "build_plan", "merge",
+           "choose_backend", "graph_ops", "csr", "plan_csr", "LocalWindow", "build_plan", "merge",
            "unmerge"]
 
 BACKENDS = ("auto", "torch", "cuda")
@@ -43,11 +43,6 @@ class _GraphOps(threading.local):
 
 
 _GRAPH_OPS = _GraphOps()
-
-
-def graph_ops_kind() -> str:
-    """This thread's graph_ops setting: "auto", "aten" or "tomesd"."""
-    return _GRAPH_OPS.kind
 
 
 @contextlib.contextmanager

@@ -26,8 +26,8 @@ def is_compiled(module) -> bool:
 
 
 def exporting() -> bool:
-    """True while torch.export traces (strict or not; torch.onnx.export(dynamo=True) and openvino's
-    converter export through it): an exported program keeps no Python state between calls and reads no
+    """True while torch.export traces (strict or not; torch.onnx.export(dynamo=True) exports through
+    it): an exported program keeps no Python state between calls and reads no
     input value on the host, so the hooks take the traced path (no checkpoint records, no host syncs)."""
     is_exporting = getattr(torch.compiler, "is_exporting", None)
     return bool(is_exporting is not None and is_exporting())
