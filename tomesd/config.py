@@ -9,7 +9,7 @@ import inspect
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Tuple, Union
+from typing import Callable, List, Mapping, Optional, Tuple, Union
 
 RatioSpec = Union[float, Mapping[float, float], Callable[..., float]]
 
@@ -180,3 +180,17 @@ class ToMeConfig:
                                  f"around a token's own cell: 1, 3, 5, ...), got {k!r}")
             object.__setattr__(self, "match_window", int(k))
         object.__setattr__(self, "schedule", RatioSchedule.parse(self.ratio, self.sx, self.sy))
+
+    def export_refusals(self) -> List[str]:
+        """Why these settings cannot be exported (torch.export and what exports through it), one line per
+        option; empty if they can. An exported program is one traced graph: it keeps no state between
+        calls and reads no input value on the host."""
+        refusals = []
+        if self.plan_every > 1:
+            refusals.append(f"plan_every={self.plan_every} keeps plans across calls in Python state, which an "
+                            "exported program does not have: use plan_every=1 (share_plan=True exports)")
+        if self.schedule.fn_takes_timestep:
+            refusals.append("ratio is a callable taking `timestep`, whose value it reads on the host at every "
+                            "call, while an exported program fixes its ratios when traced: use a float, a mapping "
+                            "or a callable of (height_px, width_px[, downsample])")
+        return refusals

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from . import ties
-from .keys import cell_keys
+from .keys import cell_choices
 
 # Element budget of one [B, rows, D] fp32 score tile: 2**24 elements = 64 MiB.
 SCORE_TILE_ELEMS = 1 << 24
@@ -55,13 +55,13 @@ class MergePlan:
 def dst_offsets(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tensor:
     """Position of the dst token inside each sy × sx cell: [h//sy, w//sx] int64 in [0, sy·sx).
 
-    key: int64 scalar tensor in [0, 2**32) (a pure function of seed, block and timestep), or None
-    for the deterministic choice (every cell's first token).
+    key: int64 scalar tensor in [0, 2**32) (a pure function of seed, block and timestep; or its [2]
+    limbs, keys.step_key(limbs=True)), or None for the deterministic choice (every cell's first token).
     """
     hsy, wsx = h // sy, w // sx
     if key is None:
         return torch.zeros(hsy, wsx, dtype=torch.int64, device=device)
-    return (cell_keys(key, hsy * wsx, device) % (sx * sy)).view(hsy, wsx)
+    return cell_choices(key, hsy * wsx, sx * sy, device).view(hsy, wsx)
 
 
 def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -> Tuple[Tensor, Tensor]:
@@ -74,10 +74,12 @@ def partition(h: int, w: int, sx: int, sy: int, key: Optional[Tensor], device) -
     off = dst_offsets(h, w, sx, sy, key, device)
     rows = torch.arange(hsy, device=device)[:, None] * sy + off // sx
     cols = torch.arange(wsx, device=device)[None, :] * sx + off % sx
-    is_dst = torch.zeros(h * w, dtype=torch.int8, device=device)
+    is_dst = torch.zeros(h * w, dtype=torch.int64, device=device)
     is_dst[(rows * w + cols).flatten()] = 1
-    order = torch.argsort(is_dst, stable=True)  # src in raster order, then dst in raster order
     num_src = h * w - hsy * wsx
+    # src in raster order, then dst in raster order (a stable sort of is_dst, with no sort: ONNX has none)
+    pos = torch.where(is_dst == 1, num_src + is_dst.cumsum(0) - 1, (1 - is_dst).cumsum(0) - 1)
+    order = torch.zeros_like(pos).scatter_(0, pos, torch.arange(h * w, device=device))
     return order[num_src:], order[:num_src]
 
 
@@ -94,7 +96,8 @@ def best_dst(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, tile_elems: int =
     """
     m = metric.float()
     norm = m.norm(dim=-1, keepdim=True)
-    classes = ties.token_classes(m, norm[..., 0])
+    exact = ties.settled()
+    classes = ties.token_classes(m, norm[..., 0]) if exact else None
     m = m / norm.clamp_min(1e-12)
     a = m[:, src_idx]
     bt = m[:, dst_idx].transpose(1, 2)
@@ -106,6 +109,8 @@ def best_dst(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, tile_elems: int =
         vals.append(v)
         idxs.append(i)
     score, pos = (vals[0], idxs[0]) if len(vals) == 1 else (torch.cat(vals, dim=1), torch.cat(idxs, dim=1))
+    if not exact:
+        return score, pos
     pos = ties.lowest_alike(classes[:, dst_idx]).gather(1, pos)  # an identical dst at a lower position
     twin = ties.lowest_alike(classes[:, src_idx])  # the first src identical to each
     pos = pos.gather(1, twin)
@@ -263,7 +268,8 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
     K = nb.near.shape[1]
     m = metric.float()
     norm = m.norm(dim=-1)
-    classes = ties.token_classes(m, norm)
+    exact = ties.settled()
+    classes = ties.token_classes(m, norm) if exact else torch.arange(N, device=m.device).expand(B, N)
     padded = torch.cat([classes, classes.new_full((B, 1), -1)], dim=1)  # [B, N + 1], class -1 for padding
     inv = torch.cat([1 / norm.clamp_min(1e-12), m.new_zeros(B, 1)], dim=1)  # [B, N + 1], 0 for padding
     cells = nb.cell_of[dst_idx]
@@ -285,13 +291,19 @@ def best_dst_local(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, win: LocalW
         best = s.max(dim=-1, keepdim=True).values
         hit = (s == best) | (s.isnan() & best.isnan())
         positions = cand_pos[c0:c1].expand(B, -1, -1)
-        lowest = ties.min_alike(padded[:, cand], positions, D + 1)  # [B, cells, K]: lowest identical candidate
+        flat = tok.flatten()
+        if not exact:  # exported: the lowest position among the best, no identical tokens grouped
+            score[:, flat] = best[..., 0].flatten(1)
+            pos[:, flat] = torch.where(hit, positions[:, :, None, :], D).amin(dim=-1).flatten(1)
+            continue
+        lowest = ties.min_alike(padded[:, cand], positions)  # [B, cells, K]: lowest identical candidate
         first = torch.where(hit, lowest[:, :, None, :], D).amin(dim=-1)
         twin = ties.lowest_alike(padded[:, tok])  # [B, cells, P]: the first identical token of the cell
-        flat = tok.flatten()
         score[:, flat] = best[..., 0].gather(2, twin).flatten(1)
         pos[:, flat] = first.gather(2, twin).flatten(1)
     pos = pos[:, src_idx]
+    if not exact:
+        return score[:, src_idx], pos
     return ties.settle(score[:, src_idx], pos, classes, norm, dst_idx, src_idx), pos
 
 
@@ -303,7 +315,8 @@ def plan_from_matches(score: Tensor, dst_pos: Tensor, dst_idx: Tensor, src_idx: 
     """
     B = score.shape[0]
     device = score.device
-    merged_pos = ties.select_keys(score).topk(r, dim=-1, sorted=False).indices  # src rows that merge [B, r]
+    ranked = ties.select_keys(score) if ties.settled() else score  # exported: the runtime's order on equal scores
+    merged_pos = ranked.topk(r, dim=-1, sorted=False).indices  # src rows that merge [B, r]
     src_tok = src_idx[merged_pos]  # token index of each merging src
     dst_tok = dst_idx[dst_pos.gather(1, merged_pos)]  # token index of its dst
     merged = torch.zeros(B, n, dtype=torch.bool, device=device).scatter_(1, src_tok, True)

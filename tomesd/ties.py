@@ -13,8 +13,6 @@ Layouts: tokens m [B, N, C] fp32; keys and classes [B, N] int64 (or [..., L] alo
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -23,20 +21,30 @@ CLASS_CHUNK_ELEMS = 1 << 22
 GOLDEN = 0.6180339887498949  # the hash weights' step: distinct weights in [-0.5, 0.5) for any C
 
 
-def min_alike(key: Tensor, value: Tensor, span: Optional[int] = None) -> Tensor:
-    """For each position of key [..., L], the smallest `value` ([..., L]) at a position with an equal key.
+def settled() -> bool:
+    """Whether the matching settles exact ties: everywhere except while torch.export traces. An exported
+    graph (ONNX, OpenVINO: no bitcast, no stable sort, int64 computed in 32 bits by OpenVINO's CPU plugin)
+    ranks equal scores in its runtime's own order instead; it differs from eager only where tokens are
+    bitwise identical or scores exactly equal."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)
+    return not (is_exporting is not None and is_exporting())
 
-    Sorted along the last dim, O(L log L): by key · span + value when the values lie in [0, span) (key ·
-    span + value must stay below 2**63), else stably by key, for values that rise with the position
-    (then: the value of the first position with an equal key)."""
+
+def min_alike(key: Tensor, value: Tensor) -> Tensor:
+    """For each position of key [..., L], the smallest `value` ([..., L], integers) at a position with an
+    equal key.
+
+    Sorted along the last dim, O(L log L), then a minimum per run of equal keys; the sort need not be
+    stable (ONNX has no stable sort), so exported graphs compute the same."""
     if key.shape[-1] == 0:
         return value.clone()
-    order = (key * span + value).argsort(dim=-1) if span is not None else key.argsort(dim=-1, stable=True)
+    order = key.argsort(dim=-1)
     ordered = key.gather(-1, order)
     starts = torch.cat([torch.ones_like(ordered[..., :1], dtype=torch.bool), ordered[..., 1:] != ordered[..., :-1]], -1)
-    index = torch.arange(key.shape[-1], device=key.device).expand_as(ordered)
-    run = torch.where(starts, index, 0).cummax(dim=-1).values  # where each position's run of equal keys starts
-    low = value.gather(-1, order).gather(-1, run)
+    run = starts.to(torch.int64).cumsum(dim=-1) - 1  # each sorted position's run of equal keys
+    values = value.gather(-1, order)
+    lowest = torch.full_like(values, torch.iinfo(values.dtype).max).scatter_reduce(-1, run, values, "amin")
+    low = lowest.gather(-1, run)
     return torch.empty_like(low).scatter_(-1, order, low)
 
 
@@ -56,7 +64,7 @@ def token_classes(m: Tensor, norm: Tensor) -> Tensor:
     starts = range(0, N, rows)
     wsum = torch.cat([(m[:, s : s + rows] * weights).sum(-1) for s in starts], dim=1)
     key = (norm.contiguous().view(torch.int32).to(torch.int64) << 32) | (
-        wsum.view(torch.int32).to(torch.int64) & 0xFFFFFFFF)
+        wsum.view(torch.int32).to(torch.int64) & 0xFFFFFFFF)  # norm ≥ 0: below 2**63
     first = min_alike(key, index)
     bits = m.view(torch.int32)
     same = torch.cat([(bits.gather(1, first[:, s : s + rows, None].expand(-1, -1, C)) == bits[:, s : s + rows]).all(-1)

@@ -7,13 +7,21 @@ cannot serve a tensor. `choose_backend(t)` returns the backend and, for each ref
 per device and dtype (and inside CUDA-graph captures apart), with why; `prepare(device)` loads and
 self-checks the kernels ahead of a CUDA-graph capture.
 
+Which ops a traced or exported graph holds (`graph_ops`, a context manager, per thread): "auto" (the
+default) calls torch.ops.tomesd where the CUDA kernels serve the tensor and the PyTorch path elsewhere,
+as eager calls do; "aten" always the PyTorch path, so the graph holds ATen ops only (ONNX, OpenVINO:
+targets without the tomesd ops); "tomesd" always torch.ops.tomesd (opaque in the graph, their
+fake impls give the shapes; on the CPU their CPU impls run the same PyTorch algorithm).
+
 The torch.library ops these functions call on CUDA (`torch.ops.tomesd.*`: schemas, CPU and fake
 impls, autograd) are defined in tomesd.ops.torch_ops, imported here so that they exist once tomesd.ops does.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Dict, List, NamedTuple, Optional, Tuple
+import threading
+from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -23,12 +31,36 @@ from ..matching import LocalWindow, MergePlan
 from . import loader
 from .torch_ops import csr
 
-__all__ = ["BACKENDS", "CUDA_DTYPES", "requested_backend", "cuda_refusal", "cuda_refusal_for", "choose_backend",
-           "backend_for", "prepare", "PathRow", "report", "clear_report", "csr", "plan_csr", "LocalWindow", "build_plan",
-           "merge", "unmerge"]
+__all__ = ["BACKENDS", "CUDA_DTYPES", "GRAPH_OPS", "requested_backend", "cuda_refusal", "cuda_refusal_for",
+           "choose_backend", "backend_for", "prepare", "PathRow", "report", "clear_report", "graph_ops", "csr",
+           "plan_csr", "LocalWindow", "build_plan", "merge", "unmerge"]
 
 BACKENDS = ("auto", "torch", "cuda")
 CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+GRAPH_OPS = ("auto", "aten", "tomesd")
+
+
+class _GraphOps(threading.local):
+    kind = "auto"
+
+
+_GRAPH_OPS = _GraphOps()
+
+
+@contextlib.contextmanager
+def graph_ops(kind: str) -> Iterator[None]:
+    """Inside, build_plan / merge / unmerge call: "auto" (default) the CUDA kernels (torch.ops.tomesd)
+    where they serve the tensor, else the PyTorch path; "aten" the PyTorch path everywhere (a graph of
+    ATen ops only: ONNX, OpenVINO); "tomesd" torch.ops.tomesd everywhere (opaque ops in the graph; on the
+    CPU they run the PyTorch algorithm). Read when a call is traced: torch.compile keeps the choice it
+    traced with."""
+    if kind not in GRAPH_OPS:
+        raise ValueError(f"graph_ops kind must be one of {', '.join(GRAPH_OPS)}, got {kind!r}")
+    previous, _GRAPH_OPS.kind = _GRAPH_OPS.kind, kind
+    try:
+        yield
+    finally:
+        _GRAPH_OPS.kind = previous
 
 
 def requested_backend() -> str:
@@ -139,8 +171,25 @@ def prepare(device=None) -> str:
     return cuda_refusal_for("cuda" if device is None else device, torch.float16)
 
 
-def _use_cuda(t: Tensor) -> bool:
-    return _backend_for(t.device.type, t.device.index, t.dtype) == "cuda"
+@torch.compiler.assume_constant_result
+def _ops_for(device_type: str, index: Optional[int], dtype: torch.dtype) -> bool:
+    # Whether to call torch.ops.tomesd (else the PyTorch path). Device, dtype and the graph_ops setting are
+    # static under torch.compile: the choice is made once at trace time (loading the extension if needed)
+    # and baked into the graph, without a graph break.
+    kind = _GRAPH_OPS.kind
+    if kind == "aten":
+        return False
+    if kind == "tomesd":
+        if device_type != "cpu":
+            reason = cuda_refusal_for(torch.device(device_type, index), dtype)
+            if reason:
+                raise RuntimeError(f"tomesd: graph_ops('tomesd') but the tomesd ops cannot run on this tensor: {reason}")
+        return True
+    return _backend_for(device_type, index, dtype) == "cuda"
+
+
+def _use_ops(t: Tensor) -> bool:
+    return _ops_for(t.device.type, t.device.index, t.dtype)
 
 
 def plan_csr(plan: MergePlan) -> Tuple[Tensor, Tensor]:
@@ -160,7 +209,7 @@ def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int,
     """
     if window is not None and window.covers_grid():
         window = None  # every dst is a candidate: the global matching, exactly
-    if _use_cuda(metric):
+    if _use_ops(metric):
         with torch.no_grad():
             if window is None:
                 slot, counts, offsets, members = torch.ops.tomesd.build_plan(metric, dst_idx, src_idx, r)
@@ -173,7 +222,7 @@ def build_plan(metric: Tensor, dst_idx: Tensor, src_idx: Tensor, r: int,
 
 def merge(x: Tensor, plan: MergePlan) -> Tensor:
     """Segment mean by slot: x [B, N, C] → [B, M, C]."""
-    if _use_cuda(x):
+    if _use_ops(x):
         offsets, members = plan_csr(plan)
         return torch.ops.tomesd.merge(x, plan.slot, offsets, members, True)
     return matching.merge(x, plan)
@@ -181,7 +230,7 @@ def merge(x: Tensor, plan: MergePlan) -> Tensor:
 
 def unmerge(y: Tensor, plan: MergePlan) -> Tensor:
     """Gather by slot: y [B, M, C] → [B, N, C]."""
-    if _use_cuda(y):
+    if _use_ops(y):
         offsets, members = plan_csr(plan)
         return torch.ops.tomesd.unmerge(y, plan.slot, offsets, members)
     return matching.unmerge(y, plan)

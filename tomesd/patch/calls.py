@@ -19,13 +19,17 @@ from .. import keys
 from ..matching import MergePlan
 from . import recompute
 from .args import first_tensor, get_arg
+from .compiled import check_exportable, exporting
 from .levels import level_of
 from .frames import BlockCall, CallContext, MergeRequest
 from .state import ModelState, call_ended, call_started, log_once
 
 
 def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    if not torch.compiler.is_compiling():
+    exported = exporting()
+    if exported:
+        check_exportable(state.config)
+    elif not torch.compiler.is_compiling():
         call_started(state)
     host = state.host
     frames = state.frames
@@ -48,10 +52,10 @@ def on_root_call(state: ModelState, module: nn.Module, args: tuple, kwargs: dict
         frames.append(None)
         return
     timestep, _ = get_arg(args, kwargs, host.timestep_names, state.timestep_pos)
-    key = keys.step_key(state.base_key, timestep, sample.device) if state.config.use_rand else None
+    key = keys.step_key(state.base_key, timestep, sample.device, limbs=exported) if state.config.use_rand else None
     H, W = size[:2]
     p = host.patch_size
-    records = {} if torch.is_grad_enabled() else None
+    records = {} if torch.is_grad_enabled() and not exported else None  # an exported program has no recompute
     head, tail = size[2:] if len(size) > 2 else (0, 0)
     ctx = CallContext(height=H, width=W, grid_h=H // p, grid_w=W // p, key=key, timestep=timestep, records=records,
                       head=head, tail=tail)
@@ -67,9 +71,18 @@ def on_root_call_eager(state: ModelState, module: nn.Module, args: tuple, kwargs
     on_root_call(state, module, args, kwargs)
 
 
+def on_root_call_reading(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """The root hook of a host that reads input values: outside compiled code, except under torch.export,
+    where the host takes them from the example inputs (Host.export_inputs) and the call is traced."""
+    if exporting():
+        on_root_call(state, module, args, kwargs)
+    else:
+        on_root_call_eager(state, module, args, kwargs)
+
+
 def root_pre_hook(state: ModelState):
     """The root's forward pre-hook (with_kwargs) for state's host."""
-    return partial(on_root_call_eager if getattr(state.host, "reads_inputs", False) else on_root_call, state)
+    return partial(on_root_call_reading if getattr(state.host, "reads_inputs", False) else on_root_call, state)
 
 
 def on_root_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -119,7 +132,8 @@ def _open(state: ModelState, index: int, x) -> Optional[tuple]:
     if frames:
         ctx = frames[-1]
         return None if ctx is None else (ctx, None)  # None: the root's latent was not found (warned there)
-    found = recompute.find_call(state, index, x) if torch.is_grad_enabled() and isinstance(x, Tensor) else None
+    recomputing = torch.is_grad_enabled() and isinstance(x, Tensor) and not exporting()
+    found = recompute.find_call(state, index, x) if recomputing else None
     if found is None:
         if not any(c.records for c in recompute.live_calls(state)):
             state.warn_once(f"no-root-{index}", f"tomesd: transformer block {index} was called outside a "

@@ -158,7 +158,7 @@ def log_once(state: ModelState, tag: str, message: str, level: int) -> None:
     traced (dynamo's comptime), so tracing neither breaks the graph (fullgraph=True holds) nor guards on
     what has been logged (no recompile once it has)."""
     key = state.warned.key
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_dynamo_compiling():  # not non-strict torch.export, which runs this as Python
         comptime(_log_while_tracing)
     elif tag not in state.warned:
         _log_tagged(key, tag, message, level)

@@ -2,6 +2,7 @@
 keys/values from merged tokens and an additive bias (an Attention)."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -175,7 +176,7 @@ class Host:
     timestep_scale: what
     the root's timestep argument is multiplied by to give the 0–1000 scale ratio callables see (Flux
     receives t / 1000).
-    Methods a host kind may override: entry, locate, sublayer_refusals, block_sublayers.
+    Methods a host kind may override: entry, locate, sublayer_refusals, block_sublayers, export_inputs.
     """
 
     name: str
@@ -208,6 +209,10 @@ class Host:
         """The Sublayers of `block` that merge under `config` (merges_inputs: its mode merges the
         sub-layers' input tokens, as tokens mode does); by default the host's, chosen by the merge_* flags."""
         return [sub for sub in self.sublayers if getattr(config, KIND_FLAGS.get(sub.kind, BLOCK_FLAG))]
+    def export_inputs(self, args: tuple, kwargs: dict):
+        """A context in which a traced export of the root (torch.export) takes what this host reads from
+        input values (locate) from these example inputs; nothing to do for hosts that read shapes only."""
+        return contextlib.nullcontext()
 
     def sublayer_refusals(self, module: nn.Module) -> List[str]:
         """Why merging before sub-layer `module` would be wrong at this call ([] if it is fine)."""

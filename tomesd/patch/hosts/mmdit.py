@@ -22,6 +22,7 @@ input is the concatenated sequence, which is no token grid, so they are not merg
 from __future__ import annotations
 
 import inspect
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Tuple
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from ..args import arg_position, get_arg
+from ..compiled import exporting, raise_error
 from .base import Sublayer
 from .diffusers import DiffusersHost, denoiser, vae_scale_factor
 from .rotary import ROTARY_NAMES, RotaryJointAttention
@@ -39,6 +41,10 @@ SD3_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("attn2", "self"), Sublayer("
 FLUX_SUBLAYERS = (Sublayer("attn", "self"), Sublayer("ff", "mlp"))
 FLUX_WHOLE_BLOCK = Sublayer("block", "block", attention="attn")  # single-stream blocks in tokens mode
 MAX_REFERENCES = 8  # reference image grids after the output image's in Flux img_ids (Kontext: 1)
+FLUX_EXPORT_ERROR = ("tomesd: Flux reads its token layout from the values of img_ids, which torch.export traces "
+                     "without showing them; export with tomesd.export.export(model, args, kwargs), or inside "
+                     "`with tomesd.export.exporting(model, args, kwargs):`, which read it from the example inputs "
+                     "(the exported program keeps that layout, as it keeps their shapes)")
 
 
 @dataclass
@@ -64,18 +70,37 @@ class FluxHost(DiffusersHost):
         ids, _ = get_arg(args, kwargs, ("img_ids",), self.ids_pos)
         if not isinstance(ids, Tensor):
             return None
-        layout = _cached_layout(self, ids)
+        layout = self._pinned(ids) if exporting() else _cached_layout(self, ids)
         if isinstance(layout, str):
             return layout
         h, w, head, tail = layout
         return 2 * h, 2 * w, head, tail
 
+    @contextlib.contextmanager
+    def export_inputs(self, args, kwargs):
+        """Traced calls inside take the layout of these example inputs' img_ids (read here, on the host)."""
+        ids, _ = get_arg(args, kwargs, ("img_ids",), self.ids_pos)
+        pinned = (tuple(ids.shape), ids_layout(ids)) if isinstance(ids, Tensor) else None
+        previous, self.last.pinned = self.last.pinned, pinned
+        try:
+            yield
+        finally:
+            self.last.pinned = previous
+
+    def _pinned(self, ids: Tensor):
+        pinned = self.last.pinned
+        if pinned is None or pinned[0] != tuple(ids.shape):
+            raise_error(RuntimeError, FLUX_EXPORT_ERROR)
+        return pinned[1]
+
 
 class LastIds:
-    """The last img_ids tensor read (weakly) and its layout; a copy of the host starts empty."""
+    """The last img_ids tensor read (weakly) and its layout; a copy of the host starts empty. pinned:
+    (shape, layout) of the example img_ids of an export in progress (FluxHost.export_inputs)."""
 
     def __init__(self):
         self.entry: Optional[tuple] = None
+        self.pinned: Optional[tuple] = None
 
     def __reduce__(self):
         return (LastIds, ())
