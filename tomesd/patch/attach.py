@@ -62,11 +62,13 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
             add(module.register_forward_pre_hook(partial(on_block_call, state, index), with_kwargs=True))
             add(module.register_forward_hook(partial(on_block_done, state), with_kwargs=True, always_call=True))
         for spec in subs:
-            sub = getattr(module, spec.name, None)
-            if isinstance(sub, nn.Module):
+            sub = host.sublayer_module(module, spec)
+            if sub is not None:
                 pre = partial(on_sublayer_call, state, spec.name, spec.kind)
                 add(sub.register_forward_pre_hook(pre, with_kwargs=True))
-                add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True))
+                # on the block itself, the sub-layer's post-hook runs before the block's (which closes it)
+                add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True,
+                                              prepend=sub is module))
                 if spec.kind == "self":
                     handle = host.attention.wrap(spec.name, sub, partial(take_slot, state), config.prop_attn)
                     if handle is not None:

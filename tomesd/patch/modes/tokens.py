@@ -15,9 +15,10 @@ class TokensMode(Mode):
 
     def enter(self, call, plan):
         args, kwargs = call.with_input(ops.merge(call.x, plan))
-        if not self.prop:
+        if call.kind != "self":
             return args, kwargs
-        return self.attention.prepare(call, args, kwargs, plan, merge_kv=False, bias=True)
+        # the attention may take keys/values apart from its input (ComfyUI's attn1 after an attn1_patch)
+        return self.attention.prepare(call, args, kwargs, plan, merge_kv=False, bias=self.prop)
 
     def exit(self, output, plan):
         if isinstance(output, tuple):  # a joint attention: (image tokens, text tokens)
