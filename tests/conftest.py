@@ -92,11 +92,6 @@ def comfy():
 @pytest.fixture(scope="session")
 def comfy_nodes(comfy):
     """comfyui/tomesd_nodes, loaded as ComfyUI loads a custom node folder (its path as module name)."""
-    import importlib.util
+    from tomesd.tools import comfyui
 
-    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfyui", "tomesd_nodes")
-    spec = importlib.util.spec_from_file_location(folder, os.path.join(folder, "__init__.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[folder] = module
-    spec.loader.exec_module(module)
-    return module
+    return comfyui.load_nodes()

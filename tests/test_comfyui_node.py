@@ -12,7 +12,6 @@ import tomesd
 from tomesd.tools import comfyui
 
 KEY = "TomesdTokenMerging"
-FOLDER = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "comfyui", "tomesd_nodes")
 
 
 def _node(nodes, model, ratio=0.5, preset="default", match_window=0, prop_attn="auto", mode="auto", seed=7):
@@ -125,7 +124,7 @@ def test_the_node_follows_comfyui_conventions(comfy_nodes):
 def test_the_shipped_workflow_uses_the_node_as_it_is(comfy, comfy_nodes):
     """workflow.json (ComfyUI's workflow format): links join existing slots of matching types, and the Token
     Merging node's widget values are the node's inputs, which it accepts."""
-    with open(os.path.join(FOLDER, "workflow.json")) as f:
+    with open(os.path.join(os.path.dirname(comfy_nodes.__file__), "workflow.json")) as f:
         workflow = json.load(f)
     nodes = {node["id"]: node for node in workflow["nodes"]}
     for link, source, out_slot, target, in_slot, kind in workflow["links"]:

@@ -12,7 +12,8 @@ Models with weights drawn from a seed, built from configs as ComfyUI builds a ch
 size)` is a ModelPatcher around the BaseModel of `kind` ("sd15", "sdxl", "flux") at `size` ("tiny": a few
 blocks of the model's layout, for tests; "full": the real model's dimensions, for benchmarks);
 `conditioning(kind)` its positive and negative conditioning; `latent(kind, side)` an empty latent;
-`sample(...)` one comfy.sample.sample run with fixed noise.
+`sample(...)` one comfy.sample.sample run with fixed noise. `load_nodes()` loads comfyui/tomesd_nodes
+as ComfyUI loads a custom node folder.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import importlib.util
 import os
 import sys
 import types
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
@@ -112,6 +113,27 @@ def engine(cpu: bool = True):
         raise ImportError(f"ComfyUI's engine could not be imported ({error}); pip install -e '.[comfyui]' "
                           "installs what it needs besides torch") from error
     return sys.modules["comfy"]
+
+
+def load_nodes(folder: Optional[str] = None) -> types.ModuleType:
+    """The node package `folder` (default: this checkout's comfyui/tomesd_nodes), loaded as ComfyUI loads a
+    custom node folder (its path as the module name). Needs `engine()` first."""
+    if folder is None:
+        folder = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                              "comfyui", "tomesd_nodes")
+    if not os.path.isfile(os.path.join(folder, "__init__.py")):
+        raise ImportError(f"no ComfyUI node package at {folder} (it ships in the tomesd repository, not in the wheel)")
+    if folder in sys.modules:
+        return sys.modules[folder]
+    spec = importlib.util.spec_from_file_location(folder, os.path.join(folder, "__init__.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[folder] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[folder]
+        raise
+    return module
 
 
 def init_weights(module: torch.nn.Module, seed: int = 0) -> None:
