@@ -88,12 +88,21 @@ def test_kv_mode_equals_diffusers_flux_with_the_same_weights(comfy, flux, settin
     assert torch.equal(_run(flux, inputs), plain)
 
 
-def test_kv_is_the_default_and_every_block_merges(flux, builds):
+@pytest.mark.parametrize("side, refs, built", [
+    (12, None, (6, 6, 18, 0, 36, 18)),  # the 6×6 grid of 2×2 patches: 18 of 36 tokens merged
+    (7, None, (4, 4, 8, 0, 16, 8)),  # an odd latent is padded to whole patches, as ComfyUI pads it
+    (8, [(4, 6)], (4, 4, 8, 6, 22, 14)),  # Kontext's 2×3 reference tokens follow the image's, unmerged
+])
+def test_kv_by_default_every_block_merges_the_image_grid(flux, builds, side, refs, built):
+    """kv is the default; the 2 double- and 2 single-stream blocks all merge the output image's grid only."""
+    extra = {}
+    if refs:
+        g = torch.Generator().manual_seed(3)
+        extra["ref_latents"] = [torch.randn(2, 16, h, w, generator=g) for h, w in refs]
     tomesd.apply_patch(flux, ratio=0.5, seed=1)
-    _run(flux, _inputs(side=12))
+    _run(flux, _inputs(side=side), **extra)
     tomesd.remove_patch(flux)
-    # 2 double- and 2 single-stream blocks, each on the 6×6 grid of 2×2 patches: 18 of 36 tokens merged
-    assert builds == [(6, 6, 18, 0, 36, 18)] * 4
+    assert builds == [built] * 4
 
 
 def test_tokens_mode_and_other_sublayers_are_refused(flux):
@@ -113,22 +122,6 @@ def test_ratio_zero_and_removal_are_bit_exact(flux):
     assert not torch.equal(_run(flux, inputs), plain)
     tomesd.remove_patch(flux)
     assert torch.equal(_run(flux, inputs), plain)
-
-
-def test_reference_latents_pass_through_unmerged(flux, builds):
-    """Kontext's reference latents follow the image's tokens in every block: only the image grid merges."""
-    inputs = _inputs(side=8)
-    tomesd.apply_patch(flux, ratio=0.5, seed=1)
-    _run(flux, inputs, ref_latents=[torch.randn(2, 16, 4, 6, generator=torch.Generator().manual_seed(3))])
-    tomesd.remove_patch(flux)
-    assert builds == [(4, 4, 8, 6, 22, 14)] * 4  # 16 image tokens, 8 merged; 2×3 reference tokens
-
-
-def test_an_odd_latent_is_padded_to_whole_patches(flux, builds):
-    tomesd.apply_patch(flux, ratio=0.5, seed=1)
-    _run(flux, _inputs(side=7))
-    tomesd.remove_patch(flux)
-    assert builds == [(4, 4, 8, 0, 16, 8)] * 4
 
 
 def test_an_override_already_there_is_composed(flux):
