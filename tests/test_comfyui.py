@@ -13,11 +13,11 @@ from tomesd.tools import comfyui
 class Root(torch.nn.Module):
     """A denoiser around one ComfyUI SpatialTransformer: forward(x [B, C, H, W], context, options)."""
 
-    def __init__(self, comfy, depth=2, channels=32):
+    def __init__(self, comfy, depth=2, channels=32, **kwargs):
         super().__init__()
         attention = comfy.ldm.modules.attention
         self.st = attention.SpatialTransformer(channels, 2, 16, depth=depth, context_dim=32,
-                                               operations=comfy.ops.disable_weight_init)
+                                               operations=comfy.ops.disable_weight_init, **kwargs)
         comfyui.init_weights(self, seed=0)
 
     def forward(self, x, context, options=None):
@@ -131,9 +131,21 @@ def test_attn1_patches_adding_tokens_are_said(root, caplog):
         tomesd.apply_patch(root, ratio=0.5, prop_attn=True, seed=1)
         merged = _run(root, x, context, options)
     tomesd.remove_patch(root)
-    assert "mode='kv' does not merge blocks where attn1 is given keys/values that are not its own" in caplog.text
+    assert "mode='kv' does not merge blocks where an attn1_patch gives attn1 keys/values of other tokens" in caplog.text
     assert "the queries merge and the keys/values are left as given, without prop_attn" in caplog.text
     assert not torch.equal(merged, without)
+
+
+def test_attn1_attending_to_the_text_merges_its_queries_and_says_prop_attn_is_off(comfy, caplog):
+    root = Root(comfy, disable_self_attn=True).eval()
+    x, context = _duplicated(seed=7)
+    want = _run(root, x, context)
+    with caplog.at_level(logging.WARNING, logger="tomesd"):
+        tomesd.apply_patch(root, ratio=0.5, prop_attn=True, seed=1)
+        got = _run(root, x, context)
+    tomesd.remove_patch(root)
+    assert "where attn1 attends to the text (only_cross_attention), the queries merge" in caplog.text
+    assert got.shape == want.shape and not torch.equal(got, want)
 
 
 def test_attn1_replace_patches_are_refused_with_the_reason(root, plan_builds, caplog):

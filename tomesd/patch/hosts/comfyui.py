@@ -75,24 +75,28 @@ class ComfyAttention(ArgAttention):
             return super().prepare(call, args, kwargs, plan, merge_kv, bias)
         if not all(t is call.x or tuple(t.shape[:2]) == tuple(call.x.shape[:2]) for t, _ in given):
             return self._foreign(call, args, kwargs, merge_kv, bias)
-        merged = ops.merge(call.x, plan)
-        for t, where in given:  # keys / values made token by token from attn1's input: merged alike
-            args, kwargs = set_arg(args, kwargs, where, merged if t is call.x else ops.merge(t, plan))
+        merged = {}  # keys / values made token by token from attn1's input: merged alike (each tensor once)
+        for t, where in given:
+            if id(t) not in merged:
+                merged[id(t)] = ops.merge(t, plan)
+            args, kwargs = set_arg(args, kwargs, where, merged[id(t)])
         if bias:
             kwargs = dict(kwargs, mask=size_bias(plan, call.x.dtype))
         return args, kwargs
 
     @staticmethod
     def _foreign(call, args, kwargs, merge_kv, bias):
-        """attn1 given keys/values that are not its own tokens (the text, or tokens an attn1_patch added)."""
-        why = (f"{call.name} is given keys/values that are not its own tokens (an attn1_patch that adds tokens, "
-               "e.g. a reference image's, or a block whose attn1 attends to the text)")
+        """attn1 given keys/values of other tokens than its own: tokens an attn1_patch added, or the text."""
+        options = call.kwargs.get("transformer_options")
+        patched = isinstance(options, dict) and bool((options.get("patches") or {}).get("attn1_patch"))
+        why = ("an attn1_patch gives attn1 keys/values of other tokens than its own (e.g. a reference image's)"
+               if patched else "attn1 attends to the text (only_cross_attention)")
         if merge_kv:
-            call.warn(f"kv-foreign-{call.name}", f"tomesd: mode='kv' does not merge blocks where {why}")
+            call.warn(f"kv-foreign-{patched}", f"tomesd: mode='kv' does not merge blocks where {why}")
             return call.args, call.kwargs
-        if bias:
-            call.warn(f"prop-foreign-{call.name}", f"tomesd: in blocks where {why}, the queries merge and the "
-                      "keys/values are left as given, without prop_attn")
+        if patched or bias:
+            call.warn(f"tokens-foreign-{patched}-{bias}", f"tomesd: in blocks where {why}, the queries merge and the "
+                      "keys/values are left as given" + (", without prop_attn" if bias else ""))
         return args, kwargs
 
 
