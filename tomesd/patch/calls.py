@@ -144,8 +144,9 @@ def _open(state: ModelState, index: int, x) -> Optional[tuple]:
     return found
 
 
-def enter_block(state: ModelState, index: int, x) -> None:
-    """A block starts: open its BlockCall in the current call (or in its recompute's call)."""
+def enter_block(state: ModelState, index: int, x, refusal=None) -> None:
+    """A block starts: open its BlockCall in the current call (or in its recompute's call). refusal():
+    why the block must not merge in this call (Host.call_refusal), or None; asked only where it would."""
     opened = _open(state, index, x)
     if opened is None:
         return
@@ -155,7 +156,10 @@ def enter_block(state: ModelState, index: int, x) -> None:
         block.plan = replay  # the very plan of the forward
         return
     request = _request(state, ctx, index, x)
-    if request is not None:
+    why = refusal() if request is not None and refusal is not None else None
+    if why is not None:
+        state.warn_once(f"refused-block-{index}", f"tomesd: transformer block {index} is not merged in calls where {why}")
+    elif request is not None:
         block.request = request
         if ctx.records is not None:
             recompute.record(ctx, index, x)
@@ -167,6 +171,7 @@ def _request(state: ModelState, ctx: CallContext, index: int, x) -> Optional[Mer
         state.warn_once(f"block-input-{index}", f"tomesd: transformer block {index} was called "
                         "without [B, N, C] tokens as hidden_states; it is not merged")
         return None
+    x = state.host.image_tokens(index, x, ctx.head + ctx.grid_h * ctx.grid_w + ctx.tail)
     B, N, _ = x.shape
     n = N - ctx.head - ctx.tail  # image-grid tokens; head and tail pass through (identity slots of the plan)
     if n not in ctx.levels:
@@ -234,7 +239,7 @@ def plan_of(state: ModelState, block: BlockCall) -> Optional[MergePlan]:
 
 def on_block_call(state: ModelState, index: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
     x, _ = get_arg(args, kwargs, state.host.input_names, 0)
-    enter_block(state, index, x)
+    enter_block(state, index, x, partial(state.host.call_refusal, module, args, kwargs))
 
 
 def on_block_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
@@ -244,7 +249,7 @@ def on_block_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dic
 def block_entry(state: ModelState, index: int, original, args: tuple, kwargs: dict):
     """enter_block → the block's method → exit_block (the entry of blocks that checkpoint `_forward`)."""
     x, _ = get_arg(args, kwargs, state.host.input_names, 0)
-    enter_block(state, index, x)
+    enter_block(state, index, x, partial(state.host.call_refusal, state.host.blocks[index], args, kwargs))
     try:
         return original(*args, **kwargs)
     finally:

@@ -37,6 +37,11 @@ def on_sublayer_call(state: ModelState, name: str, kind: str, module: nn.Module,
                         owner=state)
     mode = state.modes[name]
     B, N = plan.slot.shape
+    if x.shape[1] != N and mode.takes_all_tokens(call) and kind == "self":
+        state.warn_once(f"tokens-{name}", f"tomesd: {name} was called on {x.shape[1]} tokens, not its block's {N}: "
+                        f"something between the block's input and {name} changed them (e.g. a ComfyUI attn1_patch "
+                        "such as TomePatchModel's or HyperTile's); tomesd does not merge in such blocks")
+        return None
     if x.shape[1] != N and mode.takes_all_tokens(call):
         state.warn_once(f"chunk-{name}", f"tomesd: {name} was called on {x.shape[1]} of a block's {N} tokens "
                         "(feed-forward chunking over the token axis, dim=1); a chunk cannot be merged on its own, so "

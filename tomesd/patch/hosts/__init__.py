@@ -1,7 +1,8 @@
 """Hosts: one module per kind of model, each describing where its tokens are (hosts.base.Host).
 
-FINDERS is the one ordered list of host finders: the first that recognizes a model wins (LDM models
-first: their wrapper is no diffusers module; MMDiT before the generic diffusers finder, whose
+FINDERS is the one ordered list of host finders: the first that recognizes a model wins (ComfyUI's
+first: its UNets are LDM-style ones with an attention of their own, and it refuses a ModelPatcher; LDM
+models next: their wrapper is no diffusers module; MMDiT before the generic diffusers finder, whose
 BasicTransformerBlock search would find nothing in them). `roots(model)` lists the denoiser modules
 a patch lives on (the denoiser, then a pipeline's ControlNets).
 """
@@ -11,11 +12,11 @@ from typing import List
 
 from torch import nn
 
-from . import diffusers, ldm, mmdit
+from . import comfyui, diffusers, ldm, mmdit
 from .base import KIND_FLAGS, ArgAttention, Attention, Host, Sublayer
 from .diffusers import DENOISER_ATTRS, controlnets, denoiser
 
-FINDERS = (ldm.find_host, mmdit.find_host, diffusers.find_host)
+FINDERS = (comfyui.find_host, ldm.find_host, mmdit.find_host, diffusers.find_host)
 
 __all__ = ["Host", "Sublayer", "Attention", "ArgAttention", "KIND_FLAGS", "FINDERS", "find_host",
            "controlnet_hosts", "roots", "wrappers"]
@@ -24,7 +25,7 @@ __all__ = ["Host", "Sublayer", "Attention", "ArgAttention", "KIND_FLAGS", "FINDE
 def find_host(model, root=None) -> Host:
     """The Host of `model` (or of its module `root`); TypeError / ValueError if it holds no blocks."""
     for finder in FINDERS:
-        if root is not None and finder is ldm.find_host:
+        if root is not None and finder in (comfyui.find_host, ldm.find_host):
             continue
         host = finder(model, root) if root is not None else finder(model)
         if host is not None:
@@ -32,12 +33,13 @@ def find_host(model, root=None) -> Host:
     if root is None and not isinstance(model, nn.Module) and denoiser(model) is None:
         raise TypeError(
             "tomesd: model must be a diffusers pipeline (with .unet or .transformer), a torch.nn.Module holding "
-            f"transformer blocks, or an LDM-style model with .model.diffusion_model; got {type(model).__name__}"
+            "transformer blocks, or an LDM-style model with .model.diffusion_model (ComfyUI: .diffusion_model); got "
+            f"{type(model).__name__}"
         )
     what = type(model if root is None else root).__name__
     raise ValueError(
         f"tomesd: {what} holds no transformer blocks (diffusers BasicTransformerBlock, "
-        "LDM-style BasicTransformerBlock, or an SD 3 / Flux transformer) to merge tokens in"
+        "LDM-style BasicTransformerBlock, an SD 3 / Flux transformer, or ComfyUI's Flux) to merge tokens in"
     )
 
 

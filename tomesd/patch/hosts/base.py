@@ -176,7 +176,8 @@ class Host:
     timestep_scale: what
     the root's timestep argument is multiplied by to give the 0–1000 scale ratio callables see (Flux
     receives t / 1000).
-    Methods a host kind may override: entry, locate, sublayer_refusals, block_sublayers, export_inputs.
+    Methods a host kind may override: entry, locate, sublayer_refusals, block_sublayers, export_inputs,
+    sublayer_module, image_tokens, call_refusal.
     """
 
     name: str
@@ -194,6 +195,23 @@ class Host:
     mode_refusals: Dict[str, str] = field(default_factory=dict)
     default_mode: str = "tokens"
     timestep_scale: float = 1.0
+
+    def sublayer_module(self, block: nn.Module, spec: Sublayer) -> Optional[nn.Module]:
+        """The module whose hooks merge sub-layer `spec` of `block`: Sublayer.module_in (its attribute
+        `spec.name`, the block itself for kind "block"; None if it has none); a host whose self-attention is
+        no module of its own names the block itself."""
+        return spec.module_in(block)
+
+    def image_tokens(self, index: int, x: Tensor, n: int) -> Tensor:
+        """The tokens of block `index`'s input x [B, S, C] that are the image grid and its tail (n tokens
+        at the top level): x itself, except in hosts whose blocks also take other tokens in that input
+        (ComfyUI's single-stream Flux blocks: the text first)."""
+        return x
+
+    def call_refusal(self, block: nn.Module, args: tuple, kwargs: dict) -> Optional[str]:
+        """Why `block` must not merge in this call of it (called as block(*args, **kwargs)), or None: e.g. a
+        patch of the host's own replaces its self-attention past tomesd's hooks."""
+        return None
 
     def entry(self, block: nn.Module) -> Optional[str]:
         """The name of a block method to wrap as the block's entry instead of forward hooks, or None."""

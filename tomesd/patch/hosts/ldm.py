@@ -1,5 +1,6 @@
 """LDM / CompVis / sd-webui / sgm hosts: models exposing `.model.diffusion_model` (an openaimodel
-UNetModel), or such a UNetModel itself. Blocks are recognized by shape, not imported: a module with
+UNetModel) or `.diffusion_model` (ComfyUI's BaseModel), or such a UNetModel itself (ComfyUI's own:
+hosts/comfyui.py). Blocks are recognized by shape, not imported: a module with
 attn1/attn2/ff children, called as block(x, context), of a class named BasicTransformerBlock or
 derived from one (sd-webui hijacks, sgm and ComfyUI subclass it), as tomesd 0.1.3 recognizes them.
 
@@ -18,15 +19,25 @@ from ..levels import top_level
 from .base import ArgAttention, Host
 
 
+def _wrapped(model) -> Optional[nn.Module]:
+    inner = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if not isinstance(inner, nn.Module):
+        inner = getattr(model, "diffusion_model", None)
+    return inner if isinstance(inner, nn.Module) else None
+
+
 def is_wrapper(model) -> bool:
-    """An LDM-style wrapper: `.model.diffusion_model` is a module."""
-    return isinstance(getattr(getattr(model, "model", None), "diffusion_model", None), nn.Module)
+    """An LDM-style wrapper: `.model.diffusion_model` is a module (CompVis, sgm, sd-webui), or
+    `.diffusion_model` is (ComfyUI's BaseModel, `model_patcher.model`)."""
+    return _wrapped(model) is not None
 
 
 def root_of(model) -> Optional[nn.Module]:
-    """The denoiser of an LDM-style model: its `.model.diffusion_model`, or the module itself."""
-    if is_wrapper(model):
-        return unwrap_compiled(model.model.diffusion_model)
+    """The denoiser of an LDM-style model: its `.model.diffusion_model` or `.diffusion_model`, or the
+    module itself."""
+    inner = _wrapped(model)
+    if inner is not None:
+        return unwrap_compiled(inner)
     return unwrap_compiled(model) if isinstance(model, nn.Module) else None
 
 
@@ -50,8 +61,9 @@ class LDMHost(Host):
         return "_forward" if callable(getattr(type(block), "_forward", None)) else None
 
 
-def find_host(model) -> Optional[Host]:
-    """Host for an LDM-style model, or None if it holds no LDM-style transformer blocks."""
+def find_host(model, kind=LDMHost, attention=None, name: str = "ldm") -> Optional[Host]:
+    """Host for an LDM-style model, or None if it holds no LDM-style transformer blocks. A variant of
+    these UNets (ComfyUI's) passes its own Host class `kind`, `attention` and `name`."""
     root = root_of(model)
     if root is None:
         return None
@@ -64,6 +76,6 @@ def find_host(model) -> Optional[Host]:
         blocks,
         lambda stage: any(type(m).__name__ == "Downsample" for m in stage.modules()),
     )
-    return LDMHost(name="ldm", root=root, blocks=blocks, top_level=level,
-                   attention=ArgAttention("context", None), sample_names=("x", "sample"),
-                   timestep_names=("timesteps", "timestep", "t"))
+    return kind(name=name, root=root, blocks=blocks, top_level=level,
+                attention=attention or ArgAttention("context", None), sample_names=("x", "sample"),
+                timestep_names=("timesteps", "timestep", "t"))

@@ -32,7 +32,7 @@ from .base import ArgAttention, Attention, Take
 SDPA_PROCESSORS = ("AttnProcessor2_0",)  # diffusers processors that call F.scaled_dot_product_attention once
 
 
-def _merge_heads(t: Tensor, plan: MergePlan) -> Tensor:
+def merge_heads(t: Tensor, plan: MergePlan) -> Tensor:
     """Merge keys or values laid out per head: [B, H, N, D] → [B, H, M, D]."""
     B, H, N, D = t.shape
     merged = ops.merge(t.transpose(1, 2).reshape(B, N, H * D), plan)
@@ -51,8 +51,8 @@ def joint_attention(sdpa, q: Tensor, k: Tensor, v: Tensor, plan: MergePlan, merg
     image = slice(0, n) if image_first else slice(S - n, S)
     text = slice(n, S) if image_first else slice(0, S - n)
     if merge_kv:
-        parts = [_merge_heads(k[:, :, image], plan), k[:, :, text]]
-        vparts = [_merge_heads(v[:, :, image], plan), v[:, :, text]]
+        parts = [merge_heads(k[:, :, image], plan), k[:, :, text]]
+        vparts = [merge_heads(v[:, :, image], plan), v[:, :, text]]
         if not image_first:
             parts, vparts = parts[::-1], vparts[::-1]
         k, v = torch.cat(parts, dim=2), torch.cat(vparts, dim=2)

@@ -5,8 +5,6 @@ block's attention can take them (`Attention.kv_refusal_of`). prop_attn left to f
 where the attention takes an additive bias."""
 from __future__ import annotations
 
-from torch import nn
-
 from .base import Mode
 
 
@@ -22,12 +20,12 @@ class KVMode(Mode):
         reasons = super().refusals(host, config)
         if not config.merge_attn or reasons:
             return reasons
-        name = host.sublayers[0].name
+        spec = host.sublayers[0]
         for index, block in enumerate(host.blocks):
-            attn = getattr(block, name, None)
-            why = host.attention.kv_refusal_of(attn) if isinstance(attn, nn.Module) else None
+            attn = host.sublayer_module(block, spec)
+            why = host.attention.kv_refusal_of(attn) if attn is not None else None
             if why is not None:
-                return [f"mode='kv' cannot run on {name} of transformer block {index}: {why}"]
+                return [f"mode='kv' cannot run on {spec.name} of transformer block {index}: {why}"]
         return []
 
     @classmethod

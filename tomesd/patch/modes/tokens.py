@@ -32,8 +32,10 @@ class TokensMode(Mode):
         args, kwargs = call.with_input(merged)
         if call.kind == "block":
             call.kept = (call.x, merged)
-        if call.kind not in ATTENTION_KINDS or not (self.prop or self.attention.moves_positions):
+        if call.kind not in ATTENTION_KINDS:
             return args, kwargs
+        # the attention may apply positions (Flux's rotary embeddings) or take keys/values apart from its
+        # input (ComfyUI's attn1 after an attn1_patch): it is asked even without prop_attn
         return self.attention.prepare(call, args, kwargs, plan, merge_kv=False, bias=self.prop)
 
     def exit(self, output, plan, kept=None):
