@@ -277,9 +277,9 @@ def main(argv=None) -> int:
             return launch.relaunch(processes, os.path.abspath(__file__), sys.argv[1:] if argv is None else argv)
     state = PartialState(cpu=use_cpu)
     device = args.device or str(state.device)
-    if not device.startswith("cuda"):
-        threads.set_threads(args.threads, processes=state.num_processes, say=state.is_main_process)
     pipe, img2img = load_pipelines(args, device)
+    if not device.startswith("cuda"):  # after load_pipelines' checks: an error stays one line
+        threads.set_threads(args.threads, processes=state.num_processes, say=state.is_main_process)
     todo = jobs(args.prompt, args.images_per_prompt, args.seed)
     note = models.size_note(args.model, args.height, args.width)
     if note and state.is_main_process:

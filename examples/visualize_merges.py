@@ -82,8 +82,6 @@ def main(argv=None) -> int:
     import torch
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if not device.startswith("cuda"):
-        threads.set_threads(args.threads)
     try:
         pipe = models.load_pipeline(args.model, dtype=models.DTYPES["fp16" if device.startswith("cuda") else "fp32"],
                                     device=device)
@@ -98,6 +96,8 @@ def main(argv=None) -> int:
     problem = models.prompt_problem(pipe, args.prompt) or models.size_problem(pipe, args.height, args.width)
     if problem:
         parser.error(problem)
+    if not device.startswith("cuda"):
+        threads.set_threads(args.threads)  # after every check: an error stays one line
     note = models.size_note(args.model, args.height, args.width)
     if note:
         print(note, file=sys.stderr)

@@ -23,6 +23,16 @@ def pytest_unconfigure(config):
     gc.freeze()
 
 
+@pytest.fixture(autouse=True)
+def _keep_torch_threads():
+    """The tools and examples set torch's threads (tomesd.tools.threads); every test gives them back."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def recorded_plans(monkeypatch):
     """Every ops.build_plan call while the test runs: a list of (metric, dst, src, r, window, plan)."""

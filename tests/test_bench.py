@@ -28,14 +28,6 @@ def sdxl_dir(tmp_path_factory):
     return str(directory / "pipe")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """bench.main sets torch's threads on a CPU; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cli_writes_table_json_csv_png(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))

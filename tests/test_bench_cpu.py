@@ -10,14 +10,6 @@ from tomesd.bench import cpu as bench_cpu
 from tomesd.tools import cli, threads, timing
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """bench.main sets torch's threads; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def _fake_times(monkeypatch, ms):
     """time_calls → ms(part, setting label, round) for one window; records the order of the calls."""
     order = []

@@ -9,13 +9,6 @@ from tomesd.tools import threads
 M = threads.Machine
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    before = torch.get_num_threads()
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("machine, expected, words", [
     (M(2, 2, 2, None, 1.6), 1, "2 cores, load 1.6 → 1 free"),
     (M(2, 2, 2, None, 0.4), 2, "2 cores, load 0.4 → 2 free"),
