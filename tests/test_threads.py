@@ -84,3 +84,18 @@ def test_quality_takes_threads(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit):
         quality.main(["--threads", "0"])
     assert "--threads" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # a classifier epoch, a training step and an evaluation: a minute on a loaded 2-core machine
+def test_reference_training_says_its_threads_in_its_log(tmp_path, monkeypatch):
+    pytest.importorskip("sklearn")
+    from tomesd.reference import train
+
+    monkeypatch.setattr(threads, "read_machine", lambda: M(2, 2, 2, None, 0.3))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    log = tmp_path / "train.log"
+    assert train.main(["--steps", "1", "--batch", "2", "--classifier-epochs", "1", "--eval-samples", "1",
+                       "--out", str(tmp_path / "pipe"), "--classifier-out", str(tmp_path / "c.safetensors"),
+                       "--log", str(log)]) == 0
+    assert "torch threads: 2 (2 cores, load 0.3 → 2 free; --threads N to override)" in log.read_text()
+    assert torch.get_num_threads() == 2
