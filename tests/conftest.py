@@ -13,6 +13,22 @@ os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="tomesd
 import pytest  # noqa: E402
 
 
+THREADS = []  # the line saying the test process's torch threads
+
+
+def pytest_configure(config):
+    """The test process's torch threads are the free cores, as the tools' (tomesd.tools.threads): on a
+    loaded machine more threads only add contention; OMP_NUM_THREADS wins."""
+    from tomesd.tools import threads
+
+    line = threads.set_threads(say=False).line
+    THREADS.append(line.replace("--threads N to override", "OMP_NUM_THREADS=N to override"))
+
+
+def pytest_report_header(config):
+    return THREADS[-1:]
+
+
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     """After the summary, Python's exit collects garbage over every object torch, diffusers and
