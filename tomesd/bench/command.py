@@ -18,14 +18,13 @@ from .config import (
 )
 from .report import (
     TOY_NOTE,
-    BenchResult,
     format_table,
     format_target,
     noisy_rows,
     write_results,
 )
 from . import measure
-from .measure import check_settings, environment, load_unet
+from .measure import check_settings, environment
 
 
 def build_parser() -> argparse.ArgumentParser:
