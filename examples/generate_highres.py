@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Text-to-image at any resolution with Token Merging (Stable Diffusion 1.x, 2.x, XL, 3 / 3.5, Flux, and the shipped reference models).
 
-    python examples/generate_highres.py --model reference --prompt 3 --height 64 --width 64   # offline, a CPU, seconds
+    python examples/generate_highres.py --model photos --prompt chelsea --height 64 --width 64   # offline, a CPU, seconds
 
     # the high-resolution preset by default on UNet pipelines (README.md "High resolution"): 4x4 cells,
     # ratio 0.8 -> 0.9 by image side, prop_attn; --ratio / --cells / --match-window / --no-prop-attn change it
@@ -11,14 +11,20 @@
     # generate at 768 px, upscale ×2 and refine with img2img (the hires pass merges at the 1536 px ratio)
     python examples/generate_highres.py --model DIR --height 768 --width 768 --hires-fix 2 --ratio "768:0.4,1536:0.6"
 
-    # split prompts across processes (one per GPU)
-    accelerate launch --num_processes 2 examples/generate_highres.py --model DIR --prompt "a" --prompt "b"
+    # split the prompts across processes, each writing its share (one per GPU; --cpu: CPU processes)
+    accelerate launch --num_processes 2 --cpu examples/generate_highres.py --model DIR --prompt "a" --prompt "b"
 
---model: a shipped reference model by name ("reference": the digits model, trained at 16 px, prompt a
-digit), any local diffusers pipeline directory, or a hub id. --height/--width default to the model's
-size and may be any multiple it takes (8 px for SD 1.x / 2.x / XL's VAE, 16 for SD 3 and Flux: the VAE's
-8 × their patch size 2, 2 for the pixel-space reference models). --hires-fix needs an img2img pipeline
-(the SD and Flux families have one; the reference models do not); its size is rounded to that multiple.
+--model: a shipped model by name (listed under --model, with the sizes each draws well), any local
+diffusers pipeline directory, or a hub id. --height/--width default to the model's size and may be
+any multiple it takes (8 px for SD 1.x / 2.x / XL's VAE, 16 for SD 3 and Flux: the VAE's 8 × their patch
+size 2, 2 for the pixel-space reference models); a size a shipped model does not draw well is said.
+--hires-fix needs an img2img pipeline (the SD and Flux families have one; the reference models do not);
+its size is rounded to that multiple.
+
+Several processes: accelerate starts them itself on several GPUs; where it starts one (fewer than two
+GPUs, or --cpu without MPI) this script runs again as --num_processes torchrun workers
+(tomesd.tools.launch). On a CPU torch's threads are the free cores shared between the processes
+(OMP_NUM_THREADS, which the launchers set, or --threads wins; tomesd.tools.threads).
 
 --ratio is a float or `side:ratio` pairs, linearly interpolated in the image side sqrt(H·W) px and
 resolved at every UNet call, so one mapping serves both passes of --hires-fix. Each image gets the
@@ -36,7 +42,7 @@ import sys
 import time
 
 import tomesd
-from tomesd.tools import cli, models
+from tomesd.tools import cli, launch, models, threads
 
 
 # The high-resolution preset for UNet pipelines (README.md "High resolution", measured on SD 1.5 in
@@ -103,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--model", required=True,
-                   help="'reference' (the shipped digits model: --prompt a digit), a local diffusers pipeline directory "
-                   "or a hub id (SD 1.x, 2.x, XL, 3 / 3.5, Flux); loaded by tomesd.tools.models")
+                   help=models.model_help() + " (SD 1.x, 2.x, XL, 3 / 3.5, Flux); loaded by tomesd.tools.models")
     p.add_argument("--prompt", action="append", help="repeat for several prompts")
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--images-per-prompt", type=_number(int, 1), default=1)
@@ -134,6 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tomesd merging mode (default: the model's: tokens, kv on Flux)")
     p.add_argument("--compile", action="store_true", help="torch.compile the UNet / transformer (after patching)")
     p.add_argument("--no-tome", action="store_true", help="baseline: do not apply tomesd")
+    p.add_argument("--threads", type=_number(int, 1), help="torch threads per process on a CPU (default: "
+                   "OMP_NUM_THREADS when set, else the free cores shared between the processes)")
     return p
 
 
@@ -278,10 +285,24 @@ def main(argv=None) -> int:
     # On a CPU (--device cpu, `accelerate launch --cpu`, or no GPU), processes talk over gloo.
     use_cpu = (args.device or "").startswith("cpu") or not torch.cuda.is_available() or \
         os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true")
+    if launch.simple_launcher_asked(os.environ):  # accelerate launch --num_processes N started one process
+        processes = launch.asked_processes(launch.parent_argv())
+        if processes != 1:
+            problem = launch.relaunch_problem(processes, use_cpu, torch.cuda.device_count())
+            if problem:
+                fail(problem)
+            print(f"accelerate launch started one process for --num_processes {processes}: running {processes} "
+                  "torchrun workers", file=sys.stderr, flush=True)
+            return launch.relaunch(processes, os.path.abspath(__file__), sys.argv[1:] if argv is None else argv)
     state = PartialState(cpu=use_cpu)
     device = args.device or str(state.device)
     pipe, img2img = load_pipelines(args, device)
+    if not device.startswith("cuda"):  # after load_pipelines' checks: an error stays one line
+        threads.set_threads(args.threads, processes=state.num_processes, say=state.is_main_process)
     todo = jobs(args.prompt, args.images_per_prompt, args.seed)
+    note = models.size_note(args.model, args.height, args.width)
+    if note and state.is_main_process:
+        print(note, file=sys.stderr)
     if state.is_main_process:
         hires = hires_size(args.height, args.width, args.hires_fix, models.size_multiple(pipe)) if img2img else None
         sizes = [(args.height, args.width)] + ([hires] if hires else [])

@@ -5,10 +5,11 @@
     python examples/visualize_merges.py --model stable-diffusion-v1-5/stable-diffusion-v1-5 --prompt "a corgi on a sofa" \\
         --ratio 0.5 --step 10 --out merges.png --image-out image.png
 
---model: a shipped reference model by name ("reference": 16 px digits, prompt a digit), any local
-diffusers pipeline directory, or a hub id. Sizes default to the model's own (512 px for SD 1.5, 16 px
-for the digits model) and may be any multiple the model takes (8 px for SD's VAE, 2 px for the
-pixel-space reference models).
+--model: a shipped model by name (listed under --model), any local diffusers pipeline directory, or a
+hub id. Sizes default to the model's own (512 px for SD 1.5, 16 px for the digits
+model, 32 px for the photos model) and may be any multiple the model takes (8 px for SD's VAE, 2 px
+for the pixel-space reference models); a size a shipped model does not draw well is said. On a CPU
+torch's threads are the free cores (--threads to override; tomesd.tools.threads).
 
 Each latent token of the chosen block (at --step, the denoising step, counted from 0) is colored by
 the destination it merged into: one color per group of merged tokens, grey for tokens left alone.
@@ -22,7 +23,7 @@ import argparse
 import sys
 
 import tomesd
-from tomesd.tools import cli, models
+from tomesd.tools import cli, models, threads
 from tomesd.visualize import MergeRecorder, overlay
 
 
@@ -41,9 +42,7 @@ TEXT_PROMPT = "a photograph of a corgi sitting on a red sofa"
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--model", required=True,
-                   help="'reference' (the shipped digits model: --prompt a digit), a local diffusers pipeline directory, "
-                   "or a hub id")
+    p.add_argument("--model", required=True, help=models.model_help())
     p.add_argument("--prompt", default=None, help=f"default: {TEXT_PROMPT!r}; a reference model: its first class")
     p.add_argument("--height", type=int, default=None, help="px (default: the model's size)")
     p.add_argument("--width", type=int, default=None, help="px (default: the model's size)")
@@ -60,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default="merges.png", help="PNG of the image with the merges overlaid")
     p.add_argument("--image-out", default=None, help="also save the plain image here")
+    p.add_argument("--threads", type=cli.positive, help="torch threads on a CPU (default: OMP_NUM_THREADS when set, "
+                   "else the free cores)")
     return p
 
 
@@ -95,6 +96,11 @@ def main(argv=None) -> int:
     problem = models.prompt_problem(pipe, args.prompt) or models.size_problem(pipe, args.height, args.width)
     if problem:
         parser.error(problem)
+    if not device.startswith("cuda"):
+        threads.set_threads(args.threads)  # after every check: an error stays one line
+    note = models.size_note(args.model, args.height, args.width)
+    if note:
+        print(note, file=sys.stderr)
     tomesd.apply_patch(pipe, ratio=args.ratio, seed=args.seed)
     extra = {} if args.guidance is None else {"guidance_scale": args.guidance}
     with MergeRecorder(pipe, steps=[step]) as recorder:

@@ -28,14 +28,6 @@ def sdxl_dir(tmp_path_factory):
     return str(directory / "pipe")
 
 
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """bench.main sets torch's threads on a CPU; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cli_writes_table_json_csv_png(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -85,7 +77,10 @@ def test_isolated_points_do_not_inherit_an_earlier_peak():
     cfg = bench.default_config("cpu", arch="tiny", resolutions=(512, 64), ratios=(0.5,), steps=1, warmup=0,
                                attention="math")
     assert cfg.isolated
+    torch.set_num_threads(1)
+    assert timing.run_in_child(torch.get_num_threads)[:2] == ("ok", 1)  # a child gets the caller's threads
     rows = bench.run(cfg, progress=False).rows
+    assert timing.forkserver_pid() is None  # the run stopped its server (tests/test_forkserver.py: why)
     big, small = rows[0], rows[2]
     assert (big["resolution"], small["resolution"]) == (512, 64) and big["method"] == small["method"] == "baseline"
     # math attention at 512 px holds [2, 4 heads, 4096, 4096] fp32 probabilities: 512 MiB

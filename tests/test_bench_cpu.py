@@ -7,15 +7,7 @@ import torch
 
 from tomesd import bench
 from tomesd.bench import cpu as bench_cpu
-from tomesd.tools import timing
-
-
-@pytest.fixture(autouse=True)
-def _keep_threads():
-    """bench.main sets torch's threads; give the rest of the session its own back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
+from tomesd.tools import cli, threads, timing
 
 
 def _fake_times(monkeypatch, ms):
@@ -37,6 +29,13 @@ def _fake_times(monkeypatch, ms):
     return order
 
 
+def _machine(monkeypatch, load, physical=2):
+    """A machine of `physical` idle-able cores at this load average, for the threads choice and the warnings."""
+    monkeypatch.setattr(timing, "load_average", lambda: load)
+    monkeypatch.setattr(threads, "read_machine", lambda: threads.Machine(physical, physical, physical, None, load))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+
 def _main(tmp_path, capsys, *extra):
     rc = bench.main(["--arch", "tiny", "--device", "cpu", "--no-progress", "--out", str(tmp_path), *extra])
     out = capsys.readouterr()
@@ -48,7 +47,7 @@ def test_default_cpu_run_is_interleaved_with_medians_bands_and_verdicts(tmp_path
     speed = {"baseline": 1.0, "default": 1.02, "fast": 1.5}
     jitter = [1.0, 1.03, 0.98, 1.01]  # rounds that agree within a few percent
     order = _fake_times(monkeypatch, lambda part, s, k: base[part] / speed[s] * jitter[k] * (1.03 if s != "baseline" and k == 1 else 1))
-    monkeypatch.setattr(timing, "load_average", lambda: 0.1)
+    _machine(monkeypatch, 0.1)
     rc, out, err = _main(tmp_path, capsys)
     assert rc == 0
     # round-robin: every case once per round, the rounds in order, warmup only in the first
@@ -62,19 +61,34 @@ def test_default_cpu_run_is_interleaved_with_medians_bands_and_verdicts(tmp_path
     assert rec["resolution"] == 1024 and rec["speedup"] == pytest.approx(1.5)  # medians: jitter cancels
     assert rec["verdict"] == "faster" and rec["speedup_min"] > 1
     assert rows[("whole step", "default")]["verdict"] == "within noise"  # 1.02x, one round slower than its baseline
-    assert "torch threads: " in err and "physical cores" in err
+    assert "torch threads: 2 (2 cores, load 0.1 → 2 free; --threads N to override)" in err and torch.get_num_threads() == 2
     assert "fast = apply_patch(ratio=0.7, prop_attn=True, merge_mlp=True)" in err
     assert "finest block" in out and "not a whole step" in out and "warning" not in err
-    assert data["environment"]["load_average"] == 0.1 and not (tmp_path / "bench.png").exists()
+    assert data["environment"]["load_average"] == 0.1 and data["environment"]["warnings"] == []
+    assert (tmp_path / "bench.png").stat().st_size > 0 and "bench.png" in out  # README: the CPU default writes it too
+
+
+def test_without_matplotlib_the_cpu_default_says_so_first_and_writes_no_png(tmp_path, capsys, monkeypatch):
+    _fake_times(monkeypatch, lambda part, s, k: 100.0)
+    _machine(monkeypatch, 0.1)
+    real = cli.available
+    monkeypatch.setattr(cli, "available", lambda name: name != "matplotlib" and real(name))
+    rc, out, err = _main(tmp_path, capsys, "--steps", "2")
+    assert rc == 0 and "matplotlib is not installed: writing results.json and results.csv only" in err.splitlines()[1]
+    assert (tmp_path / "results.json").is_file() and not (tmp_path / "bench.png").exists()
 
 
 def test_a_loaded_machine_or_disagreeing_rounds_are_warned(tmp_path, capsys, monkeypatch):
     _fake_times(monkeypatch, lambda part, s, k: 100.0 * (3 if k == 2 and part == "whole step" else 1))
-    monkeypatch.setattr(timing, "load_average", lambda: 7.5)
+    _machine(monkeypatch, 7.5)
     rc, out, err = _main(tmp_path, capsys, "--threads", "2")
-    assert rc == 0 and "torch threads: 2 as asked (--threads)" in err
-    assert "warning: load average 7.5 on 2 core(s) in use" in err
+    assert rc == 0 and "torch threads: 2 as asked (--threads; 2 cores, load 7.5 → 1 free)" in err
+    assert "warning: load average 7.5 on 2 core(s): other processes are running" in err
     assert "warning: rounds disagree by more than 25% at whole step baseline, whole step default" in err
+    _fake_times(monkeypatch, lambda part, s, k: 100.0)
+    rc, out, err = _main(tmp_path, capsys)  # without --threads: the one free core
+    assert rc == 0 and "torch threads: 1 (2 cores, load 7.5 → 1 free; --threads N to override)" in err
+    assert torch.get_num_threads() == 1
 
 
 def test_a_grid_argument_or_a_gpu_keeps_the_grid(monkeypatch):

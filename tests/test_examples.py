@@ -164,6 +164,40 @@ def test_missing_model_is_an_error_message_not_a_traceback(tmp_path):
                            str(tmp_path / "no" / "such" / "model")], capture_output=True, text=True, env=ENV, timeout=120)
     assert proc.returncode == 2 and "no such model directory (and not a hub id owner/name)" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1  # no usage block before it, no traceback
+    offline = dict(ENV, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))  # an empty cache, no network
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, "generate_highres.py"), "--model", "nobody/no-such-model",
+                           "--device", "cpu"], capture_output=True, text=True, env=offline, timeout=300)
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(err) == 1 and "--model nobody/no-such-model: cannot load it" in err[0], err
+    assert "above" not in err[0] and "(cause: " in err[0] and "offline" in err[0].lower()  # the cause, not a pointer
+
+
+def test_an_error_pointing_to_a_stacktrace_gives_its_cause_instead():
+    from tomesd.tools import cli
+
+    try:
+        try:
+            raise ConnectionError("Cannot reach the hub: offline mode is enabled.\nmore")
+        except ConnectionError as cause:
+            raise OSError("Cannot load x: not cached. Please check out the root cause in the stacktrace above.") from cause
+    except OSError as error:
+        line = cli.error_line(error)
+    assert line == "OSError: Cannot load x: not cached. (cause: ConnectionError: Cannot reach the hub: offline mode is enabled.)"
+    assert cli.error_line(ValueError("plain\nsecond")) == "ValueError: plain"
+
+
+def test_help_lists_every_shipped_model_the_loader_knows(capsys):
+    from tomesd import bench, quality
+    from tomesd.tools import models
+
+    for parser in (highres.build_parser(), visualize_merges.build_parser(), bench.build_parser(), quality.build_parser()):
+        text = " ".join(parser.format_help().split())
+        assert all(f"'{name}' ({entry.description})" in text for name, entry in models.NAMED.items()), parser.prog
+    assert {"reference", "photos"} <= set(models.NAMED)
+    assert models.size_note("photos", 64, 64) == "" and models.size_note("reference", 16, 16) == ""
+    assert models.size_note("reference", 64, 64) == "note: --model reference draws well at 16 px square; at 64x64 px " \
+        "expect strokes, not digits"
+    assert models.size_note("some/dir", 64, 64) == ""  # only the shipped models have sizes to say
 
 
 def test_sizes_are_the_models_own_and_checked_against_it(pipes, tmp_path, capsys):
@@ -189,7 +223,13 @@ def test_examples_run_offline_on_the_reference_model(tmp_path, capsys):
     assert highres.main(["--model", PIPELINE_DIR, "--height", "24", "--width", "32", "--steps", "2", "--out", str(out),
                          "--device", "cpu"]) == 0
     below = min(highres.parse_ratio(highres.PRESET["ratio"]).items())[1]  # the preset's ratio below its first side
-    assert f"ratio {below:g} at 32x24" in capsys.readouterr().out and Image.open(out).size == (32, 24)
+    printed = capsys.readouterr()
+    assert f"ratio {below:g} at 32x24" in printed.out and Image.open(out).size == (32, 24)
+    assert "note" not in printed.err  # a saved copy is a directory: no size to say
+    assert highres.main(["--model", "reference", "--height", "32", "--width", "32", "--steps", "1", "--out", str(out),
+                         "--device", "cpu", "--threads", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "draws well at 16 px square; at 32x32 px expect strokes, not digits" in err and "torch threads: 1 as asked" in err
     for argv, message in [(["--hires-fix", "2"], "--hires-fix: DigitsPipeline has no img2img pipeline"),
                           (["--height", "15"], "--height 15: DigitsPipeline needs multiples of 2 px (its default is 16)"),
                           (["--prompt", "a cat"], "--prompt: the reference model draws one digit"),

@@ -126,18 +126,23 @@ def test_patch_merges_and_removes(pipe):
 
 
 def test_quality_tool_sizes(tmp_path, capsys):
-    """python -m tomesd.quality --model photos --sizes 32,64: a table and results per size, accuracy reported."""
+    """python -m tomesd.quality --model photos --sizes 32,64: a table and results per size; accuracy
+    (the classifier judges the model's own 32 px images) at 32 px only, and what it is said in one line."""
     out = tmp_path / "q"
     assert quality.main(["--model", "photos", "--prompt", "chelsea", "--prompt", "gravel", "--sizes", "32,64",
                          "--steps", "2", "--ratios", "0.5", "--warmup", "0", "--no-progress", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "32×32 px" in printed and "64×64 px" in printed
+    printed = capsys.readouterr()
+    assert "32×32 px" in printed.out and "64×64 px" in printed.out
+    tables = printed.out.split("64×64 px")
+    assert "accuracy" in tables[0].split("32×32 px")[1] and "accuracy" not in tables[1]
+    assert "accuracy: how often the classifier reads the requested class" in printed.err
+    assert "accuracy: left out at 64x64 px: the classifier judges the model's own 32 px images" in printed.err
     for size in (32, 64):
         with open(out / f"{size}px" / "results.json") as f:
             result = json.load(f)
         rows = result["rows"]
         assert [r["setting"] for r in rows][0] == "no ToMe" and len(rows) == 2
-        assert all(r["accuracy"] is not None for r in rows)
+        assert all((r["accuracy"] is not None) == (size == 32) for r in rows)
         assert result["environment"]["config"]["height"] == size
         assert (out / f"{size}px" / "contact_sheet.png").is_file()
 

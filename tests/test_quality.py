@@ -272,3 +272,15 @@ def test_one_timing_round_has_no_noise_band():
 
     assert timing.noise_band([1.0], [0.5]) == dict(speedup_min=None, speedup_max=None, verdict="one round, no band")
     assert timing.noise_band([1.0, 1.0], [0.5, 0.9])["verdict"] == "faster"
+
+
+def test_extras_install_what_the_tools_import():
+    """[quality] runs tomesd.quality without diffusers' "accelerate was not found" warning; README's
+    Install section names every extra."""
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        extras = tomllib.load(f)["project"]["optional-dependencies"]
+    assert "accelerate" in extras["quality"] and "accelerate" in extras["bench"]
+    with open(os.path.join(ROOT, "README.md")) as f:
+        install = f.read().split("## Install", 1)[1].split("\n## ", 1)[0]
+    assert all(f'pip install -e ".[{name}]"' in install for name in ("quality", "bench", "test", "examples"))

@@ -46,7 +46,8 @@ a user gets. On a GPU it is the grid above (512/1024/2048 px, ratios 0.3/0.5/0.7
 grid is asked for (no --model, --resolutions, --ratios, --set, --variant, --interleave,
 --target-speedup, --calls, --isolate), it is tomesd.bench.cpu: interleaved rounds of a whole step at
 512 px and of the finest-level block at 1024 px, apply_patch's defaults against the fast
-setting (ratio 0.7 + prop_attn + merge_mlp), medians with their noise band, torch threads = physical cores, and a warning when the
+setting (ratio 0.7 + prop_attn + merge_mlp), medians with their noise band, torch threads = the free cores
+(tomesd.tools.threads), bench.png (tomesd.bench.cpu.plot), and a warning when the
 machine is loaded (a few minutes on 2 cores). `--arch tiny` is a
 toy (SD 1.5's layout at 1/10 width) whose attention dominates far more than SD 1.5's, so its
 speed-ups are larger; it is labelled as such wherever its results appear.
@@ -55,7 +56,7 @@ matplotlib (bench.png) and tqdm (progress bar) are optional: without them the ru
 and writes results.json and results.csv only.
 
 API (used by examples/speed_memory.ipynb): `BenchConfig`, `default_config`, `run`, `format_table`,
-`plot`, `write_results`, `target_ratios`. The rooms: `config` (the run's settings and grid),
+`plot`, `write_results`, `target_ratios`, and the CPU default's `cpu.run`, `cpu.format_rows`, `cpu.plot`. The rooms: `config` (the run's settings and grid),
 `measure` (measuring), `report` (reading a run), `cpu` (the CPU default's interleaved rounds), `command` (the
 command line); timing windows and isolation are tomesd.tools.timing. Seams for tests: `measure.run` (the
 grid the command line runs), tomesd.tools.timing.time_calls (every timing window).

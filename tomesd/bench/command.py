@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from ..tools import cli, models, timing
+from ..tools import cli, models, threads
 from ..tools.archs import ARCHS, TRANSFORMER_ARCHS
 from . import cpu as bench_cpu
 from .config import (
@@ -18,14 +18,13 @@ from .config import (
 )
 from .report import (
     TOY_NOTE,
-    BenchResult,
     format_table,
     format_target,
     noisy_rows,
     write_results,
 )
 from . import measure
-from .measure import check_settings, environment, load_unet
+from .measure import check_settings, environment
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,8 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--arch", choices=sorted(ARCHS) + sorted(TRANSFORMER_ARCHS),
                        help="built-in model with random weights (default sd15; tiny is a toy for quick checks; "
                        "sd3 = SD 3.5 Medium and flux = Flux.1 dev transformers, see --layers)")
-    which.add_argument("--model", help="'reference' or 'photos' (the shipped digits and photos models), a local diffusers "
-                       "model directory (or UNet directory), or a hub id")
+    which.add_argument("--model", help=models.model_help("a local UNet directory"))
     p.add_argument("--resolutions", type=cli.comma_list(int), help="image sides in px, comma-separated")
     p.add_argument("--ratios", type=cli.comma_list(float), help="ToMe ratios, comma-separated")
     p.add_argument("--batch", type=cli.positive, default=1, help="images per step; the UNet sees twice as many (CFG)")
@@ -77,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="measure each point in a fresh child process (default: on for a CPU, where peak RSS "
                    "only grows within a process)")
-    p.add_argument("--threads", type=cli.positive, help="torch threads (default on a CPU: the physical cores)")
+    p.add_argument("--threads", type=cli.positive, help="torch threads (default on a CPU: OMP_NUM_THREADS when set, else "
+                   "the cores free now: physical cores within the affinity mask and cgroup quota, less the load average)")
     p.add_argument("--out", default="tomesd-bench-results", help="directory for results.json, results.csv, bench.png")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -108,6 +107,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if problem:
         parser.error(problem)
     set_threads(args)
+    if not cli.available("matplotlib"):
+        print("tomesd.bench: matplotlib is not installed: writing results.json and results.csv only "
+              "(pip install matplotlib, or 'tomesd[bench]', for bench.png)", file=sys.stderr)
     try:
         cfg = default_config(args.device, batch=args.batch, attention=args.attention, backend=args.backend,
                              seed=args.seed, grid=axes, variants=args.variant, interleave=args.interleave, **overrides)
@@ -120,9 +122,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"tomesd.bench: {where}, {cfg.dtype} on {cfg.device}, batch {cfg.batch} ({denoiser_batch(cfg)} rows per call), "
           f"{cfg.warmup} warmup calls + {cfg.steps} timed windows of {cfg.calls}+ calls per point, {len(grid(cfg))} "
           f"points{', interleaved' if cfg.interleave else ''}", file=sys.stderr)
-    if not cli.available("matplotlib"):
-        print("tomesd.bench: matplotlib is not installed: writing results.json and results.csv only "
-              "(pip install matplotlib, or 'tomesd[bench]', for bench.png)", file=sys.stderr)
     try:
         env = environment(cfg)
     except RuntimeError as error:  # e.g. --backend cuda where the kernels cannot load
@@ -153,48 +152,35 @@ def cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> bool:
 
 
 def set_threads(args: argparse.Namespace) -> None:
-    """On a CPU, torch's threads = --threads, else the physical cores; said in args.threads_line."""
-    import torch
-
-    if cli.default_device(args.device).startswith("cuda"):
-        args.threads_line = ""
-        return
-    cores = timing.physical_cores()
-    torch.set_num_threads(args.threads or cores)
-    args.threads_line = bench_cpu.describe(torch.get_num_threads(), cores, args.threads is not None)
+    """On a CPU, torch's threads = --threads, else OMP_NUM_THREADS, else the free cores
+    (tomesd.tools.threads), said on stderr; the line in args.threads_line, the cores in args.cores."""
+    args.threads_line, args.cores = "", None
+    if not cli.default_device(args.device).startswith("cuda"):
+        choice = threads.set_threads(args.threads)
+        args.threads_line, args.cores = choice.line, choice.cores
 
 
 def run_cpu_default(args: argparse.Namespace, cfg: BenchConfig) -> int:
-    """tomesd.bench.cpu's interleaved rounds; prints the table, the load warnings and writes results.json/csv."""
-    import torch
-
+    """tomesd.bench.cpu.run: prints the table and the load warnings, writes results.json/csv and bench.png."""
     rounds, warmup = args.steps or 4, 1 if args.warmup is None else args.warmup
     print(f"tomesd.bench (CPU default): {cfg.arch}{' (TOY architecture)' if cfg.toy else ''}, random weights, "
-          f"{cfg.dtype}; {args.threads_line}; {rounds} interleaved rounds after {warmup} warmup call(s) per case",
-          file=sys.stderr)
+          f"{cfg.dtype}; {rounds} interleaved rounds after {warmup} warmup call(s) per case", file=sys.stderr)
     print(f"  settings: {bench_cpu.settings_line()}", file=sys.stderr)
-    load_before = timing.load_average()
-    unet = load_unet(cfg)
-    parts = bench_cpu.cases(unet, models.DTYPES[cfg.dtype], cfg.seed)
     show = (lambda text: print(f"  {text}", file=sys.stderr, flush=True)) if not args.no_progress else (lambda text: None)
-    rows = bench_cpu.measure(parts, rounds, warmup, show)
-    load = max(x for x in (load_before, timing.load_average(), -1.0) if x is not None)
-    env = environment(cfg)
-    env.update(timing=f"perf_counter, {rounds} interleaved rounds (median, min-max)", threads=torch.get_num_threads(),
-               threads_line=args.threads_line, load_average=None if load < 0 else load, memory="not measured",
-               cpu_default=dict(step_px=bench_cpu.STEP_PX, block_px=bench_cpu.BLOCK_PX, settings=dict(bench_cpu.SETTINGS)))
+    result = bench_cpu.run(cfg, rounds, warmup, show, cores=args.cores)
+    env = result.env
+    env["threads_line"] = args.threads_line
     print(f"torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd']}, backend {env['backend']}, "
           f"{args.threads_line}")
     if cfg.toy:
         print(f"[{TOY_NOTE}]")
-    print(bench_cpu.format_rows(rows))
-    print(f"'finest block' is the model's first transformer block alone ({bench_cpu.BLOCK_PX} px: a "
-          f"{bench_cpu.BLOCK_PX // 8}x{bench_cpu.BLOCK_PX // 8} latent), not a whole step; peak memory is not measured "
+    print(bench_cpu.format_rows(result.rows))
+    block_px = env["cpu_default"]["block_px"]
+    print(f"'finest block' is the model's first transformer block alone ({block_px} px: a "
+          f"{block_px // 8}x{block_px // 8} latent), not a whole step; peak memory is not measured "
           "here (run with --resolutions for the grid with memory)")
-    for line in bench_cpu.load_warnings(rows, torch.get_num_threads(), None if load < 0 else load):
+    for line in env["warnings"]:
         print(f"warning: {line}", file=sys.stderr)
-    result = BenchResult(rows=[{k: v for k, v in r.items() if k != "times"} | {"times_ms": r["times"]} for r in rows], env=env)
-    paths = write_results(result, args.out, png=False)
+    paths = write_results(result, args.out, plotter=bench_cpu.plot)
     print("wrote " + ", ".join(paths.values()))
     return 0
-

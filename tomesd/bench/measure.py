@@ -214,10 +214,14 @@ def run(cfg: BenchConfig, progress: bool = True, env: Optional[Dict[str, Any]] =
     else:
         rows = []
         bar = cli.progress(points, "tomesd.bench", "point", progress)
-        for point in bar:
-            bar.set_postfix_str(f"{point[0]}px {point_label(point[1], point[2])}")
-            rows.append(_isolated_point(cfg, point) if cfg.isolated else measure_point(unet, cfg, *point))
-        bar.close()
+        try:
+            for point in bar:
+                bar.set_postfix_str(f"{point[0]}px {point_label(point[1], point[2])}")
+                rows.append(_isolated_point(cfg, point) if cfg.isolated else measure_point(unet, cfg, *point))
+        finally:
+            bar.close()
+            if cfg.isolated:
+                timing.stop_forkserver()  # its points are done: the server would hold this process's output at exit
     _add_ratios(rows)
     result = BenchResult(rows=[{k: row.get(k) for k in (*ROW_FIELDS, *sorted(set(row) - set(ROW_FIELDS)))} for row in rows], env=env)
     if cfg.target_speedup is not None:

@@ -140,9 +140,10 @@ def plot(result: BenchResult, path: Optional[str] = None):
     return fig
 
 
-def write_results(result: BenchResult, out_dir: str, png: Optional[bool] = None) -> Dict[str, str]:
+def write_results(result: BenchResult, out_dir: str, png: Optional[bool] = None, plotter=None) -> Dict[str, str]:
     """Write results.json (rows, environment, and target when the run had one), results.csv (params as
-    JSON) and (png; None: when matplotlib is installed) bench.png into out_dir; returns the paths written."""
+    JSON) and (png; None: when matplotlib is installed) bench.png, drawn by `plotter(result, path)`
+    (default: plot, the grid's figure), into out_dir; returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
     png = cli.available("matplotlib") if png is None else png
     names = ("results.json", "results.csv") + (("bench.png",) if png else ())
@@ -153,5 +154,5 @@ def write_results(result: BenchResult, out_dir: str, png: Optional[bool] = None)
     cli.write_json(paths["results.json"], data)
     cli.write_csv(paths["results.csv"], result.rows)
     if png:
-        plot(result, paths["bench.png"])
+        (plotter or plot)(result, paths["bench.png"])
     return paths

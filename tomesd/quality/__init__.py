@@ -6,14 +6,15 @@ setting gets:
 - s_per_image: wall time of its pipeline calls / images (after one untimed warm-up call), speedup,
   and its noise band: images are made in interleaved rounds (round k makes the k-th --batch of
   images with every setting in turn), the band is the lowest and highest single-round speed-up, and
-  the verdict says "faster" / "slower" only when the whole band is past 1 ("within noise" else); a
-  load average above the threads in use is said (timings then are not a quiet machine's);
+  the verdict says "faster" / "slower" only when the whole band is past 1 ("within noise" else); on
+  a CPU torch's threads are the free cores (tomesd.tools.threads, --threads to override), and a load
+  average above the cores is said (timings then are not a quiet machine's);
 - closeness to the unpatched images: PSNR over all its images (pooled squared error, dB; inf when
   bit-identical) and the lowest per-image PSNR, SSIM (mean over images), both from torchmetrics with
   data range 1; LPIPS (AlexNet) only when torchvision and its AlexNet weights are already on disk —
   nothing is downloaded, a skipped LPIPS says why;
-- accuracy, for the reference models (digits, photos): how often the model's classifier reads the
-  requested class.
+- accuracy, for the reference models (digits, photos) at their own size (16 / 32 px, what their
+  classifiers judge; elsewhere left out, and said): how often the classifier reads the requested class.
 
 `--sizes 32,64,128` repeats the whole run at each square size (a table per size, results in
 `<out>/<size>px/`): the photos model samples larger canvases, 1,024 to 16,384 finest-level tokens.

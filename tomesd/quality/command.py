@@ -7,7 +7,7 @@ import sys
 from dataclasses import replace
 from typing import Dict, List, Optional, Sequence
 
-from ..tools import cli, models, timing
+from ..tools import cli, models, threads
 from ..tools.cli import grid_settings
 from .report import format_table, write_results
 from . import generate
@@ -54,9 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tomesd-quality --model reference --seeds 0-9 --ratios 0.3,0.5,0.7 "
         "--merge attn,attn+crossattn,attn+crossattn+mlp --max-downsample 1,2",
     )
-    p.add_argument("--model", default="reference",
-                   help="'reference' (the shipped digits model, default), 'photos' (the shipped photographs model), "
-                   "a local diffusers pipeline directory, or a hub id")
+    p.add_argument("--model", default="reference", help=models.model_help() + " (default: reference)")
     p.add_argument("--prompt", action="append", default=[],
                    help="a prompt (repeat for more); reference models: a class (a digit, a photograph's name; default: every class)")
     p.add_argument("--prompts", metavar="FILE", help="a file of prompts, one per line ('#' comments and blank lines skipped)")
@@ -83,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda, cuda:N or cpu (default: cuda when available)")
     p.add_argument("--dtype", choices=tuple(models.DTYPES), help="default fp16 on a GPU, fp32 on a CPU")
     p.add_argument("--warmup", type=int, default=1, help="untimed pipeline calls before the first timed one")
+    p.add_argument("--threads", type=cli.positive, help="torch threads on a CPU (default: OMP_NUM_THREADS when set, else "
+                   "the cores free now: physical cores within the affinity mask and cgroup quota, less the load average)")
     p.add_argument("--out", default="tomesd-quality-results", help="directory for results.json, results.csv, contact_sheet.png")
     p.add_argument("--tile", type=cli.positive, default=128, help="contact sheet tile side in px (default 128)")
     p.add_argument("--sheet-columns", type=cli.positive, default=10, help="prompt/seed columns on the contact sheet (default 10)")
@@ -162,10 +162,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"needs {', '.join(missing)}: pip install 'tomesd[quality]'")
     cfg = config_from_args(parser, args)
     if not cfg.device.startswith("cuda"):
-        import torch
-
-        torch.set_num_threads(timing.physical_cores())  # threads beyond the cores only add contention
-        print(f"torch threads: {torch.get_num_threads()} = physical cores", file=sys.stderr)
+        threads.set_threads(args.threads)  # threads beyond the free cores only add contention; said on stderr
     print(f"tomesd.quality: {cfg.model}, {len(cfg.columns)} images per setting ({len(cfg.prompts)} prompts × "
           f"{len(cfg.seeds)} seeds), {len(grid_settings(cfg.grid))} settings + no ToMe, {cfg.dtype} on {cfg.device}",
           file=sys.stderr)

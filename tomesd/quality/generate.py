@@ -7,7 +7,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
-from ..tools import cli, models, timing
+from ..tools import cli, models, threads, timing
 from ..tools.cli import grid_settings
 from .metrics import Metrics
 from .report import (
@@ -195,7 +195,9 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
     labels = None
     from tomesd.reference import DigitsPipeline, classify
 
-    if isinstance(pipe, DigitsPipeline):  # the digits and photos reference models
+    own = models.pipeline_size(pipe)
+    at_own_size = (cfg.height or own, cfg.width or own) == (own, own)
+    if isinstance(pipe, DigitsPipeline) and at_own_size:  # the digits and photos reference models
         classifier = classifier or pipe.reference_classifier(cfg.device)
         labels = torch.tensor([pipe.class_id(p) for p, _ in cfg.columns])
     check_settings(pipe, cfg)
@@ -227,12 +229,18 @@ def run(cfg: QualityConfig, pipe=None, progress: bool = True, classifier=None) -
         tiles.append(_to_uint8(images))
         tile_psnr.append(m["tile_psnr"])
     notes = [metrics.lpips_note] if metrics.lpips_note else []
-    notes += timing.load_warnings(load, torch.get_num_threads())
+    notes += timing.load_warnings(load, threads.usable_cores())
     if len(columns) <= cfg.batch:
         notes.append("one timing round (every image in one call): the speed-up has no noise band; use a smaller "
                      "--batch for several rounds")
-    if labels is None:
+    if not isinstance(pipe, DigitsPipeline):
         notes.append("accuracy: only for the reference models (digits, photos)")
+    elif labels is None:
+        notes.append(f"accuracy: left out at {cfg.width or own}x{cfg.height or own} px: the classifier judges the "
+                     f"model's own {own} px images")
+    else:
+        notes.append("accuracy: how often the classifier reads the requested class, a check that the images "
+                     "still show it; compare each row with no ToMe's (on few images it moves in large steps)")
     env["notes"] = notes
     return QualityResult(rows=rows, tiles=tiles, tile_psnr=tile_psnr, columns=columns, env=env, notes=notes)
 

@@ -31,15 +31,18 @@ class QualityResult:
 
 
 def format_table(result: QualityResult) -> str:
-    """The rows as an aligned text table."""
-    header = ("setting", "s/img", "speedup", "noise band", "", "PSNR dB", "min PSNR", "SSIM", "LPIPS", "accuracy")
+    """The rows as an aligned text table; the accuracy column only where some row has one (the
+    reference models at their own size: the run's notes say why it is left out)."""
+    accuracy = any(r.get("accuracy") is not None for r in result.rows)
+    header = ("setting", "s/img", "speedup", "noise band", "", "PSNR dB", "min PSNR", "SSIM", "LPIPS") + (
+        ("accuracy",) if accuracy else ())
     lines = [header]
     for r in result.rows:
         band = "-" if r.get("speedup_min") is None else f"{r['speedup_min']:.2f}-{r['speedup_max']:.2f}x"
         lines.append((r["setting"], cli.fmt(r["s_per_image"], ".3f"), cli.fmt(r["speedup"], ".2f") + "x",
                       band, r.get("verdict") or "",
                       cli.fmt(r["psnr"], ".2f"), cli.fmt(r["psnr_min"], ".2f"), cli.fmt(r["ssim"], ".4f"),
-                      cli.fmt(r["lpips"], ".4f"), cli.fmt(r["accuracy"], ".3f")))
+                      cli.fmt(r["lpips"], ".4f")) + ((cli.fmt(r["accuracy"], ".3f"),) if accuracy else ()))
     return "\n".join(cli.align(lines, left=(0,)))
 
 

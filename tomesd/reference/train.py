@@ -35,6 +35,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from ..tools import threads
 from . import (
     CLASSIFIER_PATH, HERE, NUM_CLASSES, PIPELINE_DIR, UNET_CONFIG, DigitClassifier,
     classify, digits_dataset, new_pipeline,
@@ -158,19 +159,22 @@ def main(argv=None) -> int:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-samples", type=int, default=100)
     p.add_argument("--classifier-epochs", type=int, default=30)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (default 1: on a shared 2-core machine two OpenMP threads ran 5x slower; "
-                        "a 2-thread timing run of the photos model took 6.5 s/step there, against 0.7 s/step on idle cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads (default: OMP_NUM_THREADS when set, else the cores free now, tomesd.tools.threads: "
+                        "on a shared 2-core machine two OpenMP threads ran 5x slower, a 2-thread timing run of the "
+                        "photos model 6.5 s/step against 0.7 s/step on idle cores); the shipped digits and photos "
+                        "models were trained with 1 (other counts may round differently)")
     p.add_argument("--seed", type=int, default=0)
     if photos:
         p.set_defaults(**photos[0])
     args = p.parse_args(argv)
 
-    torch.set_num_threads(args.threads)
+    choice = threads.set_threads(args.threads, say=False)
     log = Log(args.log)
     log(f"python -m tomesd.reference.train {' '.join(argv if argv is not None else sys.argv[1:])}")
+    log(choice.line)
     import diffusers
-    log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.machine()}, {args.threads} threads")
+    log(f"torch {torch.__version__}, diffusers {diffusers.__version__}, {platform.machine()}, {choice.threads} threads")
     log(f"settings: {vars(args)}")
     setup = photos[1] if photos else digits_setup
     pipe, classifier, batch, unet_config, num_classes = setup(args, log)

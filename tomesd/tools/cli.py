@@ -19,6 +19,7 @@ import inspect
 import itertools
 import json
 import platform
+import re
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -261,10 +262,22 @@ def progress(items: Sequence[Any], desc: str, unit: str, show: bool = True):
     return tqdm(items, desc=desc, unit=unit, file=sys.stderr)
 
 
+# a sentence sending the reader to a traceback ("Please check out the root cause in the stacktrace above."),
+# which a one-line report does not print
+_POINTS_ABOVE = re.compile(r"\s*[^.]*\b(?:stack ?trace|traceback)s?\b[^.]*\babove\b[^.]*\.?", re.IGNORECASE)
+
+
 def error_line(error: BaseException) -> str:
-    """'TypeName: first line of the message', for one-line error reports."""
+    """'TypeName: first line of the message', for one-line error reports. A sentence pointing to "the
+    stacktrace above" is replaced by that cause in one line (diffusers' loading errors point there)."""
     lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+    text = lines[0] if lines else ""
+    if _POINTS_ABOVE.search(text):
+        text = _POINTS_ABOVE.sub("", text).rstrip()
+        cause = error.__cause__ or error.__context__
+        if cause is not None:
+            text += f" (cause: {error_line(cause)})"
+    return f"{type(error).__name__}: {text}"
 
 
 def default_device(device: Optional[str] = None) -> str:

@@ -3,10 +3,11 @@
 A model name is one of:
 - a built-in architecture (tomesd.tools.archs: `ARCHS` UNets, `TRANSFORMER_ARCHS` MMDiT transformers),
   built with random weights (`build_denoiser`; speed and memory do not depend on the weights);
-- "reference": the trained digits model shipped in `tomesd/reference/` (see tomesd.reference);
-- "photos": the trained photographs model shipped there too (tomesd.reference.photos);
-- "photos-sdxl", "photos-flux": an SDXL-layout UNet and a Flux transformer trained on the same
-  photographs (tomesd.reference.photos_sdxl, photos_flux);
+- a name of `NAMED`, the shipped trained models: "reference" (digits, tomesd.reference), "photos"
+  (photographs, tomesd.reference.photos), "photos-sdxl" and "photos-flux" (an SDXL-layout UNet and a
+  Flux transformer trained on the same photographs: tomesd.reference.photos_sdxl, photos_flux); tools'
+  --help (`model_help`) and size notes (`size_note`) are read from that table, so a model added there
+  is listed everywhere;
 - a local directory: a diffusers pipeline (model_index.json; a saved reference pipeline is
   recognized by its class name) or a bare UNet directory (config.json, for `load_unet`);
 - a Hugging Face hub id (owner/name), loaded by diffusers (from its cache when HF_HUB_OFFLINE=1).
@@ -18,13 +19,14 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from .archs import ARCHS, TRANSFORMER_ARCHS, build_transformer
 from .cli import error_line
-from .quiet import diffusers_quiet, dtype_kwarg_quiet, loading_quiet
+from .quiet import diffusers_quiet, dtype_kwarg_quiet, loading_quiet, warnings_held
 
 REFERENCE = "reference"
 REFERENCE_CLASS = "DigitsPipeline"
@@ -36,24 +38,77 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ATTENTION = ("sdpa", "math")  # diffusers' AttnProcessor2_0 / AttnProcessor
 
 
+def _digits_dir() -> str:
+    from ..reference import PIPELINE_DIR
+
+    return PIPELINE_DIR
+
+
+def _photos_dir() -> str:
+    from ..reference.photos import PHOTOS_DIR
+
+    return PHOTOS_DIR
+
+
+def _photos_sdxl_dir() -> str:
+    from ..reference.photos_sdxl import SDXL_DIR
+
+    return SDXL_DIR
+
+
+def _photos_flux_dir() -> str:
+    from ..reference.photos_flux import FLUX_DIR
+
+    return FLUX_DIR
+
+
+@dataclass(frozen=True)
+class Named:
+    """A shipped model a tool loads by name: its pipeline directory (`directory()`), what it is (one
+    line for --help), the square sizes in px it draws well, and what it draws elsewhere."""
+
+    directory: Callable[[], str]
+    description: str
+    sizes: Tuple[int, ...]
+    elsewhere: str
+
+
+# Every model a name loads: --help texts (model_help) and the size notes (size_note) are read from here.
+NAMED: Dict[str, Named] = {
+    REFERENCE: Named(_digits_dir, "the shipped digits model: a prompt names a digit; 16 px", (16,),
+                     "strokes, not digits"),
+    PHOTOS: Named(_photos_dir, "the shipped photographs model: a prompt names a photograph, e.g. chelsea; 32 px, "
+                  "and 64 / 128 px canvases of its colours and textures", (32, 64, 128),
+                  "what was never looked at (it was trained on 32 px crops)"),
+    PHOTOS_SDXL: Named(_photos_sdxl_dir, "the shipped photographs model in SDXL's UNet layout: a prompt names a "
+                       "photograph; 64 px, and 128 / 256 px canvases", (64, 128, 256),
+                       "what was never looked at (it was trained on 64 px crops)"),
+    PHOTOS_FLUX: Named(_photos_flux_dir, "the shipped photographs model as a Flux transformer: a prompt names a "
+                       "photograph; 32 px, and 64 / 128 px canvases", (32, 64, 128),
+                       "what was never looked at (it was trained on 32 px crops)"),
+}
+
+
+def model_help(builtin: str = "") -> str:
+    """The --model help of a tool: every name of NAMED with its description, `builtin` (e.g. the
+    bench's architectures), a local diffusers pipeline directory, a hub id."""
+    named = "; ".join(f"'{name}' ({entry.description})" for name, entry in NAMED.items())
+    return f"{named}; {builtin + '; ' if builtin else ''}a local diffusers pipeline directory; or a hub id (owner/name)"
+
+
+def size_note(model: str, height: int, width: int) -> str:
+    """One line when a named model is asked for a size it does not draw well, else ""."""
+    entry = NAMED.get(model)
+    if entry is None or (height == width and height in entry.sizes):
+        return ""
+    sizes = " / ".join(str(s) for s in entry.sizes)
+    return f"note: --model {model} draws well at {sizes} px square; at {width}x{height} px expect {entry.elsewhere}"
+
+
 def reference_dir(model: str) -> Optional[str]:
-    """The pipeline directory if `model` names a reference model (digits or photos) or a saved copy of one, else None."""
-    if model == REFERENCE:
-        from ..reference import PIPELINE_DIR
-
-        return PIPELINE_DIR
-    if model == PHOTOS:
-        from ..reference.photos import PHOTOS_DIR
-
-        return PHOTOS_DIR
-    if model == PHOTOS_SDXL:
-        from ..reference.photos_sdxl import SDXL_DIR
-
-        return SDXL_DIR
-    if model == PHOTOS_FLUX:
-        from ..reference.photos_flux import FLUX_DIR
-
-        return FLUX_DIR
+    """The pipeline directory if `model` names a reference model (NAMED) or a saved copy of one, else None."""
+    if model in NAMED:
+        return NAMED[model].directory()
     return model if reference_class_name(model) is not None else None
 
 
@@ -95,7 +150,7 @@ def model_problem(model: str, kind: str = "unet", hub: bool = True) -> str:
     the cache or the hub; hub=False: an id is taken as it is, and loading will tell)."""
     if model == PHOTOS_FLUX and kind == "unet":
         return f"{model} is a Flux transformer, not a UNet (tomesd.quality and the examples load its pipeline)"
-    if model in (REFERENCE, PHOTOS, PHOTOS_SDXL, PHOTOS_FLUX):
+    if model in NAMED:
         return ""
     if os.path.isdir(model):
         has = {name: os.path.isfile(os.path.join(model, name)) for name in ("model_index.json", "unet/config.json", "config.json")}
@@ -182,7 +237,7 @@ def load_pipeline(model: str, dtype=None, device="cpu"):
             return load_reference(path, device=device, dtype=dtype, pipeline_class=reference_pipeline_class(path))
     from diffusers import DiffusionPipeline
 
-    with dtype_kwarg_quiet(), loading_quiet():
+    with dtype_kwarg_quiet(), loading_quiet(), warnings_held():  # a failure is the caller's one line, not a log
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -6,10 +6,14 @@
   initialized model, where its "modules to keep in float32" notice does not apply).
 - `loading_quiet()`: no loading bars of diffusers ("Loading pipeline components") or transformers
   ("Loading weights") for the block (the tools print one line).
+- `warnings_held()`: diffusers' log records of the block are held back and given out when it ends
+  normally; when it raises they are dropped (the tools report the error in one line, and diffusers'
+  "Couldn't connect to the Hub ... Will try to load from local cache." lines before it said nothing more).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 
 
@@ -51,3 +55,25 @@ def loading_quiet():
         for bar, was in zip(bars, enabled):
             if was:
                 bar.enable_progress_bar()
+
+
+class _Held(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@contextlib.contextmanager
+def warnings_held():
+    logger = logging.getLogger("diffusers")
+    handlers, propagate, held = list(logger.handlers), logger.propagate, _Held()
+    logger.handlers, logger.propagate = [held], False
+    try:
+        yield
+    finally:
+        logger.handlers, logger.propagate = handlers, propagate
+    for record in held.records:  # only after a normal end: an exception skips this
+        logger.handle(record)

@@ -9,12 +9,18 @@
   `noise_band` (a speed-up's band from interleaved rounds, and whether it is outside its noise);
 - isolation: `run_in_child` runs one function in a fresh child of a multiprocessing "forkserver"
   (the server imports torch and diffusers once, before any OpenMP thread exists, so each child
-  starts in milliseconds and inherits no peak RSS from an earlier measurement).
+  starts in milliseconds and inherits no peak RSS from an earlier measurement; the child gets the
+  caller's torch threads). `stop_forkserver` ends that server at once; bench runs call it when their
+  isolated points are done, and it is registered at exit: left to itself, the server only notices
+  its parent's exit then and spends seconds tearing torch down, holding the parent's stdout and
+  stderr open all the while (a pipe reading them, `pytest | tee` or a CI log, waits for it).
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import signal
 import sys
 import time
 import traceback
@@ -99,10 +105,11 @@ def load_average() -> Optional[float]:
         return None
 
 
-def load_warnings(load: Optional[float], threads: int) -> List[str]:
-    """[a warning] when the 1-minute load average exceeds the cores this process uses, else []."""
-    if load is not None and load > threads:
-        return [f"load average {load:.1f} on {threads} core(s) in use: other processes are running, so times are "
+def load_warnings(load: Optional[float], cores: int) -> List[str]:
+    """[a warning] when the 1-minute load average exceeds `cores` (the cores this process may use,
+    tomesd.tools.threads), else []."""
+    if load is not None and load > cores:
+        return [f"load average {load:.1f} on {cores} core(s): other processes are running, so times are "
                 "slower and speed-ups noisier than on a quiet machine"]
     return []
 
@@ -167,9 +174,13 @@ def forkserver_available() -> bool:
     return "forkserver" in multiprocessing.get_all_start_methods()
 
 
-def _child(fn: Callable[..., Any], args: tuple, conn) -> None:
-    """Forkserver child: send ("ok", fn(*args)), or ("oom" | "error", the traceback as text)."""
+def _child(fn: Callable[..., Any], args: tuple, conn, threads: int) -> None:
+    """Forkserver child: with `threads` torch threads, send ("ok", fn(*args)), or ("oom" | "error", the
+    traceback as text)."""
     try:
+        import torch
+
+        torch.set_num_threads(threads)
         conn.send(("ok", fn(*args)))
     except Exception as error:  # noqa: BLE001 - reported to the parent, which decides
         kind = "oom" if is_oom(error) else "error"
@@ -182,18 +193,22 @@ _PRELOADED = False
 
 
 def run_in_child(fn: Callable[..., Any], *args) -> Tuple[Optional[str], Any, Optional[int]]:
-    """Run fn(*args) (both picklable: fn a module-level function) in a fresh forkserver child.
-    Returns (kind, payload, exit code): ("ok", fn's result), ("oom" | "error", traceback text), or
-    (None, None) when the child died without a word (the kernel's OOM killer, most likely)."""
+    """Run fn(*args) (both picklable: fn a module-level function) in a fresh forkserver child with this
+    process's torch threads. Returns (kind, payload, exit code): ("ok", fn's result), ("oom" | "error",
+    traceback text), or (None, None) when the child died without a word (the kernel's OOM killer, most
+    likely)."""
     import multiprocessing
+
+    import torch
 
     global _PRELOADED
     ctx = multiprocessing.get_context("forkserver")
     if not _PRELOADED:
         ctx.set_forkserver_preload(list(PRELOAD))
+        atexit.register(stop_forkserver)
         _PRELOADED = True
     receive, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_child, args=(fn, args, send), daemon=True)
+    child = ctx.Process(target=_child, args=(fn, args, send, torch.get_num_threads()), daemon=True)
     child.start()
     send.close()
     try:
@@ -202,3 +217,27 @@ def run_in_child(fn: Callable[..., Any], *args) -> Tuple[Optional[str], Any, Opt
         kind, payload = None, None
     child.join()
     return kind, payload, child.exitcode
+
+
+def forkserver_pid() -> Optional[int]:
+    """The pid of this process's multiprocessing forkserver while one runs, else None (read from the
+    standard library's server object; None where a Python version keeps it elsewhere)."""
+    from multiprocessing import forkserver
+
+    return getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+
+
+def stop_forkserver() -> None:
+    """End this process's forkserver now, if one runs: SIGTERM (it holds no state; its own exit would
+    tear torch down for seconds), then the standard library's stop, which closes its pipe, reaps it
+    and removes its socket. The next run_in_child starts a fresh one."""
+    from multiprocessing import forkserver
+
+    server, pid = getattr(forkserver, "_forkserver", None), forkserver_pid()
+    if pid is None or not hasattr(server, "_stop"):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+        server._stop()
+    except OSError:  # already gone, or reaped by someone else
+        pass
