@@ -19,6 +19,7 @@ from tomesd.reference.photos import CLASSES, PhotoCrops
 from tomesd.reference.photos import load_classifier as load_photos_classifier
 from tomesd.reference.photos_flux import PhotosFluxPipeline, image_ids, pack, shift_mu, unpack
 from tomesd.reference.photos_sdxl import HalfScale, PhotosSDXLPipeline
+from tomesd.reference import photos_train
 from tomesd.reference.photos_train import held_out_set
 
 pytest.importorskip("sklearn")
@@ -247,6 +248,19 @@ def test_train_two_steps(tmp_path, name):
     fresh = MODULES[name].new_pipeline(0)
     a, b = denoiser(trained).state_dict(), denoiser(fresh).state_dict()
     assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_train_stop_at_keeps_the_schedule(tmp_path):
+    """--stop-at 2 of a 4-step schedule gives the weights a run stopped there by its time guard would: step 2 of
+    the same schedule (the learning rate at step 2 as in a 4-step run), saved and evaluated; photos-flux's defaults
+    stop the shipped run where its guard stopped it."""
+    out, log = tmp_path / "model", tmp_path / "train.log"
+    assert train.main(["--model", "photos-flux", "--steps", "4", "--stop-at", "2", "--batch", "2", "--warmup", "1",
+                       "--eval-every", "50", "--eval-samples", "1", "--out", str(out), "--log", str(log)]) == 0
+    text = log.read_text()
+    assert "stopping at step 2: --stop-at" in text and "done: 2 steps" in text and "step 2: saved EMA weights" in text
+    assert photos_train.MODELS["photos-flux"][0]["stop_at"] == 1261
 
 
 def test_train_refuses_unknown_model(capsys):

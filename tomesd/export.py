@@ -19,6 +19,7 @@ import torch
 
 from .ops import GRAPH_OPS, graph_ops
 from .patch import patched_state
+from .patch.calls import traced_root
 from .patch.compiled import check_exportable
 
 __all__ = ["GRAPH_OPS", "export", "exporting", "graph_ops"]
@@ -38,6 +39,7 @@ def exporting(model, args: tuple = (), kwargs: Optional[dict] = None, ops: str =
         if state is not None:
             check_exportable(state.config)
             stack.enter_context(state.host.export_inputs(tuple(args), dict(kwargs or {})))
+            stack.enter_context(traced_root(state))
         stack.enter_context(graph_ops(ops))
         yield
 

@@ -8,9 +8,10 @@ checkpoint recompute and finds its call through `recompute.find_call`.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from functools import partial
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -71,18 +72,27 @@ def on_root_call_eager(state: ModelState, module: nn.Module, args: tuple, kwargs
     on_root_call(state, module, args, kwargs)
 
 
-def on_root_call_reading(state: ModelState, module: nn.Module, args: tuple, kwargs: dict) -> None:
-    """The root hook of a host that reads input values: outside compiled code, except under torch.export,
-    where the host takes them from the example inputs (Host.export_inputs) and the call is traced."""
-    if exporting():
-        on_root_call(state, module, args, kwargs)
-    else:
-        on_root_call_eager(state, module, args, kwargs)
-
-
 def root_pre_hook(state: ModelState):
-    """The root's forward pre-hook (with_kwargs) for state's host."""
-    return partial(on_root_call_reading if getattr(state.host, "reads_inputs", False) else on_root_call, state)
+    """The root's forward pre-hook (with_kwargs) for state's host: on_root_call, or for a host that reads
+    input values (Flux's img_ids) on_root_call_eager, which torch.compile runs outside its graph."""
+    return partial(on_root_call_eager if getattr(state.host, "reads_inputs", False) else on_root_call, state)
+
+
+@contextlib.contextmanager
+def traced_root(state: ModelState) -> Iterator[None]:
+    """Inside, the root's pre-hook is on_root_call itself, which torch.export traces (strict export too)
+    while the host takes its input values from the example inputs (Host.export_inputs); the eager hook
+    is back after."""
+    hooks = state.host.root._forward_pre_hooks
+    keys = [k for k, h in hooks.items() if isinstance(h, partial) and h.func is on_root_call_eager and h.args[0] is state]
+    for key in keys:
+        hooks[key] = partial(on_root_call, state)
+    try:
+        yield
+    finally:
+        for key in keys:
+            if key in hooks:
+                hooks[key] = partial(on_root_call_eager, state)
 
 
 def on_root_done(state: ModelState, module: nn.Module, args: tuple, kwargs: dict, output) -> None:

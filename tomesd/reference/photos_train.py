@@ -105,12 +105,15 @@ def _defaults(out: str, log: str, **changes) -> dict:
 
 
 # --model NAME of train.py → (its defaults, its setup). photos-sdxl and photos-flux are sized for ≤ ~60 minutes on
-# one thread of a shared 2-core CPU; their --max-minutes guard is twice that, so that a loaded machine still runs
-# every step (a run cut by the guard would give other weights than one that finishes)
+# one thread of a 2-core CPU; their --max-minutes guard is four times that, so that a machine loaded by other work
+# still runs every step (a run cut by the guard gives other weights than one that finishes). The shipped photos-flux
+# run had a 60-minute guard, which stopped it after step 1261 of its 1,400-step schedule: stop_at=1261 reproduces
+# those weights (its log: photos_flux_train.log).
 MODELS = {
     "photos": (DEFAULTS, setup),
     "photos-sdxl": (_defaults(SDXL_DIR, SDXL_LOG, steps=700, batch=8, warmup=100, eval_every=350, eval_samples=12,
-                              max_minutes=120.0), sdxl_setup),
-    "photos-flux": (_defaults(FLUX_DIR, FLUX_LOG, steps=1400, batch=16, eval_every=350, eval_samples=24, max_minutes=120.0),
+                              max_minutes=240.0), sdxl_setup),
+    "photos-flux": (_defaults(FLUX_DIR, FLUX_LOG, steps=1400, stop_at=1261, batch=16, eval_every=350, eval_samples=24,
+                              max_minutes=240.0),
                     flux_setup),
 }

@@ -20,7 +20,8 @@ torch build. Two phases, both logged to `--log` (default tomesd/reference/train.
    Every `--eval-every` steps the EMA weights are saved as a pipeline (so a usable model exists if
    the run is cut short) and `--eval-samples` samples (20 sampler steps, guidance 2) are classified.
 
-A run stops at `--steps` or when `--max-minutes` have passed, whichever comes first, and saves.
+A run stops at `--steps` (or earlier at `--stop-at`, the learning-rate schedule still spanning --steps) or
+when `--max-minutes` have passed, whichever comes first, and saves.
 """
 from __future__ import annotations
 
@@ -156,6 +157,8 @@ def main(argv=None) -> int:
     p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--p-uncond", type=float, default=0.1)
     p.add_argument("--max-minutes", type=float, default=58.0)
+    p.add_argument("--stop-at", type=int, default=None, help="stop and save after this step, the schedule still "
+                   "spanning --steps (reproduces a run its --max-minutes guard stopped there)")
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--eval-samples", type=int, default=100)
     p.add_argument("--classifier-epochs", type=int, default=30)
@@ -216,18 +219,19 @@ def main(argv=None) -> int:
         step += 1
         minutes = (time.perf_counter() - t_start) / 60
         out_of_time = minutes >= args.max_minutes
+        stopped = args.stop_at is not None and step >= args.stop_at
         if step % 50 == 0:
             log(f"step {step}/{args.steps}: loss {sum(losses[-50:]) / len(losses[-50:]):.4f}, lr {lr_at(step, args):.2e}, "
                 f"{minutes * 60 / step:.2f} s/step")
-        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+        if step % args.eval_every == 0 or step == args.steps or out_of_time or stopped:
             save_pipeline(pipe, ema_unet, ema_emb, args.out)
             acc = evaluate(eval_pipe, classifier, args, num_classes)
             log(f"step {step}: saved EMA weights to {args.out}; sample accuracy {acc:.3f} ({args.eval_samples} samples, 20 {sampler} steps, guidance 2)")
-        if out_of_time:
-            log(f"stopping at step {step}: --max-minutes {args.max_minutes} reached")
+        if out_of_time or stopped:
+            log(f"stopping at step {step}: " + (f"--max-minutes {args.max_minutes} reached" if out_of_time else "--stop-at"))
             break
-    log(f"done: {step} steps in {(time.perf_counter() - t_start) / 60:.1f} min, final loss (mean of last 200) "
-        f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
+    log(f"done: {step} steps in {(time.perf_counter() - t_start) / 60:.1f} min ({time.process_time() / 60:.1f} min of CPU time "
+        f"in all), final loss (mean of last 200) {sum(losses[-200:]) / len(losses[-200:]):.4f}")
     return 0
 
 

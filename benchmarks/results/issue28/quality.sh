@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# Issue 28: quality of today's options on the photos-sdxl and photos-flux reference models (tomesd.quality),
-# one results.json per sub-grid and size under ${1:-issue28-quality}/<sub-grid>/<size>px/. Ranked against the
-# photos model by benchmarks/results/issue28/ranks.py. Sub-grids named after the output directory run alone ($2 ...).
-# Images: 8 photographs × seed 0, all in one pipeline call, no warm-up call (the timings are not quoted: the
-# runs shared a loaded 2-core CPU). Steps: 20 at the training size, 10 at twice it, 4 (photos-sdxl, 256 px: one
-# unpatched guided step of 8 images takes about 8 minutes on one core) or 10 (photos-flux, 128 px) at four times it;
-# at the largest canvas fewer sub-grids (every sub-grid makes its own unpatched images).
-# The pipelines' default guidance; apply_patch seed 0. photos-flux: mode=kv (its default) given explicitly, so
-# the settings join the photos model's kv rows.
+# Issue 28: quality of today's options on the photos-sdxl and photos-flux reference models (tomesd.quality), one
+# run per model and size (every setting a --variant, so the unpatched images are made once per size), results in
+# ${1:-issue28-quality}/<model>_<size>/<size>px/results.json. Ranked against the photos model by
+# benchmarks/results/issue28/ranks.py. Runs named as their output directory (sdxl_64, flux_128, ...) run alone ($2 ...).
+# Images: 8 photographs × seed 0 in one pipeline call, no warm-up call; one thread (taskset: the tool uses the
+# cores it may run on), as the runs shared a loaded 2-core CPU, so their times are not quoted. Steps: 20 at the
+# training size, fewer on the larger canvases (a guided 256 px photos-sdxl step of one image, 16,384 tokens at /2,
+# takes about 20 s on a free core). The pipelines' default guidance, apply_patch seed 0. photos-flux: the mode given
+# in every variant (kv rows join the photos model's kv rows).
 set -euo pipefail
 out=${1:-issue28-quality}
 shift || true
@@ -17,29 +17,36 @@ photos=(--prompt astronaut --prompt chelsea --prompt coffee --prompt rocket --pr
 q() {
   name=$1; model=$2; size=$3; steps=$4; shift 4
   if [[ "$only" != "  " && "$only" != *" $name "* ]]; then return; fi
-  python -m tomesd.quality --model "$model" --sizes "$size" --steps "$steps" "${photos[@]}" --batch 8 --warmup 0 \
-    --no-progress --out "$out/$name" "$@"
+  taskset -c "${CPU:-1}" python -m tomesd.quality --model "$model" --sizes "$size" --steps "$steps" "${photos[@]}" \
+    --batch 8 --warmup 0 --no-progress --out "$out/$name" "$@"
 }
-w=(--set match_window=3,5)
-# photos-sdxl: the core at every size (ratio × prop_attn, both attention levels, local matching, 4×4 cells)
-for size in 64 128; do
-  steps=$((size == 64 ? 20 : 10))
-  q "sdxl_base$size"  photos-sdxl "$size" "$steps" --ratios 0.3,0.5,0.7 --set prop_attn=false,true
-  q "sdxl_level$size" photos-sdxl "$size" "$steps" --ratios 0.5,0.7 --max-downsample 4
-  q "sdxl_win$size"   photos-sdxl "$size" "$steps" --ratios 0.5 "${w[@]}"
-  q "sdxl_winp$size"  photos-sdxl "$size" "$steps" --ratios 0.7 --set prop_attn=true "${w[@]}"
-  q "sdxl_cell4_$size" photos-sdxl "$size" "$steps" --ratios 0.9 --set sx=4 --set sy=4 --set prop_attn=false,true
-done
-q sdxl_level2_64 photos-sdxl 64 20 --ratios 0.5,0.7 --max-downsample 2  # the default's levels: identical to sdxl_base64
-# 256 px (16,384 tokens at /2): fewer sub-grids, each pays for its own unpatched images
-q sdxl_256 photos-sdxl 256 4 --ratios 0.5,0.7 --set prop_attn=false,true
-q sdxl_256cell4 photos-sdxl 256 4 --ratios 0.9 --set sx=4 --set sy=4 --set prop_attn=true --set match_window=none,3
-# photos-flux: kv mode, ratio × prop_attn, local matching (at 0.5 and at the photos model's 0.75), merge_mlp
-for size in 32 64; do
-  steps=$((size == 32 ? 20 : 10))
-  q "flux_base$size" photos-flux "$size" "$steps" --ratios 0.3,0.5,0.7 --set mode=kv --set prop_attn=false,true
-  q "flux_win$size"  photos-flux "$size" "$steps" --ratios 0.5,0.75 --set mode=kv --set prop_attn=true --set match_window=none,3,5
-  q "flux_mlp$size"  photos-flux "$size" "$steps" --ratios 0.5,0.7 --set mode=kv --set prop_attn=true --merge-mlp true
-done
-q flux_base128 photos-flux 128 10 --ratios 0.3,0.5,0.7 --set mode=kv --set prop_attn=false,true
-q flux_win128 photos-flux 128 10 --ratios 0.75 --set mode=kv --set prop_attn=true --set match_window=none,3,5
+v() { for setting in "$@"; do printf -- '--variant\n%s\n' "$setting"; done; }
+# photos-sdxl: ratio × prop_attn, both attention levels (max_downsample 4; 2 = the default's /2 alone), local
+# matching, 4×4 cells
+mapfile -t sdxl < <(v ratio=0.3,prop_attn=false ratio=0.5,prop_attn=false ratio=0.7,prop_attn=false \
+  ratio=0.3,prop_attn=true ratio=0.5,prop_attn=true ratio=0.7,prop_attn=true \
+  ratio=0.5,max_downsample=4 ratio=0.7,max_downsample=4 ratio=0.5,match_window=3 ratio=0.5,match_window=5 \
+  ratio=0.7,prop_attn=true,match_window=3 ratio=0.7,prop_attn=true,match_window=5 \
+  ratio=0.9,sx=4,sy=4,prop_attn=false ratio=0.9,sx=4,sy=4,prop_attn=true)
+q sdxl_64 photos-sdxl 64 20 "${sdxl[@]}" --variant ratio=0.5,max_downsample=2
+q sdxl_128 photos-sdxl 128 6 "${sdxl[@]}"
+mapfile -t sdxl256 < <(v ratio=0.5,prop_attn=false ratio=0.7,prop_attn=true ratio=0.5,max_downsample=4 \
+  ratio=0.7,prop_attn=true,match_window=3 ratio=0.9,sx=4,sy=4,prop_attn=true)
+q sdxl_256 photos-sdxl 256 3 "${sdxl256[@]}"
+# photos-flux: kv mode (its default): ratio × prop_attn, local matching (at 0.5 and at the photos model's 0.75),
+# merge_mlp; tokens mode (issue 29: merged tokens at their anchors' rotary positions): ratio, prop_attn, local
+# matching, merge_mlp
+kv() { for setting in "$@"; do printf -- '--variant\nmode=kv,%s\n' "$setting"; done; }
+tokens() { for setting in "$@"; do printf -- '--variant\nmode=tokens,%s\n' "$setting"; done; }
+mapfile -t flux < <(kv ratio=0.3,prop_attn=false ratio=0.5,prop_attn=false ratio=0.7,prop_attn=false \
+  ratio=0.3,prop_attn=true ratio=0.5,prop_attn=true ratio=0.7,prop_attn=true \
+  ratio=0.5,prop_attn=true,match_window=3 ratio=0.5,prop_attn=true,match_window=5 \
+  ratio=0.75,prop_attn=true ratio=0.75,prop_attn=true,match_window=3 ratio=0.75,prop_attn=true,match_window=5 \
+  ratio=0.5,prop_attn=true,merge_mlp=true ratio=0.7,prop_attn=true,merge_mlp=true;
+  tokens ratio=0.3 ratio=0.5 ratio=0.7 ratio=0.5,prop_attn=true ratio=0.5,match_window=3 ratio=0.5,merge_mlp=true)
+q flux_32 photos-flux 32 20 "${flux[@]}"
+q flux_64 photos-flux 64 10 "${flux[@]}"
+mapfile -t flux128 < <(kv ratio=0.3,prop_attn=true ratio=0.5,prop_attn=false ratio=0.5,prop_attn=true ratio=0.7,prop_attn=true \
+  ratio=0.75,prop_attn=true ratio=0.75,prop_attn=true,match_window=3 ratio=0.75,prop_attn=true,match_window=5 \
+  ratio=0.5,prop_attn=true,merge_mlp=true; tokens ratio=0.5 ratio=0.5,prop_attn=true ratio=0.5,match_window=3)
+q flux_128 photos-flux 128 6 "${flux128[@]}"

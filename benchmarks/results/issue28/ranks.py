@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(HERE, "..", ".."))
 
 from pareto import canonical, label  # noqa: E402
 from photos_ranks import ranks, spearman  # noqa: E402
-from tomesd.cli import fmt  # noqa: E402
+from tomesd.tools.cli import fmt  # noqa: E402
 
 
 def key_of(params: dict) -> Tuple:
