@@ -170,18 +170,20 @@ def test_patch_merges_and_removes(pipes, name, recorded_plans):
     assert torch.equal(base, sample(pipe, size))
 
 
-def test_flux_patch_is_kv_and_refuses_tokens(pipes):
-    """The Flux host takes it: every double- and single-stream block, kv mode by default, tokens mode refused."""
+def test_flux_patch_is_kv_by_default_and_takes_tokens_mode(pipes):
+    """The Flux host takes it: every double- and single-stream block, kv mode by default; tokens mode (merged
+    tokens at their anchors' rotary positions) merges too, and removal gives the unpatched samples back."""
     pipe = pipes["photos-flux"]
-    tomesd.apply_patch(pipe, ratio=0.5)
-    try:
-        state = patched_state(pipe)
-        assert state.host.name == "flux" and state.config.mode == "kv" and len(state.host.blocks) == 6
-    finally:
-        tomesd.remove_patch(pipe)
-    with pytest.raises(ValueError, match="rotary"):
-        tomesd.apply_patch(pipe, ratio=0.5, mode="tokens")
-    assert not tomesd.is_patched(pipe)
+    base = sample(pipe, 32)
+    for mode in (None, "tokens"):
+        tomesd.apply_patch(pipe, ratio=0.5, **({} if mode is None else dict(mode=mode)))
+        try:
+            state = patched_state(pipe)
+            assert state.host.name == "flux" and state.config.mode == (mode or "kv") and len(state.host.blocks) == 6
+            assert not torch.equal(sample(pipe, 32), base)
+        finally:
+            tomesd.remove_patch(pipe)
+    assert torch.equal(sample(pipe, 32), base)
 
 
 def _oracle(pipe, monkeypatch):

@@ -17,7 +17,8 @@ A pixel-space diffusers `FluxTransformer2DModel`, driven as diffusers' FluxPipel
 
 Data: the photos model's 32 px crops (tomesd.reference.photos.PhotoCrops), judged by the photos
 classifier as it is (the same pixel scale). tomesd patches it through its Flux host
-(tomesd/patch/hosts/mmdit.py): kv mode, the image part of every joint attention.
+(tomesd/patch/hosts/mmdit.py): kv mode by default (the image part of every joint attention), or tokens
+mode (image tokens merged at their anchors' rotary positions).
 
 Trained by `python -m tomesd.reference.train --model photos-flux` (log in photos_flux_train.log).
 """
