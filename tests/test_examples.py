@@ -135,7 +135,7 @@ def test_mmdit_hires_fix_refines_at_the_larger_size(kind, mmdit_pipes, tmp_path,
 
 
 @pytest.mark.parametrize("kind, argv, message", [
-    ("flux", ["--mode", "tokens"], "tomesd settings: ValueError: tomesd: mode='tokens' cannot merge the attention"),
+    ("flux", ["--mode", "token"], "argument --mode: invalid choice: 'token'"),  # tokens mode runs on Flux now
     ("sd3", ["--height", "34"], "--height 34: StableDiffusion3Pipeline needs multiples of 4 px"),  # VAE 2 × patch 2
     ("flux", ["--width", "30"], "--width 30: FluxPipeline needs multiples of 4 px"),
     ("flux", ["--ratio", "0.8"], "(0 ≤ ratio ≤ 1 − 1/(sx·sy) with sx=2, sy=2), got 0.8"),  # Flux's default cells

@@ -114,7 +114,7 @@ def test_flux_packing_as_flux_pipeline():
     assert torch.equal(unpack(tokens, 6, 8), x)
     ids = image_ids(6, 8)
     assert ids.shape == (12, 3) and ids[5].tolist() == [0.0, 1.0, 1.0]
-    assert ids_layout(ids) == (3, 4, 0)
+    assert ids_layout(ids) == (3, 4, 0, 0)  # (h, w, head, tail): no reference tokens
     assert image_ids(128, 128).shape[0] == 4096  # the largest canvas: 4k image tokens
 
 
