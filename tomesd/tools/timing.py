@@ -13,7 +13,9 @@
   caller's torch threads). `stop_forkserver` ends that server at once; bench runs call it when their
   isolated points are done, and it is registered at exit: left to itself, the server only notices
   its parent's exit then and spends seconds tearing torch down, holding the parent's stdout and
-  stderr open all the while (a pipe reading them, `pytest | tee` or a CI log, waits for it).
+  stderr open all the while (a pipe reading them, `pytest | tee` or a CI log, waits for it). At exit
+  the resource tracker the server started is stopped too: it also inherited stdout and stderr and
+  would hold them until it read its own end-of-file after this process is gone.
 """
 from __future__ import annotations
 
@@ -205,7 +207,7 @@ def run_in_child(fn: Callable[..., Any], *args) -> Tuple[Optional[str], Any, Opt
     ctx = multiprocessing.get_context("forkserver")
     if not _PRELOADED:
         ctx.set_forkserver_preload(list(PRELOAD))
-        atexit.register(stop_forkserver)
+        atexit.register(_stop_at_exit)
         _PRELOADED = True
     receive, send = ctx.Pipe(duplex=False)
     child = ctx.Process(target=_child, args=(fn, args, send, torch.get_num_threads()), daemon=True)
@@ -241,3 +243,19 @@ def stop_forkserver() -> None:
         server._stop()
     except OSError:  # already gone, or reaped by someone else
         pass
+
+
+def _stop_at_exit() -> None:
+    """At exit: the forkserver, then multiprocessing's resource tracker (started with the server; it
+    holds this process's stdout and stderr until it has read its end-of-file and reported leaks, after
+    this process is gone, so a reader of those pipes would race it). Stopping it here does what exit
+    does, only before this process ends; a later multiprocessing call would start a fresh one."""
+    stop_forkserver()
+    from multiprocessing import resource_tracker
+
+    tracker = getattr(resource_tracker, "_resource_tracker", None)
+    if hasattr(tracker, "_stop"):
+        try:
+            tracker._stop()
+        except OSError:  # already gone
+            pass
