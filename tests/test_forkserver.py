@@ -35,3 +35,26 @@ def test_a_process_that_ran_children_leaves_no_server_holding_its_output():
     assert _at_end(proc.stdout.fileno()) and _at_end(proc.stderr.fileno())  # at its exit, no one holds them
     proc.stdout.close()
     proc.stderr.close()
+
+
+CHILDREN = "/proc/self/task/{}/children".format
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(CHILDREN(os.getpid())), reason="needs Linux's /proc children list")
+def test_at_exit_no_helper_process_is_left():
+    """Deterministic form of the test above: an exit handler registered before any child ran runs after
+    tomesd's own, and lists this process's children still alive then. The forkserver and the resource
+    tracker it started (both inherit stdout and stderr) must be gone; left alive, they read their
+    end-of-file only after the parent exits, and a reader of its output races them (CI lost once)."""
+    code = ("import atexit, os, threading\nfrom tomesd.tools import timing\n"
+            "def left():\n"
+            "    tid = threading.get_native_id()\n"
+            "    print('left', open('/proc/self/task/%d/children' % tid).read().split(), flush=True)\n"
+            "if __name__ == '__main__':\n"
+            "    atexit.register(left)\n"
+            "    print(timing.run_in_child(os.getpid)[0], flush=True)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, env=ENV, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    lines = done.stdout.decode().splitlines()
+    assert lines[0] == "ok" and lines[-1] == "left []", lines
