@@ -8,7 +8,7 @@ round-robin (one run of each per round, so machine load hits all alike): no ToMe
 README's setting at 1024 px); ComfyUI's TomePatchModel node at each of --tome-ratios (its default 0.3, and
 0.9 for the same nominal ratio). Prints each setting's median time per step, its range, the speed-up
 against no ToMe and its noise band (the lowest and highest per-round speed-up). The first run of each
-setting is untimed (warm-up).
+setting is untimed (warm-up; --warmup 0: none).
 
     python benchmarks/bench_comfyui.py                       # 1024 px, SD 1.5 dimensions (minutes on a CPU)
     python benchmarks/bench_comfyui.py --size tiny --px 128 --rounds 2     # a smoke test
@@ -57,11 +57,16 @@ def main(argv=None):
     p.add_argument("--tome-ratios", type=lambda s: [float(r) for r in s.split(",")], default=[0.3, 0.9])
     p.add_argument("--steps", type=int, default=1, help="sampler steps per timed run")
     p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1, help="untimed rounds first")
+    p.add_argument("--warmup-px", type=int, default=None,
+                   help="image side of the untimed rounds (default --px; smaller where a step takes minutes: "
+                        "they load and patch the model, the timed rounds then run warm)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: physical cores)")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
-    if args.px % 8 or args.steps < 1 or args.rounds < 1:
-        p.error("--px must be a multiple of 8, --steps and --rounds at least 1")
+    args.warmup_px = args.warmup_px or args.px
+    if args.px % 8 or args.warmup_px % 8 or args.steps < 1 or args.rounds < 1 or args.warmup < 0:
+        p.error("--px and --warmup-px must be multiples of 8, --steps and --rounds at least 1, --warmup at least 0")
     threads = args.threads or timing.physical_cores()
     torch.set_num_threads(threads)
     comfyui.engine(cpu=not torch.cuda.is_available())
@@ -69,16 +74,19 @@ def main(argv=None):
     cases = settings(args, nodes)
     positive, negative = comfyui.conditioning("sd15", args.size, tokens=77)
     latent = comfyui.latent("sd15", args.px // 8)
+    warm_latent = comfyui.latent("sd15", args.warmup_px // 8)
     times = {label: [] for label, _ in cases}
-    for k in range(args.rounds + 1):  # round 0: warm-up
+    for k in range(args.rounds + args.warmup):  # the first --warmup rounds are untimed
         for label, model in cases:
             if isinstance(model, str):
                 continue
             start = time.perf_counter()
-            comfyui.sample(model, positive, negative, latent, steps=args.steps, cfg=7.0, seed=k)
-            if k:
+            comfyui.sample(model, positive, negative, latent if k >= args.warmup else warm_latent,
+                           steps=args.steps, cfg=7.0, seed=k)
+            if k >= args.warmup:
                 times[label].append((time.perf_counter() - start) * 1000.0 / args.steps)
-            print(f"round {k}/{args.rounds}: {label}", file=sys.stderr, flush=True)
+            print(f"round {k + 1 - args.warmup}/{args.rounds}{' (warm-up)' if k < args.warmup else ''}: {label} "
+                  f"{time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     base = times["no ToMe"]
     rows = []
     for label, model in cases:
