@@ -13,6 +13,7 @@ difference from the eager patched model (two timesteps). Prints a Markdown table
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -26,6 +27,7 @@ import tomesd  # noqa: E402
 from tomesd.tools import archs, cli, deploy, timing  # noqa: E402
 
 SETTINGS = {"default": {}, "preset": dict(ratio=0.9, sx=4, sy=4, prop_attn=True)}
+TIMESTEPS = (999, 499)  # where each exported patched model is compared with the eager one
 
 
 def measure(fmt: str, arch: str, size: int, rounds: int, calls: int, warmup: int) -> list:
@@ -41,17 +43,19 @@ def measure(fmt: str, arch: str, size: int, rounds: int, calls: int, warmup: int
         model.load_state_dict(base.state_dict())
         models.append(tomesd.apply_patch(model, **params))
     args, kwargs = deploy.unet_call(spec.config, size, 2, spec.text_len)
+    with torch.no_grad():  # the eager patched outputs first: an ONNX / OpenVINO runner holds no torch model
+        eager = [[model(args[0], torch.tensor(t), **kwargs).sample for t in TIMESTEPS] for model in models[1:]]
     with tempfile.TemporaryDirectory() as work:
         runners = []
-        for i, model in enumerate(models):
+        for i in range(len(models)):
             os.makedirs(os.path.join(work, str(i)))
-            runners.append(deploy.build(model, args, kwargs, fmt, os.path.join(work, str(i))))
-        errors = []
-        for runner, model in zip(runners[1:], models[1:]):
-            with torch.no_grad():
-                errors.append(max(deploy.max_rel_error(runner(args[0], torch.tensor(t), **kwargs),
-                                                       model(args[0], torch.tensor(t), **kwargs).sample)
-                                  for t in (999, 499)))
+            runners.append(deploy.build(models[i], args, kwargs, fmt, os.path.join(work, str(i))))
+            if fmt in ("onnx", "openvino"):
+                models[i] = None  # three SD 1.5 UNets and three sessions would not fit 24 GiB together
+                gc.collect()
+        errors = [max(deploy.max_rel_error(runner(args[0], torch.tensor(t), **kwargs), want)
+                      for t, want in zip(TIMESTEPS, wants))
+                  for runner, wants in zip(runners[1:], eager)]
         times = deploy.interleaved(runners, args, kwargs, rounds, calls, warmup)
     rows = [dict(format=fmt, size=size, setting="unpatched", **times[0], max_rel_error=None)]
     for name, t, err in zip(SETTINGS, times[1:], errors):

@@ -48,7 +48,11 @@ def output_tensor(out) -> torch.Tensor:
 
 def named_inputs(model, args: tuple, kwargs: dict) -> Dict[str, torch.Tensor]:
     """The call's tensors by the names of the model's forward parameters (ONNX inputs carry them)."""
-    bound = inspect.signature(model.forward).bind(*args, **kwargs).arguments
+    return _tensors(inspect.signature(model.forward), args, kwargs)
+
+
+def _tensors(signature: inspect.Signature, args: tuple, kwargs: dict) -> Dict[str, torch.Tensor]:
+    bound = signature.bind(*args, **kwargs).arguments
     return {k: v for k, v in bound.items() if isinstance(v, torch.Tensor)}
 
 
@@ -78,8 +82,10 @@ def build(model, args: tuple, kwargs: dict, fmt: str, workdir: str) -> Runner:
         names = [i.get_any_name() for i in compiled.inputs]
         run = lambda feeds: compiled([feeds[k] for k in names])[0]  # noqa: E731
 
+    signature = inspect.signature(model.forward)  # the runner keeps this, not the model (its weights)
+
     def runner(*a, **kw):
-        feeds = {k: v.detach().cpu().numpy() for k, v in named_inputs(model, a, kw).items()}
+        feeds = {k: v.detach().cpu().numpy() for k, v in _tensors(signature, a, kw).items()}
         return torch.from_numpy(run(feeds))
 
     return runner
