@@ -249,13 +249,23 @@ def _stop_at_exit() -> None:
     """At exit: the forkserver, then multiprocessing's resource tracker (started with the server; it
     holds this process's stdout and stderr until it has read its end-of-file and reported leaks, after
     this process is gone, so a reader of those pipes would race it). Stopping it here does what exit
-    does, only before this process ends; a later multiprocessing call would start a fresh one."""
-    stop_forkserver()
+    does, only before this process ends. Not while other multiprocessing children live (they hold the
+    tracker's pipe too, so it could not end before they do), and never waiting more than 5 s."""
+    import multiprocessing
+    import threading
     from multiprocessing import resource_tracker
 
+    stop_forkserver()
     tracker = getattr(resource_tracker, "_resource_tracker", None)
-    if hasattr(tracker, "_stop"):
-        try:
-            tracker._stop()
-        except OSError:  # already gone
-            pass
+    if not hasattr(tracker, "_stop") or multiprocessing.active_children():
+        return
+    stopper = threading.Thread(target=_stop_tracker, args=(tracker,), daemon=True)
+    stopper.start()
+    stopper.join(5.0)
+
+
+def _stop_tracker(tracker) -> None:
+    try:
+        tracker._stop()
+    except OSError:  # already gone
+        pass
