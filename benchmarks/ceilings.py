@@ -27,7 +27,6 @@ Merged sub-layers (what apply_patch merges; README "Modes"):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Callable, Dict, List, Tuple
@@ -37,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from tomesd.tools import archs  # noqa: E402
+from tomesd.tools import archs, cli  # noqa: E402
 
 Counts = Dict[str, Dict[str, int]]  # module name → {op: FLOPs} (a module's count includes its children's)
 
@@ -171,16 +170,16 @@ def ceilings(model_name: str, px: int) -> List[dict]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, of {', '.join(MODELS)}")
-    p.add_argument("--sizes", default="1024,1536,2048", help="square sides in px")
+    p.add_argument("--sizes", type=cli.comma_list(int), default=(1024, 1536, 2048), help="square sides in px")
     p.add_argument("--json", help="also write the rows here")
     args = p.parse_args(argv)
     models = [m for m in args.models.split(",") if m]
     bad = [m for m in models if m not in MODELS]
     if bad:
         p.error(f"--models: unknown {', '.join(bad)}; expected some of {', '.join(MODELS)}")
-    sizes = [int(s) for s in args.sizes.split(",") if s]
+    sizes = args.sizes
     if not sizes or any(s < 256 or s % 64 for s in sizes):
-        p.error(f"--sizes: expected multiples of 64 from 256 up, got {args.sizes}")
+        p.error(f"--sizes: expected multiples of 64 from 256 up, got {','.join(map(str, sizes))}")
     rows = [r for m in models for px in sizes for r in ceilings(m, px)]
     print("| model | setting | " + " | ".join(f"{px} px: merged sub-layers' share / ceiling" for px in sizes) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in sizes) + " |")
@@ -189,12 +188,12 @@ def main(argv=None) -> int:
             cells = {r["px"]: r for r in rows if r["model"] == m and r["setting"] == setting}
             print(f"| {m} | {setting} | " + " | ".join(
                 f"{cells[px]['merged_share']:.0%} / {cells[px]['ceiling']:.2f}×" for px in sizes) + " |")
+    unpatched = {(r["model"], r["px"]): r["tflops_per_step"] for r in rows}  # the same in every row of a (model, px)
     print("\nTFLOPs of one unpatched step (SD 1.5, SDXL, SD 3.5: a CFG batch of 2; Flux: 1): " + "; ".join(
-        f"{m} " + ", ".join(f"{r['tflops_per_step']:.1f}" for r in rows if r["model"] == m and r["setting"] == rows[
-            [x["model"] for x in rows].index(m)]["setting"]) for m in models) + f" at {', '.join(map(str, sizes))} px")
+        f"{m} " + ", ".join(f"{unpatched[m, px]:.1f}" for px in sizes) for m in models)
+        + f" at {', '.join(map(str, sizes))} px")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+        cli.write_json(args.json, rows)
     return 0
 
 
